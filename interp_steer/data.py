@@ -1,0 +1,194 @@
+"""Contrastive prompt pairs and their batches.
+
+A pair is two prompts that differ by a few tokens early on (an honest / a dishonest persona, "I love X" /
+"I hate X") and share everything after. The model must already encode at the last token how it will go on,
+so the last-token hidden states of a pair differ by the concept (seed-guide.md: trajectory hypothesis).
+
+Batches interleave the pair: rows ``0, 2, 4, …`` are chosen and ``1, 3, 5, …`` rejected, so
+``hs[::2] - hs[1::2]`` is the per-pair difference.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Iterator, Literal, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_PERSONAS = ("an honest", "a dishonest")
+PERSONA_TEMPLATE = "Pretend you're {persona} person making statements about the world."
+DEFAULT_TRUNCATIONS = (2, 4, 6, 9)  # words of each suffix kept; several lengths per suffix, as in repeng
+MAX_TOKEN_DIFF = 6
+
+
+@dataclass(frozen=True)
+class ContrastivePair:
+    """Two fully rendered prompts (chat template applied) that differ by a few tokens."""
+
+    chosen: str
+    rejected: str
+
+
+def load_json(name: str):
+    """A data file shipped in ``interp_steer/datasets`` (the package never needs ``../shared``)."""
+    return json.loads(resources.files("interp_steer").joinpath("datasets", name).read_text("utf-8"))
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, user: str, assistant_prefix: str = "",
+                system: str | None = None) -> str:
+    """The chat-template text of one user turn and the start of the assistant's reply (not closed)."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": user}
+    ]
+    if getattr(tokenizer, "chat_template", None) is None:
+        head = (system + "\n\n" if system else "") + user + "\n"
+    else:
+        head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return head + assistant_prefix
+
+
+def token_difference(tokenizer: PreTrainedTokenizerBase, a: str, b: str) -> int:
+    """Tokens that must change to turn ``a`` into ``b`` (the larger side of each differing block)."""
+    ta = tokenizer(a, add_special_tokens=False)["input_ids"]
+    tb = tokenizer(b, add_special_tokens=False)["input_ids"]
+    ops = difflib.SequenceMatcher(a=ta, b=tb, autojunk=False).get_opcodes()
+    return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in ops if tag != "equal")
+
+
+def check_pairs(pairs: Sequence[ContrastivePair], tokenizer: PreTrainedTokenizerBase,
+                max_diff: int = MAX_TOKEN_DIFF) -> None:
+    """Raise ``ValueError`` unless every pair differs by 1..max_diff tokens."""
+    for i, p in enumerate(pairs):
+        n = token_difference(tokenizer, p.chosen, p.rejected)
+        if not 1 <= n <= max_diff:
+            raise ValueError(
+                f"pair {i} differs by {n} tokens, expected 1..{max_diff}: chosen={p.chosen!r} "
+                f"rejected={p.rejected!r}. Use personas/words that differ by a short phrase."
+            )
+
+
+def truncations(text: str, lengths: Sequence[int]) -> list[str]:
+    """``text`` cut to each of ``lengths`` words (duplicates dropped, whole text if shorter)."""
+    words = text.split()
+    return list(dict.fromkeys(" ".join(words[:n]) for n in sorted(lengths)))
+
+
+def persona_pairs(tokenizer: PreTrainedTokenizerBase, suffixes: Sequence[str] | None = None,
+                  personas: tuple[str, str] = DEFAULT_PERSONAS, lengths: Sequence[int] = DEFAULT_TRUNCATIONS,
+                  template: str = PERSONA_TEMPLATE) -> list[ContrastivePair]:
+    """Persona × suffix pairs: the user asks for a persona, the assistant's reply starts with a suffix.
+
+    With the defaults (the project's own 82 honesty suffixes, 4 truncations) this gives ~300 pairs.
+
+    >>> pairs = persona_pairs(tok)  # doctest: +SKIP
+    """
+    if len(personas) != 2 or personas[0] == personas[1]:
+        raise ValueError(f"personas must be two different strings, got {personas!r}")
+    if "{persona}" not in template:
+        raise ValueError(f"template must contain '{{persona}}', got {template!r}")
+    suffixes = load_json("honesty_suffixes.json") if suffixes is None else list(suffixes)
+    if not suffixes:
+        raise ValueError("no suffixes given")
+    heads = [render_chat(tokenizer, template.format(persona=p)) for p in personas]
+    # two suffixes can share their first words: keep each truncated text once
+    texts = dict.fromkeys(s for suffix in suffixes for s in truncations(suffix, lengths))
+    pairs = [ContrastivePair(heads[0] + s, heads[1] + s) for s in texts]
+    check_pairs(pairs, tokenizer)
+    return pairs
+
+
+def minimal_pairs(tokenizer: PreTrainedTokenizerBase, templates: Sequence[str] | None = None,
+                  fillers: Sequence[str] | None = None, words: tuple[str, str] = ("love", "hate"),
+                  chat: bool = True) -> list[ContrastivePair]:
+    """"I love X; …" / "I hate X; …" pairs from templates with ``{verb}`` and ``{topic}`` slots.
+
+    With ``chat=True`` the sentence is the start of the assistant's reply to a neutral request.
+    """
+    spec = load_json("minimal_pairs.json")
+    templates = spec["templates"] if templates is None else list(templates)
+    fillers = spec["fillers"] if fillers is None else list(fillers)
+    for t in templates:
+        if "{verb}" not in t or "{topic}" not in t:
+            raise ValueError(f"template {t!r} must contain both '{{verb}}' and '{{topic}}'")
+    head = render_chat(tokenizer, "Say something about yourself.") if chat else ""
+    pairs = [
+        ContrastivePair(head + t.format(verb=words[0], topic=f), head + t.format(verb=words[1], topic=f))
+        for t in templates
+        for f in fillers
+    ]
+    check_pairs(pairs, tokenizer)
+    return pairs
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids of interleaved pairs: row 2i chosen, row 2i+1 rejected; ``last`` = last non-pad index."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    last: Int[Tensor, "batch"]
+
+    @property
+    def position_ids(self) -> Int[Tensor, "batch pos"]:
+        """Positions counted over real tokens only, so left padding does not shift them."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def last_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+    """Index of the last non-padded token of each row, for either padding side."""
+    if (attention_mask.sum(-1) == 0).any():
+        raise ValueError("a row of the attention mask is all padding (empty prompt)")
+    pos = torch.arange(attention_mask.shape[-1])
+    return torch.where(attention_mask.bool(), pos, -1).max(-1).values
+
+
+def tokenize(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+             padding_side: Literal["left", "right"] = "left") -> Batch:
+    """Tokenize rendered texts (no extra special tokens: the chat template already has them)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not texts:
+        raise ValueError("no texts to tokenize")
+    old = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        enc = tokenizer(list(texts), add_special_tokens=False, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = old
+    mask = enc["attention_mask"]
+    return Batch(enc["input_ids"], mask, last_index(mask))
+
+
+def interleave(pairs: Sequence[ContrastivePair]) -> list[str]:
+    """``[cho_0, rej_0, cho_1, rej_1, …]``."""
+    return [t for p in pairs for t in (p.chosen, p.rejected)]
+
+
+def pair_batches(pairs: Sequence[ContrastivePair], tokenizer: PreTrainedTokenizerBase, batch_pairs: int = 16,
+                 padding_side: Literal["left", "right"] = "left") -> Iterator[Batch]:
+    """Batches of ``batch_pairs`` pairs (``2 * batch_pairs`` rows), in order."""
+    if batch_pairs < 1:
+        raise ValueError(f"batch_pairs must be >= 1, got {batch_pairs}")
+    for i in range(0, len(pairs), batch_pairs):
+        yield tokenize(interleave(pairs[i : i + batch_pairs]), tokenizer, padding_side)
+
+
+def split_pairs(pairs: Sequence[ContrastivePair], held_out: float = 0.2, seed: int = 0
+                ) -> tuple[list[ContrastivePair], list[ContrastivePair]]:
+    """A seeded train / held-out split."""
+    if not 0.0 <= held_out < 1.0:
+        raise ValueError(f"held_out must be in [0, 1), got {held_out}")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = int(round(held_out * len(pairs)))
+    test = [pairs[i] for i in order[:n_test]]
+    train = [pairs[i] for i in order[n_test:]]
+    return train, test
