@@ -40,14 +40,18 @@ def load_json(name: str):
     return json.loads(resources.files("interp_steer").joinpath("datasets", name).read_text("utf-8"))
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, user: str, assistant_prefix: str = "",
+def render_chat(tokenizer: PreTrainedTokenizerBase, user: str | None, assistant_prefix: str = "",
                 system: str | None = None) -> str:
-    """The chat-template text of one user turn and the start of the assistant's reply (not closed)."""
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": user}
-    ]
+    """The chat-template text of a system and/or user turn and the start of the assistant's reply (not closed).
+
+    Without ``system`` the template adds its own default system prompt (SmolLM2: ~20 tokens).
+    """
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + (
+        [{"role": "user", "content": user}] if user is not None else [])
+    if not messages:
+        raise ValueError("give a user message, a system message or both")
     if getattr(tokenizer, "chat_template", None) is None:
-        head = (system + "\n\n" if system else "") + user + "\n"
+        head = "\n\n".join(m["content"] for m in messages) + "\n"
     else:
         head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return head + assistant_prefix
@@ -82,8 +86,10 @@ def truncations(text: str, lengths: Sequence[int]) -> list[str]:
 def persona_pairs(tokenizer: PreTrainedTokenizerBase, suffixes: Sequence[str] | None = None,
                   personas: tuple[str, str] = DEFAULT_PERSONAS, lengths: Sequence[int] = DEFAULT_TRUNCATIONS,
                   template: str = PERSONA_TEMPLATE) -> list[ContrastivePair]:
-    """Persona × suffix pairs: the user asks for a persona, the assistant's reply starts with a suffix.
+    """Persona × suffix pairs: the system turn sets a persona, the assistant's reply starts with a suffix.
 
+    The persona is the system prompt (not a user turn after the template's default system prompt): the
+    pair is as contrastive and ~40% shorter, which is ~40% less compute in every pass.
     With the defaults (the project's own 82 honesty suffixes, 4 truncations) this gives ~300 pairs.
 
     >>> pairs = persona_pairs(tok)  # doctest: +SKIP
@@ -95,7 +101,7 @@ def persona_pairs(tokenizer: PreTrainedTokenizerBase, suffixes: Sequence[str] | 
     suffixes = load_json("honesty_suffixes.json") if suffixes is None else list(suffixes)
     if not suffixes:
         raise ValueError("no suffixes given")
-    heads = [render_chat(tokenizer, template.format(persona=p)) for p in personas]
+    heads = [render_chat(tokenizer, None, system=template.format(persona=p)) for p in personas]
     # two suffixes can share their first words: keep each truncated text once
     texts = dict.fromkeys(s for suffix in suffixes for s in truncations(suffix, lengths))
     pairs = [ContrastivePair(heads[0] + s, heads[1] + s) for s in texts]

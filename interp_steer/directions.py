@@ -1,0 +1,121 @@
+"""Steering directions from last-token states of interleaved pairs, and additive steering vectors.
+
+All strategies take ``hs`` (rows interleaved: even chosen, odd rejected) and return a unit direction whose
+sign points from rejected to chosen: ``mean((hs_cho − hs_rej)·d) > 0``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Literal, Mapping
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+Method = Literal["pca_diff", "pca_center", "mean_diff", "random", "dhs_svd"]
+
+
+def paired_diff(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "pairs d"]:
+    """dHS = hs_cho − hs_rej per pair (at c = 0 both from the reference)."""
+    if hs.shape[0] % 2:
+        raise ValueError(f"hs must hold interleaved pairs (even number of rows), got {hs.shape[0]}")
+    return hs[0::2] - hs[1::2]
+
+
+def _orient(d: Tensor, diff: Tensor) -> Tensor:
+    d = d / d.norm()
+    return -d if (diff @ d).mean() < 0 else d
+
+
+def dhs_svd_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
+    """Top right singular vector of the uncentred dHS: the axis holding most of the pairs' difference energy.
+
+    The default frozen ``d_steer``; unlike centred PCA it keeps the mean difference in play.
+    """
+    diff = paired_diff(hs).double()
+    return _orient(torch.linalg.svd(diff, full_matrices=False).Vh[0], diff).float()
+
+
+def pca_diff_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
+    """First principal component of the centred paired differences (repeng's ``pca_diff``)."""
+    diff = paired_diff(hs).double()
+    centred = diff - diff.mean(0)
+    return _orient(torch.linalg.svd(centred, full_matrices=False).Vh[0], diff).float()
+
+
+def pca_center_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
+    """First PC of states centred on each pair's mean (repeng's ``pca_center``): ±dHS/2 per pair."""
+    h = hs.double()
+    centre = (h[0::2] + h[1::2]) / 2
+    rows = torch.cat([h[0::2] - centre, h[1::2] - centre])
+    return _orient(torch.linalg.svd(rows, full_matrices=False).Vh[0], paired_diff(h)).float()
+
+
+def mean_diff_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
+    """mean(hs_cho − hs_rej), normalised (CAA)."""
+    diff = paired_diff(hs).double()
+    return _orient(diff.mean(0), diff).float()
+
+
+def random_direction(hs: Float[Tensor, "batch d"], seed: int = 0) -> Float[Tensor, "d"]:
+    """A seeded random unit direction (sign still oriented so comparisons are like for like)."""
+    g = torch.Generator().manual_seed(seed)
+    return _orient(torch.randn(hs.shape[-1], generator=g, dtype=torch.float64), paired_diff(hs).double()).float()
+
+
+def direction(method: Method, hs: Float[Tensor, "batch d"], seed: int = 0) -> Float[Tensor, "d"]:
+    """The unit direction of ``method`` for interleaved states ``hs``."""
+    strategies: dict[str, Callable[[Tensor], Tensor]] = {
+        "pca_diff": pca_diff_direction,
+        "pca_center": pca_center_direction,
+        "mean_diff": mean_diff_direction,
+        "dhs_svd": dhs_svd_direction,
+        "random": lambda h: random_direction(h, seed),
+    }
+    if method not in strategies:
+        raise ValueError(f"unknown direction method {method!r}; choose one of {sorted(strategies)}")
+    return strategies[method](hs)
+
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """Additive steering: ``hs[name] ← hs[name] + coeff · scale · d`` at every position, per hook name.
+
+    ``scale`` makes one coefficient unit comparable across layers (default: the RMS norm of the states).
+    Coefficient 0 is the identity exactly (no hook is registered).
+    """
+
+    directions: Mapping[str, Tensor]
+    scales: Mapping[str, float]
+    coeff: float = 1.0
+
+    def scaled(self, coeff: float) -> "SteeringVector":
+        return replace(self, coeff=coeff)
+
+    @contextmanager
+    def apply(self, bridge: TransformerBridge) -> Iterator[TransformerBridge]:
+        """Add the vectors inside the block; exactly these hooks are removed on exit."""
+        missing = [n for n in self.directions if n not in bridge.hook_dict]
+        if missing:
+            raise ValueError(f"unknown hook names for steering vector: {missing}")
+        hooks = [] if self.coeff == 0 else [
+            (n, _add_vector(self.coeff * self.scales[n] * d)) for n, d in self.directions.items()
+        ]
+        with bridge.hooks(fwd_hooks=hooks):
+            yield bridge
+
+
+def _add_vector(v: Tensor) -> Callable:
+    def hook(act: Tensor, hook) -> Tensor:
+        return act + v.to(act.dtype)
+    return hook
+
+
+def steering_vector(hs: Mapping[str, Float[Tensor, "batch d"]], method: Method, seed: int = 0) -> SteeringVector:
+    """One direction per hook name from captured states, scaled by the RMS norm of those states."""
+    dirs = {n: direction(method, h, seed) for n, h in hs.items()}
+    scales = {n: h.norm(dim=-1).pow(2).mean().sqrt().item() for n, h in hs.items()}
+    return SteeringVector(dirs, scales)

@@ -1,0 +1,126 @@
+"""The training objective: move along a frozen direction, stay coherent token by token.
+
+Symbols (seed-guide.md): ``hs_pi`` are last-token hidden states of the steered policy at coefficient ``c``,
+``hs_ref`` those of the reference (the same model at c = 0, no grad), ``d`` the frozen unit direction
+``d_steer`` (PCA of dHS at c = 0, pointing from rejected to chosen). Rows are interleaved pairs: even rows
+chosen, odd rows rejected.
+
+``loss = −objective + w_coh · coherence + w_mono · monotonic_hinge``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+Objective = Literal["shift", "separation"]
+
+
+def separation_objective(hs_pi: Float[Tensor, "batch d"], c: Float[Tensor, "batch"], d: Float[Tensor, "d"],
+                         scale: float = 1.0) -> Float[Tensor, ""]:
+    """mean over pairs of c · (hs_pi_cho − hs_pi_rej)·d / scale   (the seed's separation; maximise).
+
+    Blind to moving chosen and rejected together, so it can reward amplifying the contrast without
+    steering (NOTES.md).
+    """
+    per_pair = (hs_pi[0::2] - hs_pi[1::2]) @ d
+    return (c[0::2] * per_pair).mean() / scale
+
+
+def shift_objective(hs_pi: Float[Tensor, "batch d"], hs_ref: Float[Tensor, "batch d"], c: Float[Tensor, "batch"],
+                    d: Float[Tensor, "d"], scale: float = 1.0) -> Float[Tensor, ""]:
+    """mean over rows of c · (hs_pi(c) − hs_ref)·d / scale   (every row, chosen and rejected; maximise)."""
+    return (c * ((hs_pi - hs_ref) @ d)).mean() / scale
+
+
+def token_logprobs(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
+                   ) -> Float[Tensor, "batch pos_1"]:
+    """logp(t) = log softmax(logits[:, t−1])[input_ids[:, t]] for t = 1..pos−1."""
+    logits = logits[:, :-1].float()
+    target = input_ids[:, 1:, None]
+    return (logits.gather(-1, target)[..., 0] - torch.logsumexp(logits, dim=-1))
+
+
+def token_mask(attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_1"]:
+    """1 where both the predicted token and its context token are real (not padding)."""
+    return (attention_mask[:, 1:] * attention_mask[:, :-1]).float()
+
+
+def coherence_penalty(logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Tensor, "batch pos_1"],
+                      mask: Float[Tensor, "batch pos_1"], margin: float, power: int = 2) -> Float[Tensor, ""]:
+    """mean over real tokens of relu(logp_ref(t) − logp_pi(t) − margin) ** power.
+
+    Per token, so no single easy token can buy slack for the rest; against the c = 0 reference, so drift
+    from the base model is bounded (the seed's detached-self baseline bounds nothing, NOTES.md).
+    """
+    excess = F.relu(logp_ref - logp_pi - margin) ** power
+    return (excess * mask).sum() / mask.sum().clamp(min=1)
+
+
+def delta_nll(logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Tensor, "batch pos_1"],
+              mask: Float[Tensor, "batch pos_1"]) -> Float[Tensor, ""]:
+    """Mean per-token ΔNLL = mean(logp_ref − logp_pi) over real tokens (nat/token; > 0 is worse)."""
+    return ((logp_ref - logp_pi) * mask).sum() / mask.sum().clamp(min=1)
+
+
+def monotonic_hinge(score_neg: Float[Tensor, ""], score_zero: Float[Tensor, ""], score_pos: Float[Tensor, ""],
+                    margin: float = 0.0) -> Float[Tensor, ""]:
+    """relu(s(−1) − s(0) + m) + relu(s(0) − s(+1) + m): zero only when s(−1) < s(0) < s(+1) by m."""
+    return F.relu(score_neg - score_zero + margin) + F.relu(score_zero - score_pos + margin)
+
+
+def projection_scores(hs_pi: Float[Tensor, "batch d"], hs_ref: Float[Tensor, "batch d"], c: Float[Tensor, "batch"],
+                      d: Float[Tensor, "d"], objective: Objective, scale: float = 1.0
+                      ) -> tuple[Float[Tensor, ""], Float[Tensor, ""], Float[Tensor, ""]]:
+    """The behaviour score s(c) at c = −1, 0, +1 that the hinge orders (rows with c = ±1 present).
+
+    shift: s(c) = mean (hs_pi(c) − hs_ref)·d, so s(0) = 0. separation: s(c) = mean (hs_cho − hs_rej)·d at c,
+    s(0) from the reference.
+    """
+    if objective == "shift":
+        proj = (hs_pi - hs_ref) @ d / scale
+        return proj[c < 0].mean(), proj.new_zeros(()), proj[c > 0].mean()
+    sep = lambda h: ((h[0::2] - h[1::2]) @ d) / scale  # noqa: E731
+    s_pi, s_ref, cp = sep(hs_pi), sep(hs_ref), c[0::2]
+    return s_pi[cp < 0].mean(), s_ref.mean(), s_pi[cp > 0].mean()
+
+
+def steering_loss(hs_pi: Float[Tensor, "batch d"], hs_ref: Float[Tensor, "batch d"], c: Float[Tensor, "batch"],
+                  d: Float[Tensor, "d"], logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Tensor, "batch pos_1"],
+                  mask: Float[Tensor, "batch pos_1"], *, objective: Objective = "shift", margin: float = 0.1,
+                  w_coherence: float = 10.0, power: int = 2, w_mono: float = 1.0, mono_margin: float = 0.0,
+                  scale: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+    """loss = −objective + w_coh · coherence_penalty + w_mono · monotonic_hinge; returns (loss, parts)."""
+    if objective == "shift":
+        obj = shift_objective(hs_pi, hs_ref, c, d, scale)
+    elif objective == "separation":
+        obj = separation_objective(hs_pi, c, d, scale)
+    else:
+        raise ValueError(f"objective must be 'shift' or 'separation', got {objective!r}")
+    coh = coherence_penalty(logp_pi, logp_ref, mask, margin, power)
+    mono = monotonic_hinge(*projection_scores(hs_pi, hs_ref, c, d, objective, scale), margin=mono_margin)
+    loss = -obj + w_coherence * coh + w_mono * mono
+    parts = {"loss": loss.item(), "obj": obj.item(), "coh": coh.item(), "mono": mono.item(),
+             "dnll": delta_nll(logp_pi.detach(), logp_ref, mask).item()}
+    return loss, parts
+
+
+def noref_loss(hs_pos: Float[Tensor, "n d"], hs_neg: Float[Tensor, "n d"], logp_avg_pos: Float[Tensor, "n"],
+               d: Float[Tensor, "d"] | None = None, boundary: float = 0.99, weight: float = 1e4
+               ) -> Float[Tensor, ""]:
+    """The seed's ``contrastive_steering_loss_noref``, for gradient extraction only (never training).
+
+    loss = −mean((hs_pos − hs_neg)·d)  [or −mean ||hs_pos − hs_neg|| without d]
+           + weight · mean relu(boundary · logp.detach() − logp)²
+
+    Its coherence baseline is the policy's own detached log-prob, so it does not bound drift from a
+    reference; its use is the gradient ∂loss/∂hs at one point (analysis: gradient → steering direction).
+    """
+    diff = hs_pos - hs_neg
+    sep = (diff @ d) if d is not None else diff.norm(dim=-1)
+    coherence = F.relu(boundary * logp_avg_pos.detach() - logp_avg_pos) ** 2
+    return -sep.mean() + weight * coherence.mean()
