@@ -119,3 +119,44 @@ def steering_vector(hs: Mapping[str, Float[Tensor, "batch d"]], method: Method, 
     dirs = {n: direction(method, h, seed) for n, h in hs.items()}
     scales = {n: h.norm(dim=-1).pow(2).mean().sqrt().item() for n, h in hs.items()}
     return SteeringVector(dirs, scales)
+
+
+def gradient_directions(bridge: TransformerBridge, batches, layers: list[int], loss_hook: str,
+                        d_steer: Float[Tensor, "d"], coherence_weight: float = 1e4) -> dict[str, Float[Tensor, "d"]]:
+    """g_L = −mean over chosen rows of ∂L_noref/∂hs_L (last token), normalised, for each ``resid_post`` layer L.
+
+    ``L_noref`` (loss.noref_loss) projects the pair difference at ``loss_hook`` on ``d_steer`` and keeps the
+    chosen rows' own log-probs near their detached value. Its negative gradient at an earlier layer is the
+    first-order steering direction there: the gradient → steering mapping of the seed guide.
+    """
+    from .capture import check_hook_names
+    from .loss import noref_loss, token_logprobs, token_mask
+
+    names = check_hook_names(bridge, [f"blocks.{L}.hook_resid_post" for L in layers] + [loss_hook])
+    sums = {n: torch.zeros(bridge.cfg.d_model) for n in names[:-1]}
+    count = 0
+    for batch in batches:
+        acts: dict[str, Tensor] = {}
+        hooks = [(n, _retain(acts, n)) for n in names]
+        with torch.enable_grad():
+            logits = bridge.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
+                                           position_ids=batch.position_ids, fwd_hooks=hooks)
+            rows = torch.arange(len(batch))
+            hs = acts[loss_hook][rows, batch.last]
+            m = token_mask(batch.attention_mask)
+            logp = (token_logprobs(logits, batch.input_ids) * m).sum(-1) / m.sum(-1)
+            loss = noref_loss(hs[0::2], hs[1::2], logp[0::2], d_steer, weight=coherence_weight)
+            grads = torch.autograd.grad(loss, [acts[n] for n in names[:-1]])
+        for n, g in zip(names[:-1], grads):
+            sums[n] -= g[rows, batch.last][0::2].sum(0).float()
+        count += len(batch) // 2
+    return {n: (s / count) / (s / count).norm() for n, s in sums.items()}
+
+
+def _retain(store: dict[str, Tensor], key: str) -> Callable:
+    def hook(act: Tensor, hook) -> Tensor:
+        if not act.requires_grad:  # the base model is frozen: make this activation a leaf we can ask about
+            act = act.detach().requires_grad_(True)
+        store[key] = act
+        return act
+    return hook

@@ -109,20 +109,25 @@ def adapter_specs(cfg: TrainConfig, n_layers: int) -> list[AdapterSpec]:
 
 @dataclass
 class Reference:
-    """The c = 0 pass, once per dataset: last-token states at the loss layer and per-token log-probs."""
+    """The c = 0 pass, once per dataset: last-token states at the loss layer (per batch), per-token
+    log-probs (per batch), and last-token states at any extra hooks (concatenated; free in the same pass)."""
 
     hs: list[Tensor]
     logp: list[Tensor]
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
-def reference_pass(bridge: TransformerBridge, batches: Sequence[Batch], hook: str, progress: bool = False) -> Reference:
-    hs, logp = [], []
+def reference_pass(bridge: TransformerBridge, batches: Sequence[Batch], hook: str, progress: bool = False,
+                   extra: Sequence[str] = ()) -> Reference:
+    hs, logp, more = [], [], {n: [] for n in extra}
     with torch.inference_mode():
         for b in tqdm(batches, desc="reference", disable=not progress, leave=False):
-            h, logits = forward_last(bridge, b, [hook], logits=True)
+            h, logits = forward_last(bridge, b, [hook, *extra], logits=True)
             hs.append(h[hook].clone())
             logp.append(token_logprobs(logits, b.input_ids).clone())
-    return Reference(hs, logp)
+            for n in extra:
+                more[n].append(h[n].clone())
+    return Reference(hs, logp, {n: torch.cat(v) for n, v in more.items()})
 
 
 def doubled(batch: Batch) -> tuple[Batch, Tensor]:
@@ -138,6 +143,8 @@ class TrainResult:
     adapters: nn.ModuleList
     d_steer: Tensor
     loss_hook: str
+    reference_states: dict[str, Tensor] = field(default_factory=dict)  # c = 0, training rows, adapter layers
+    train_batches: list[Batch] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -220,7 +227,9 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    ref = reference_pass(bridge, batches, hook, progress)
+    # the residual stream at each adapted layer comes free with the reference pass: baselines reuse it
+    resid = [f"blocks.{s.site.split('.')[1]}.hook_resid_post" for s in specs]
+    ref = reference_pass(bridge, batches, hook, progress, extra=resid)
     timings["reference_s"] = time.perf_counter() - t0
     d_steer = dhs_svd_direction(torch.cat(ref.hs))
     scale = ((torch.cat(ref.hs)[0::2] - torch.cat(ref.hs)[1::2]) @ d_steer).pow(2).mean().sqrt().item()
@@ -281,7 +290,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     t = time.perf_counter()
     metrics = evaluate_pairs(bridge, adapters, test_batches, hook, d_steer, cfg.eval_coeffs) if test_batches else {}
     timings["held_out_eval_s"] = time.perf_counter() - t
-    result = TrainResult(adapters, d_steer, hook, history, {"held_out": metrics, "scale": scale}, timings)
+    result = TrainResult(adapters, d_steer, hook, ref.extra, batches, history, {"held_out": metrics, "scale": scale},
+                         timings)
     if out_dir is not None:
         save_adapter(out_dir, adapters, bridge, train_config=cfg.to_dict(),
                      metrics={"held_out": metrics, "timings": timings, "loss_hook": hook,

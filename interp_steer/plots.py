@@ -1,0 +1,95 @@
+"""One figure style for the project (one-column width, labelled axes with units) and the dose-response plots.
+
+Every figure is written as PNG and SVG, each to a temporary name first and then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
+STYLE = {
+    "figure.dpi": 150, "savefig.dpi": 200, "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
+    "legend.fontsize": 6.5, "xtick.labelsize": 7, "ytick.labelsize": 7, "axes.spines.top": False,
+    "axes.spines.right": False, "lines.linewidth": 1.2, "lines.markersize": 3, "svg.fonttype": "none",
+    "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.5,
+}
+COLORS = {"adapter": "#d62728", "pca_diff": "#1f77b4", "pca_center": "#17becf", "mean_diff": "#2ca02c",
+          "gradient": "#9467bd", "random": "#7f7f7f", "prompting": "#ff7f0e", "dhs_svd": "#8c564b"}
+
+
+def figure(nrows: int = 1, ncols: int = 1, height: float = 2.4, width: float = COLUMN_WIDTH, **kw):
+    with plt.rc_context(STYLE):
+        return plt.subplots(nrows, ncols, figsize=(width, height), **kw)
+
+
+def save(fig, directory: str | Path, name: str) -> list[Path]:
+    """Write ``name.png`` and ``name.svg`` into ``directory`` atomically; close the figure."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with plt.rc_context(STYLE):
+        fig.tight_layout()
+        for ext in ("png", "svg"):
+            path = directory / f"{name}.{ext}"
+            tmp = directory / f".{name}.tmp.{ext}"
+            fig.savefig(tmp, format=ext)
+            os.replace(tmp, path)
+            paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _color(name: str) -> str:
+    return COLORS.get(name, "#333333")
+
+
+def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
+    """Honesty against coefficient (one panel per method) and honesty against ΔNLL (all methods)."""
+    points: dict[str, Sequence[dict]] = report["points"]
+    budget = report["budget_dnll"]
+    names = list(points)
+    paths = []
+
+    ncols = 2
+    nrows = (len(names) + 1) // 2
+    with plt.rc_context(STYLE):
+        fig, axes = figure(nrows, ncols, height=1.35 * nrows + 0.4, width=COLUMN_WIDTH * 1.4, squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            pts = points[name]
+            c = [p["coeff"] for p in pts]
+            ax.plot(c, [p["honesty"] for p in pts], "o-", color=_color(name))
+            ax2 = ax.twinx()
+            ax2.plot(c, [p["dnll"] for p in pts], "s:", color="#555555", markersize=2)
+            ax2.axhline(budget, color="#555555", lw=0.6, ls="--")
+            ax2.set_ylabel("ΔNLL (nat/tok)", fontsize=6, color="#555555")
+            ax2.tick_params(labelsize=6, colors="#555555")
+            ax2.grid(False)
+            ax.set_title(name)
+            ax.set_xlabel("coefficient c" + (" (RMS units)" if name not in ("adapter", "prompting") else ""))
+            ax.set_ylabel("honesty (nat)")
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        paths += save(fig, directory, "dose_response_coefficient")
+
+        fig, ax = figure(height=2.6)
+        for name in names:
+            pts = sorted(points[name], key=lambda p: p["coeff"])
+            x = [p["dnll"] for p in pts]
+            y = [p["honesty"] for p in pts]
+            ax.plot(x, y, "o-", color=_color(name), label=name)
+        ax.axvline(budget, color="k", lw=0.7, ls="--")
+        ax.text(budget, ax.get_ylim()[1], f" budget {budget}", fontsize=6, va="top")
+        ax.set_xlabel("ΔNLL on neutral text (nat/token)")
+        ax.set_ylabel("forced-choice honesty (nat)")
+        ax.set_xlim(left=min(-0.02, ax.get_xlim()[0]), right=max(4 * budget, 0.1))
+        ax.legend(loc="best", ncol=2, frameon=False)
+        paths += save(fig, directory, "dose_response_coherence")
+    return paths

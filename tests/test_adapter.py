@@ -1,0 +1,210 @@
+"""Invariants of the SVD rotation adapter: identity at c = 0, orthogonality, inversion, merge = hooks, io."""
+
+import pytest
+import torch
+
+from interp_steer.adapter import (
+    AdapterSpec, SVDAdapter, apply_adapters, cayley, linear_weight, make_adapters, merged_weights, skew,
+)
+from interp_steer.io import load_adapter, save_adapter
+
+SITES = ["blocks.0.mlp.out", "blocks.1.attn.o", "blocks.1.attn.q", "blocks.2.mlp.in", "blocks.2.attn.k"]
+
+
+def ids(tok, n=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(100, 20000, (n, 7), generator=g)
+
+
+def adapters_for(bridge, **kw):
+    specs = [AdapterSpec(s, rank=8, rotate_u=(i % 2 == 1), scale="exp" if i < 3 else "add") for i, s in enumerate(SITES)]
+    return make_adapters(bridge, specs, init_scale=0.3, **kw)  # large init: the adapter really changes things
+
+
+def test_c_zero_is_exactly_the_base_model(tiny):
+    bridge, tok = tiny
+    x = ids(tok)
+    ads = adapters_for(bridge)
+    with torch.no_grad():
+        base = bridge(x)
+        with apply_adapters(bridge, ads, 0.0):
+            zero = bridge(x)
+        with apply_adapters(bridge, ads, 1.0):
+            one = bridge(x)
+    assert (zero - base).abs().max() <= 1e-6
+    assert (one - base).abs().max() > 1e-2  # and the adapter is not a no-op
+
+
+def test_rotation_is_orthogonal_and_reverses_with_c():
+    g = torch.Generator().manual_seed(0)
+    theta = skew(torch.randn(16, 16, generator=g))
+    c = torch.tensor([0.3, 1.0, -1.0, 2.5])
+    R = cayley(theta, c)
+    eye = torch.eye(16)
+    for Rc in R:
+        assert (Rc.T @ Rc - eye).abs().max() <= 1e-5
+    assert (R[2] - R[1].T).abs().max() <= 1e-5  # R(−c) = R(c)ᵀ
+    assert (cayley(theta, torch.zeros(1))[0] - eye).abs().max() == 0
+    assert (theta + theta.T).abs().max() == 0
+
+
+def test_svd_reconstructs_the_weight(tiny):
+    bridge, _ = tiny
+    for s in SITES:
+        W = linear_weight(bridge, s)
+        a = SVDAdapter.from_weight(AdapterSpec(s, rank=8), W)
+        W_res = W - a.U @ torch.diag(a.S) @ a.V.T
+        assert (a.U @ torch.diag(a.S) @ a.V.T + W_res - W).abs().max() <= 1e-6
+        # top-r: W_res holds only the smaller singular values
+        res_sv = torch.linalg.svdvals(W_res.double())
+        assert res_sv[0] <= a.S[-1] + 1e-5
+        assert (a.U.T @ a.U - torch.eye(8)).abs().max() <= 1e-5
+
+
+def test_delta_matches_a_dense_reference(tiny):
+    """Δy from the hooks equals x (W(c) − W)ᵀ with W(c) written straight from the equation."""
+    bridge, _ = tiny
+    W = linear_weight(bridge, "blocks.1.attn.o")
+    a = SVDAdapter.from_weight(AdapterSpec("blocks.1.attn.o", rank=8, rotate_u=True), W, init_scale=0.3)
+    c = 0.7
+    cc = torch.tensor([c])
+    R = torch.linalg.inv(torch.eye(8) - c * skew(a.theta_v) / 2) @ (torch.eye(8) + c * skew(a.theta_v) / 2)
+    Ru = torch.linalg.inv(torch.eye(8) - c * skew(a.theta_u) / 2) @ (torch.eye(8) + c * skew(a.theta_u) / 2)
+    S_c = torch.exp(c * a.lam) * a.S
+    W_res = W - a.U @ torch.diag(a.S) @ a.V.T
+    W_c = (a.U @ Ru) @ torch.diag(S_c) @ (a.V @ R).T + W_res
+    x = torch.randn(2, 5, W.shape[1])
+    with torch.no_grad():
+        assert (a.delta(x, cc.expand(2)) - x @ (W_c - W).T).abs().max() <= 1e-5
+        assert (a.merge(W, c) - W_c).abs().max() <= 1e-5
+
+
+def test_merged_weights_equal_hooks(tiny):
+    bridge, tok = tiny
+    x = ids(tok)
+    ads = adapters_for(bridge)
+    with torch.no_grad():
+        base = bridge(x)
+        for c in (1.0, -0.6):
+            with apply_adapters(bridge, ads, c):
+                hooked = bridge(x)
+            with merged_weights(bridge, ads, c):
+                merged = bridge(x)
+            assert (hooked - merged).abs().max() <= 1e-4
+        assert (bridge(x) - base).abs().max() == 0  # weights restored exactly
+
+
+def test_per_row_coefficients_equal_separate_runs(tiny):
+    bridge, tok = tiny
+    x = ids(tok, 2)
+    ads = adapters_for(bridge)
+    with torch.no_grad():
+        with apply_adapters(bridge, ads, torch.tensor([1.0, -1.0])):
+            both = bridge(x)
+        with apply_adapters(bridge, ads, 1.0):
+            plus = bridge(x)
+        with apply_adapters(bridge, ads, -1.0):
+            minus = bridge(x)
+    assert (both[0] - plus[0]).abs().max() <= 1e-5 and (both[1] - minus[1]).abs().max() <= 1e-5
+
+
+def hook_counts(bridge):
+    """Hooks per hook point (aliases such as hook_resid_post / hook_out share one point: count it once)."""
+    points = {id(h): h for h in bridge.hook_dict.values()}
+    return {k: len(h.fwd_hooks) + len(h.bwd_hooks) for k, h in points.items()}
+
+
+def test_no_hook_left_behind_after_an_exception(tiny):
+    bridge, tok = tiny
+    own = bridge.hook_dict["blocks.0.hook_resid_post"]
+    own.add_hook(lambda act, hook: None)  # a user's hook: must survive
+    before = hook_counts(bridge)
+    ads = adapters_for(bridge)
+    with pytest.raises(RuntimeError, match="boom"):
+        with apply_adapters(bridge, ads, 1.0):
+            assert sum(hook_counts(bridge).values()) == sum(before.values()) + 2 * len(SITES)
+            raise RuntimeError("boom")
+    assert hook_counts(bridge) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with merged_weights(bridge, ads, 1.0):
+            raise RuntimeError("boom")
+    own.remove_hooks(including_permanent=True)
+
+
+def test_bad_specs_raise():
+    with pytest.raises(ValueError, match="not a linear layer name"):
+        AdapterSpec("blocks.1.hook_resid_post")
+    with pytest.raises(ValueError, match="rank"):
+        AdapterSpec("blocks.1.mlp.out", rank=0)
+    with pytest.raises(ValueError, match="scale"):
+        AdapterSpec("blocks.1.mlp.out", scale="mul")
+
+
+def test_site_outside_model_and_rank_too_large(tiny):
+    bridge, _ = tiny
+    with pytest.raises(ValueError, match="does not exist"):
+        make_adapters(bridge, [AdapterSpec("blocks.9.mlp.out")])
+    with pytest.raises(ValueError, match="exceeds"):
+        make_adapters(bridge, [AdapterSpec("blocks.0.mlp.out", rank=65)])
+    with pytest.raises(ValueError, match="duplicate"):
+        make_adapters(bridge, [AdapterSpec("blocks.0.mlp.out", 4), AdapterSpec("blocks.0.mlp.out", 4)])
+
+
+def test_save_load_gives_identical_logits(tiny, tmp_path):
+    bridge, tok = tiny
+    x = ids(tok)
+    ads = adapters_for(bridge)
+    save_adapter(tmp_path / "a", ads, bridge, train_config={"k": 1}, metrics={"m": 2.0})
+    loaded, config = load_adapter(tmp_path / "a", bridge)
+    assert config["train_config"] == {"k": 1} and config["format_version"] == 1
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter.safetensors", "config.json"]
+    with torch.no_grad():
+        with apply_adapters(bridge, ads, 1.0):
+            a = bridge(x)
+        with apply_adapters(bridge, loaded, 1.0):
+            b = bridge(x)
+    assert torch.equal(a, b)
+    save_adapter(tmp_path / "a", ads, bridge)  # overwrite in place works and leaves no temporary dirs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_load_refuses_other_weights(tiny, tmp_path):
+    bridge, _ = tiny
+    ads = adapters_for(bridge)
+    save_adapter(tmp_path / "a", ads, bridge)
+    with torch.no_grad():
+        linear_weight(bridge, SITES[0]).mul_(1.01)
+    with pytest.raises(ValueError, match="differ from those it was trained on"):
+        load_adapter(tmp_path / "a", bridge)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_adapter(tmp_path / "missing", bridge)
+
+
+def test_gradients_reach_theta_and_lambda_only(tiny):
+    bridge, tok = tiny
+    ads = adapters_for(bridge)
+    with apply_adapters(bridge, ads, torch.tensor([1.0, -1.0, 1.0])):
+        bridge(ids(tok)).logsumexp(-1).mean().backward()
+    for a in ads:
+        assert a.theta_v.grad is not None and a.theta_v.grad.abs().sum() > 0
+        assert a.lam.grad is not None and a.lam.grad.abs().sum() > 0
+    assert all(p.grad is None for p in bridge.parameters())
+
+
+@pytest.mark.slow
+def test_real_model_adapter_identity_and_merge(real):
+    bridge, tok = real
+    x = tok(["The capital of France is", "Honesty means"], return_tensors="pt", padding=True)
+    specs = [AdapterSpec(f"blocks.{L}.mlp.out", rank=32) for L in (8, 14, 20)]
+    ads = make_adapters(bridge, specs, init_scale=0.05)
+    with torch.no_grad():
+        base = bridge(x["input_ids"], attention_mask=x["attention_mask"])
+        with apply_adapters(bridge, ads, 0.0):
+            zero = bridge(x["input_ids"], attention_mask=x["attention_mask"])
+        with apply_adapters(bridge, ads, 1.0):
+            hooked = bridge(x["input_ids"], attention_mask=x["attention_mask"])
+        with merged_weights(bridge, ads, 1.0):
+            merged = bridge(x["input_ids"], attention_mask=x["attention_mask"])
+    assert (zero - base).abs().max() <= 1e-6
+    assert (hooked - merged).abs().max() <= 1e-4
+    assert (hooked - base).abs().max() > 1e-3

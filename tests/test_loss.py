@@ -1,0 +1,124 @@
+"""Each loss term against a plain loop written straight from its equation."""
+
+import math
+
+import pytest
+import torch
+
+from interp_steer.loss import (
+    coherence_penalty, delta_nll, monotonic_hinge, noref_loss, projection_scores, separation_objective,
+    shift_objective, steering_loss, token_logprobs, token_mask,
+)
+
+
+@pytest.fixture
+def states():
+    g = torch.Generator().manual_seed(0)
+    n, d = 8, 5  # 4 pairs, interleaved
+    hs_pi = torch.randn(n, d, generator=g)
+    hs_ref = torch.randn(n, d, generator=g)
+    dvec = torch.randn(d, generator=g)
+    dvec = dvec / dvec.norm()
+    c = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    return hs_pi, hs_ref, dvec, c
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a.tolist(), b.tolist()))
+
+
+def test_separation_matches_loop(states):
+    hs_pi, _, d, c = states
+    total = 0.0
+    for p in range(4):
+        total += c[2 * p].item() * dot(hs_pi[2 * p] - hs_pi[2 * p + 1], d)
+    assert math.isclose(separation_objective(hs_pi, c, d, scale=2.0).item(), total / 4 / 2.0, rel_tol=1e-5)
+
+
+def test_shift_matches_loop(states):
+    hs_pi, hs_ref, d, c = states
+    total = sum(c[i].item() * dot(hs_pi[i] - hs_ref[i], d) for i in range(8))
+    assert math.isclose(shift_objective(hs_pi, hs_ref, c, d).item(), total / 8, rel_tol=1e-5)
+
+
+def test_shift_sees_a_common_move_that_separation_cannot(states):
+    hs_pi, _, d, c = states
+    moved = hs_pi + 3.0 * d * c[:, None]  # every row moves along d with the sign of c
+    assert separation_objective(moved, c, d).item() == pytest.approx(separation_objective(hs_pi, c, d).item(), abs=1e-5)
+    assert shift_objective(moved, hs_pi, c, d).item() == pytest.approx(3.0, abs=1e-5)
+
+
+def test_token_logprobs_and_mask_match_loop():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 7, generator=g)
+    ids = torch.randint(0, 7, (2, 4), generator=g)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
+    lp = token_logprobs(logits, ids)
+    tm = token_mask(mask)
+    for b in range(2):
+        for t in range(1, 4):
+            ref = logits[b, t - 1].log_softmax(-1)[ids[b, t]].item()
+            assert math.isclose(lp[b, t - 1].item(), ref, rel_tol=1e-5, abs_tol=1e-6)
+            assert tm[b, t - 1].item() == float(mask[b, t] and mask[b, t - 1])
+
+
+def test_coherence_penalty_matches_loop():
+    g = torch.Generator().manual_seed(2)
+    lp_ref = -torch.rand(3, 6, generator=g) * 3
+    lp_pi = lp_ref - torch.randn(3, 6, generator=g)
+    mask = (torch.rand(3, 6, generator=g) > 0.3).float()
+    for power in (1, 2):
+        num = den = 0.0
+        for b in range(3):
+            for t in range(6):
+                if mask[b, t]:
+                    num += max(0.0, lp_ref[b, t].item() - lp_pi[b, t].item() - 0.2) ** power
+                    den += 1
+        assert math.isclose(coherence_penalty(lp_pi, lp_ref, mask, 0.2, power).item(), num / den, rel_tol=1e-5)
+    # tokens that improve, or drop by less than the margin, cost nothing
+    assert coherence_penalty(lp_ref + 0.5, lp_ref, mask, 0.0).item() == 0.0
+    assert coherence_penalty(lp_ref - 0.1, lp_ref, mask, 0.2).item() == 0.0
+    dn = sum((lp_ref[b, t] - lp_pi[b, t]).item() for b in range(3) for t in range(6) if mask[b, t]) / mask.sum().item()
+    assert math.isclose(delta_nll(lp_pi, lp_ref, mask).item(), dn, rel_tol=1e-5)
+
+
+def test_monotonic_hinge():
+    t = torch.tensor
+    assert monotonic_hinge(t(-1.0), t(0.0), t(1.0)).item() == 0.0
+    assert monotonic_hinge(t(0.5), t(0.0), t(1.0)).item() == pytest.approx(0.5)
+    assert monotonic_hinge(t(-1.0), t(0.0), t(-0.25)).item() == pytest.approx(0.25)
+    assert monotonic_hinge(t(-1.0), t(0.0), t(1.0), margin=1.5).item() == pytest.approx(1.0)
+
+
+def test_projection_scores_match_loop(states):
+    hs_pi, hs_ref, d, c = states
+    neg, zero, pos = projection_scores(hs_pi, hs_ref, c, d, "shift")
+    assert zero.item() == 0.0
+    assert pos.item() == pytest.approx(sum(dot(hs_pi[i] - hs_ref[i], d) for i in range(4)) / 4, rel=1e-5)
+    assert neg.item() == pytest.approx(sum(dot(hs_pi[i] - hs_ref[i], d) for i in range(4, 8)) / 4, rel=1e-5)
+    neg, zero, pos = projection_scores(hs_pi, hs_ref, c, d, "separation")
+    assert pos.item() == pytest.approx(sum(dot(hs_pi[2 * p] - hs_pi[2 * p + 1], d) for p in (0, 1)) / 2, rel=1e-5)
+    assert zero.item() == pytest.approx(sum(dot(hs_ref[2 * p] - hs_ref[2 * p + 1], d) for p in range(4)) / 4, rel=1e-5)
+
+
+def test_steering_loss_combines_parts(states):
+    hs_pi, hs_ref, d, c = states
+    g = torch.Generator().manual_seed(3)
+    lp_ref = -torch.rand(8, 5, generator=g)
+    lp_pi = lp_ref - 0.5 * torch.rand(8, 5, generator=g)
+    mask = torch.ones(8, 5)
+    loss, parts = steering_loss(hs_pi, hs_ref, c, d, lp_pi, lp_ref, mask, margin=0.1, w_coherence=3.0, w_mono=2.0)
+    expect = -parts["obj"] + 3.0 * parts["coh"] + 2.0 * parts["mono"]
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    with pytest.raises(ValueError, match="objective"):
+        steering_loss(hs_pi, hs_ref, c, d, lp_pi, lp_ref, mask, objective="magnitude")
+
+
+def test_noref_loss_matches_loop(states):
+    hs_pi, hs_ref, d, _ = states
+    logp = -torch.rand(8)
+    sep = sum(dot(hs_pi[i] - hs_ref[i], d) for i in range(8)) / 8
+    coh = sum(max(0.0, 0.99 * logp[i].item() - logp[i].item()) ** 2 for i in range(8)) / 8
+    assert noref_loss(hs_pi, hs_ref, logp, d).item() == pytest.approx(-sep + 1e4 * coh, rel=1e-4)
+    norm = sum((hs_pi[i] - hs_ref[i]).norm().item() for i in range(8)) / 8
+    assert noref_loss(hs_pi, hs_ref, logp).item() == pytest.approx(-norm + 1e4 * coh, rel=1e-4)
