@@ -34,9 +34,11 @@ def add_commands(sub) -> None:
         p.add_argument("--methods", default=",".join(DEFAULT_METHODS if name == "demo" else ("adapter",)),
                        help=f"comma-separated subset of {','.join(DEFAULT_METHODS)}")
         p.add_argument("--budget", type=float, default=0.1, help="ΔNLL budget, nat/token (default 0.1)")
-        p.add_argument("--n-dilemmas", type=int, default=None, help="subsample the dilemmas (default: all 68)")
-        p.add_argument("--n-neutral", type=int, default=24, help="neutral texts for coherence (default 24 of 45)")
-        p.add_argument("--n-mc", type=int, default=12, help="TruthfulQA-format questions (default 12 of 36; 0: skip)")
+        # default subsample: keeps `make demo` within ~15 min on 2 CPU cores; pass larger values for papers
+        p.add_argument("--n-dilemmas", type=int, default=34, help="labelled dilemmas, every k-th (default 34 of 68)")
+        p.add_argument("--n-neutral", type=int, default=16, help="neutral texts for coherence (default 16 of 45)")
+        p.add_argument("--n-mc", type=int, default=8, help="TruthfulQA-format questions (default 8 of 36; 0: skip)")
+        p.add_argument("--bisect", type=int, default=3, help="bisection steps of the budget search (default 3)")
         p.add_argument("--steps", type=int, default=None, help="training steps (demo; default: TrainConfig's)")
         p.add_argument("--model", default=None, help="model name or directory (default: packaged SmolLM2)")
         p.set_defaults(func=func)
@@ -87,7 +89,8 @@ def run(bridge, tok, args, adapters, hs, loss_hook, d_steer, batches, extra: dic
     from .sweep import SweepData, run_sweep
 
     dilemmas, questions, texts = subsample(args)
-    data = SweepData(dilemmas, questions, coherence_reference(bridge, tok, texts), budget=args.budget)
+    data = SweepData(dilemmas, questions, coherence_reference(bridge, tok, texts), budget=args.budget,
+                     bisect_iters=args.bisect, verbose=True)
     t = time.perf_counter()
     methods = build_methods(bridge, tok, _methods(args.methods), adapters, hs, loss_hook, d_steer, batches)
     build_s = time.perf_counter() - t
@@ -173,6 +176,7 @@ def cmd_demo(args) -> int:
     from .models import load_model
     from .train import TrainConfig, train
 
+    _methods(args.methods)  # fail before minutes of work
     t0 = time.perf_counter()
     bridge, tok = load_model(args.model)
     cfg = TrainConfig() if args.steps is None else TrainConfig(steps=args.steps)
@@ -197,6 +201,10 @@ def cmd_eval(args) -> int:
     from .models import load_model
     from .train import TrainConfig
 
+    _methods(args.methods)
+    if not (Path(args.adapter) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.adapter} is not an adapter directory (no config.json); "
+                                "write one with `interp-steer train --out DIR`")
     t0 = time.perf_counter()
     bridge, tok = load_model(args.model)
     adapters, config = load_adapter(args.adapter, bridge)

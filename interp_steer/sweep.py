@@ -1,10 +1,10 @@
 """Every method on one footing: a coefficient sweep, then the effect each reaches at one coherence budget.
 
 A method maps a coefficient c to a way of running the model: hooks (adapter, additive vectors) or a system
-prompt (prompting). For each method and sign, the sweep first finds ``c*`` where the neutral-text ΔNLL meets
-the budget (doubling, then bisection: coherence is cheap to measure), then measures the effect (forced-choice
-honesty, TruthfulQA-format MC) at ``{½, 1, 1½}·c*``. ``evaluate.iso_coherence`` interpolates the effect at the
-budget. Methods are compared there, never at equal coefficient.
+prompt (prompting). For each method and sign, the sweep first brackets the coefficient where the neutral-text
+ΔNLL meets the budget (doubling or halving, then bisection: coherence is cheap to measure), then measures the
+effect (forced-choice honesty, TruthfulQA-format MC) at both ends of the bracket. ``evaluate.iso_coherence``
+interpolates the effect at the budget. Methods are compared there, never at equal coefficient.
 """
 
 from __future__ import annotations
@@ -81,9 +81,11 @@ class SweepData:
     coherence_ref: CoherenceReference
     budget: float = 0.1
     bisect_iters: int = 4
+    verbose: bool = False  # one line per measured point
 
 
 def measure(bridge, tok, method: Method, c: float, data: SweepData, effect: bool = True) -> Point:
+    t = time.perf_counter()
     steer, system = method.steer(c), method.system(c)
     coh = coherence(bridge, tok, steer, reference=data.coherence_ref, system=system)
     p = Point(method.name, c, coh.dnll, coh.kl_mean, coh.kl_p95)
@@ -93,27 +95,47 @@ def measure(bridge, tok, method: Method, c: float, data: SweepData, effect: bool
         if data.questions:
             mc = truthfulqa_mc(bridge, tok, steer, data.questions, system=system)
             p.mc1, p.mc_margin = mc.mc1, mc.margin
+    if data.verbose:
+        tqdm.write(f"  {method.name:>10s} c={c:+.4g}  dNLL={p.dnll:+.4f}  KL={p.kl_mean:.4f}"
+                   + (f"  honesty={p.honesty:+.3f}  mc1={p.mc1}" if effect else "  (budget search)")
+                   + f"  [{time.perf_counter() - t:.1f}s]")
     return p
 
 
-def budget_coeff(bridge, tok, method: Method, sign: float, data: SweepData, probes: list[Point]) -> float:
-    """|c| where ΔNLL first meets the budget: double from c_init, then bisect; c_max if never met."""
-    lo, hi, c = 0.0, None, method.c_init
-    while c <= method.c_max:
+def budget_bracket(bridge, tok, method: Method, sign: float, data: SweepData, probes: list[Point]
+                   ) -> tuple[float, float | None]:
+    """(lo, hi): |c| with ΔNLL ≤ budget at lo and > budget at hi (hi None: never crossed up to c_max).
+
+    From c_init, double while within budget, or halve while over it, then bisect ``data.bisect_iters`` times.
+    """
+    def over(c: float) -> bool:
         p = measure(bridge, tok, method, sign * c, data, effect=False)
         probes.append(p)
-        if p.dnll > data.budget:
+        return p.dnll > data.budget
+
+    lo, hi, c = 0.0, None, method.c_init
+    if over(c):
+        hi = c
+        while c > method.c_init / 64:
+            c /= 2
+            if not over(c):
+                lo = c
+                break
             hi = c
-            break
-        lo, c = c, 2 * c
+    else:
+        lo = c
+        while 2 * c <= method.c_max:
+            c *= 2
+            if over(c):
+                hi = c
+                break
+            lo = c
     if hi is None:
-        return lo
+        return lo, None
     for _ in range(data.bisect_iters):
         mid = (lo + hi) / 2
-        p = measure(bridge, tok, method, sign * mid, data, effect=False)
-        probes.append(p)
-        lo, hi = (mid, hi) if p.dnll <= data.budget else (lo, mid)
-    return (lo + hi) / 2
+        lo, hi = (lo, mid) if over(mid) else (mid, hi)
+    return lo, hi
 
 
 @dataclass
@@ -125,8 +147,9 @@ class MethodResult:
     seconds: float = 0.0
 
 
-def sweep_method(bridge, tok, method: Method, data: SweepData, zero: Point, grid: Sequence[float] = (0.5, 1.0, 1.5)
-                 ) -> MethodResult:
+def sweep_method(bridge, tok, method: Method, data: SweepData, zero: Point) -> MethodResult:
+    """Effects at lo and hi of each direction's budget bracket (ΔNLL ≤ budget at lo, > budget at hi) and at
+    c = 0: the budget crossing is interpolated between two measured points at most 1/2^bisect_iters apart."""
     t = time.perf_counter()
     probes: list[Point] = []
     if method.fixed:
@@ -134,8 +157,9 @@ def sweep_method(bridge, tok, method: Method, data: SweepData, zero: Point, grid
     else:
         coeffs = []
         for sign in (1.0, -1.0):
-            cb = budget_coeff(bridge, tok, method, sign, data, probes)
-            coeffs += [sign * f * cb for f in grid] if cb > 0 else [sign * method.c_init / 4]
+            lo, hi = budget_bracket(bridge, tok, method, sign, data, probes)
+            grid = [x for x in (lo, hi) if x]  # lo = 0 when even the smallest probe was over budget
+            coeffs += [sign * x for x in grid]
     points = [zero] + [measure(bridge, tok, method, c, data) for c in sorted(coeffs)]
     points = sorted(points, key=lambda p: p.coeff)
     points = [Point(**{**asdict(p), "method": method.name}) for p in points]

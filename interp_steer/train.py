@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -206,8 +206,10 @@ def evaluate_pairs(bridge: TransformerBridge, adapters, batches: Sequence[Batch]
 
 def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
           cfg: TrainConfig = TrainConfig(), out_dir: str | Path | None = None, *, resume: bool = False,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, callback: Callable[[int, nn.ModuleList], None] | None = None) -> TrainResult:
     """Train SVD rotation adapters on ``pairs``; write ``out_dir`` (adapter) and ``out_dir.ckpt`` (checkpoints).
+
+    ``callback(step, adapters)`` runs after every optimiser step (e.g. to snapshot directions over training).
 
     >>> result = train(bridge, tok, persona_pairs(tok), TrainConfig(steps=2))  # doctest: +SKIP
     """
@@ -276,6 +278,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             fwd_s += t1 - t
             bwd_s += time.perf_counter() - t1
             history.append({"step": step, **parts})
+            if callback is not None:
+                callback(step, adapters)
             bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k != "loss"})
             if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 _save_checkpoint(ckpt, adapters, opt, step + 1, cfg, bridge, d_steer, scale)

@@ -1,0 +1,156 @@
+"""Costs as ratios against a plain forward, all measured in one run on the default model.
+
+    python analysis/benchmark.py [--pairs 256] [--repeats 3] [--first-load] [--out runs/benchmark.json]
+
+Each row times one operation over the same batches (256 persona pairs, 16 pairs = 32 rows a batch) and
+divides by a plain bridge forward of those batches. Run it with nothing else on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from interp_steer.adapter import apply_adapters, make_adapters  # noqa: E402
+from interp_steer.capture import capture, forward_last, resid_names  # noqa: E402
+from interp_steer.data import pair_batches, persona_pairs  # noqa: E402
+from interp_steer.directions import steering_vector  # noqa: E402
+from interp_steer.loss import steering_loss, token_logprobs, token_mask  # noqa: E402
+from interp_steer.models import load_model  # noqa: E402
+from interp_steer.train import TrainConfig, adapter_specs, doubled  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--first-load", action="store_true", help="also time a first load into an empty cache (~30 s)")
+    ap.add_argument("--out", default="runs/benchmark.json")
+    args = ap.parse_args(argv)
+
+    results: dict[str, float] = {}
+    if args.first_load:
+        with tempfile.TemporaryDirectory() as tmp:
+            old = os.environ.get("INTERP_STEER_CACHE")
+            os.environ["INTERP_STEER_CACHE"] = tmp
+            t = time.perf_counter()
+            load_model()
+            results["load_first_s"] = time.perf_counter() - t
+            if old is None:
+                del os.environ["INTERP_STEER_CACHE"]
+            else:
+                os.environ["INTERP_STEER_CACHE"] = old
+    t = time.perf_counter()
+    bridge, tok = load_model()
+    results["load_cached_s"] = time.perf_counter() - t
+
+    pairs = persona_pairs(tok)[: args.pairs]
+    batches = list(pair_batches(pairs, tok, batch_pairs=16))
+    n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    hf = bridge.original_model
+
+    def plain():
+        with torch.inference_mode():
+            for b in batches:
+                bridge(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+
+    def hf_forward():
+        with torch.inference_mode():
+            for b in batches:
+                hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+
+    names30 = resid_names(range(bridge.cfg.n_layers))
+    cfg = TrainConfig()
+    specs = adapter_specs(cfg, bridge.cfg.n_layers)
+    adapters = make_adapters(bridge, specs, init_scale=0.05)
+    hook = f"blocks.{round(cfg.loss_layer * (bridge.cfg.n_layers - 1))}.hook_resid_post"
+    vec = steering_vector(capture(bridge, batches[:2], resid_names([8, 14])), "mean_diff").scaled(0.1)
+
+    def adapter_forward():
+        with torch.inference_mode(), apply_adapters(bridge, adapters, 1.0):
+            for b in batches:
+                bridge(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+
+    def vector_forward():
+        with torch.inference_mode(), vec.apply(bridge):
+            for b in batches:
+                bridge(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+
+    def train_steps():
+        # one training step per batch of 8 pairs = 16 rows, doubled for c = ±1 (the TrainConfig default)
+        for b in pair_batches(pairs[:64], tok, batch_pairs=8):
+            with torch.inference_mode():
+                h0, l0 = forward_last(bridge, b, [hook], logits=True)
+                lp0 = token_logprobs(l0, b.input_ids)
+            h0, lp0 = h0[hook].clone(), lp0.clone()
+            bb, c = doubled(b)
+            with apply_adapters(bridge, adapters, c):
+                h, logits = forward_last(bridge, bb, [hook], logits=True)
+            loss, _ = steering_loss(h[hook], torch.cat([h0, h0]), c, torch.ones(h0.shape[-1]) / h0.shape[-1] ** 0.5,
+                                    token_logprobs(logits, bb.input_ids), torch.cat([lp0, lp0]),
+                                    token_mask(bb.attention_mask))
+            loss.backward()
+        for p in adapters.parameters():
+            p.grad = None
+
+    def train_forward_only():
+        for b in pair_batches(pairs[:64], tok, batch_pairs=8):
+            with torch.inference_mode():
+                forward_last(bridge, b, [hook], logits=True)
+
+    rows = {
+        "plain bridge forward (logits)": plain,
+        "HF model forward (no hooks)": hf_forward,
+        "capture 30 x resid_post, last token": lambda: capture(bridge, batches, names30, progress=False),
+        "capture 1 layer (stop_at_layer=9)": lambda: capture(bridge, batches, resid_names([8]), progress=False),
+        "forward with 7 adapters (c=1)": adapter_forward,
+        "forward with additive vector, 2 layers": vector_forward,
+    }
+    base = None
+    print(f"{len(pairs)} pairs, {len(batches)} batches, {n_tokens} real tokens, torch threads {torch.get_num_threads()}")
+    for name, fn in rows.items():
+        s = timed(fn, args.repeats)
+        base = base or s
+        results[name] = s
+        print(f"{name:45s} {s:8.2f} s   x{s / base:5.2f}")
+    # the training step is measured on 64 pairs; compare with a plain forward of the same 64 pairs
+    s_fwd = timed(train_forward_only, 1)
+    s_step = timed(train_steps, 1)
+    results["train: 8 steps (64 pairs, c=±1, fwd+bwd, incl. ref)"] = s_step
+    results["train: plain forward of the same 64 pairs"] = s_fwd
+    print(f"{'8 training steps (64 pairs) / plain fwd of them':45s} {s_step:8.2f} s   x{s_step / s_fwd:5.2f}")
+    print(f"model load (cached): {results['load_cached_s']:.2f} s" +
+          (f"; first load (empty cache): {results['load_first_s']:.1f} s" if "load_first_s" in results else ""))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"n_pairs": len(pairs), "n_tokens": n_tokens, "seconds": results,
+                               "ratios": {k: v / base for k, v in results.items() if not k.startswith(("load", "train"))}},
+                              indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
