@@ -18,8 +18,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +25,8 @@ import numpy as np
 
 from interp_steer import plots
 from interp_steer.plots import COLORS, figure, plt, save
+
+from .study import Study, StudyConfig
 
 FIGURES = ("loss_geometry", "dhs_spectra", "layer_map", "pca_vs_learned", "dose_response")
 DEFAULT_REPORT = Path("runs/demo/report.json")
@@ -132,182 +132,6 @@ def loss_geometry_figure(out: Path) -> list[Path]:
     return save(fig, out, "loss_geometry")
 
 
-# --- the model study --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """Sizes of the real-model study (defaults: ``all`` in a few minutes on 2 CPU cores)."""
-
-    pairs: int = 96              # persona pairs (80 % train, 20 % held out)
-    steps: int = 16              # optimiser steps of the quick adapter
-    loss_layer: int = 22         # NOTES' prototype: loss at 22, adapters on 8–20
-    layers: tuple[int, ...] = (8, 10, 12, 14, 16, 18, 20)
-    rank: int = 32               # r of the adapters and of the weight subspaces
-    k: int = 4                   # dHS / output directions compared
-    grad_pairs: int = 32         # training pairs used for the gradients (forward + backward: the cost)
-    snapshot_every: int = 4      # steps between output-subspace snapshots
-    seed: int = 0
-    model: str | None = None     # None: the packaged SmolLM2-135M-Instruct
-
-    def train_config(self):
-        from interp_steer.train import TrainConfig
-
-        return TrainConfig(layers=self.layers, loss_layer=self.loss_layer, rank=self.rank, steps=self.steps,
-                           n_pairs=self.pairs, seed=self.seed, checkpoint_every=10**9)
-
-
-def _log(msg: str) -> None:
-    print(f"[analysis] {msg}", file=sys.stderr, flush=True)
-
-
-class Study:
-    """Model, pairs, one quick adapter and every capture, each computed once on first use."""
-
-    def __init__(self, cfg: StudyConfig):
-        self.cfg = cfg
-        self.timings: dict[str, float] = {}
-
-    def _timed(self, name: str, fn: Callable):
-        t = time.perf_counter()
-        value = fn()
-        self.timings[name] = round(time.perf_counter() - t, 1)
-        _log(f"{name}: {self.timings[name]} s")
-        return value
-
-    @cached_property
-    def model(self):
-        from interp_steer.models import load_model
-
-        return self._timed("load_model", lambda: load_model(self.cfg.model))
-
-    @property
-    def bridge(self):
-        return self.model[0]
-
-    @property
-    def layers(self) -> list[int]:
-        return list(range(self.bridge.cfg.n_layers))
-
-    @cached_property
-    def split(self):
-        """The same subsample and split as ``train`` (checked against its batches in ``result``)."""
-        import torch
-        from interp_steer.data import persona_pairs, split_pairs
-
-        tc = self.cfg.train_config()
-        pairs = persona_pairs(self.model[1])
-        keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(tc.seed))[: tc.n_pairs]
-        pairs = [pairs[i] for i in sorted(keep.tolist())]
-        return split_pairs(pairs, tc.held_out, seed=tc.seed)
-
-    @cached_property
-    def test_batches(self):
-        from interp_steer.data import pair_batches
-
-        return list(pair_batches(self.split[1], self.model[1], 16))
-
-    @cached_property
-    def trained(self):
-        import torch
-        from interp_steer.adapter import make_adapters
-        from interp_steer.data import pair_batches, persona_pairs
-        from interp_steer.train import adapter_specs, train
-
-        from .pca_vs_learned import SubspaceTracker
-
-        tc, tok, split = self.cfg.train_config(), self.model[1], self.split
-        tracker = SubspaceTracker(every=self.cfg.snapshot_every, k=self.cfg.k)
-        # train() seeds its adapters deterministically: rebuild them to record the state before step 1
-        tracker.record(0, make_adapters(self.bridge, adapter_specs(tc, self.bridge.cfg.n_layers), seed=tc.seed,
-                                        init_scale=tc.init_scale))
-        pairs = persona_pairs(tok)
-        result = self._timed("train", lambda: train(self.bridge, tok, pairs, tc, progress=True, callback=tracker))
-        first = next(pair_batches(split[0], tok, tc.batch_pairs))
-        if not torch.equal(first.input_ids, result.train_batches[0].input_ids):
-            raise RuntimeError("the study's train/held-out split differs from train()'s; update Study.split")
-        return result, tracker
-
-    @property
-    def result(self):
-        return self.trained[0]
-
-    # Each step resolves what it depends on before its timer starts, so the timings do not nest.
-    @cached_property
-    def hs_train(self):
-        from .dhs import capture_layers
-
-        batches, layers = self.result.train_batches, self.layers
-        return self._timed("capture_train", lambda: capture_layers(self.bridge, batches, layers))
-
-    @cached_property
-    def hs_test(self):
-        from .dhs import capture_layers
-
-        batches, layers = self.test_batches, self.layers
-        return self._timed("capture_test", lambda: capture_layers(self.bridge, batches, layers))
-
-    @cached_property
-    def hs_test_signed(self):
-        """Held-out states at c = +1 and c = −1 (one forward per batch, a coefficient per row)."""
-        from .dhs import capture_both_signs
-
-        batches, layers, adapters = self.test_batches, self.layers, self.result.adapters
-        return self._timed("capture_test_pm", lambda: capture_both_signs(self.bridge, batches, layers, adapters, 1.0))
-
-    @cached_property
-    def dhs_report(self):
-        from .dhs import analyse_dhs
-
-        hs, test, plus = self.hs_train, self.hs_test, self.hs_test_signed[0]
-        return self._timed("analyse_dhs", lambda: analyse_dhs(
-            self.bridge, hs, hs_test=test, hs_pi=plus, hs_pi_ref=test, rank=self.cfg.rank, k=self.cfg.k))
-
-    @cached_property
-    def grad_batches(self):
-        from interp_steer.data import pair_batches
-
-        return list(pair_batches(self.split[0][: self.cfg.grad_pairs], self.model[1], 8))
-
-    @cached_property
-    def layer_map(self):
-        from .gradients import layer_map, noref_gradient_directions, training_loss_gradients
-
-        r, batches, hs = self.result, self.grad_batches, self.hs_train
-        upto = [L for L in self.layers if L <= self.cfg.loss_layer]
-        grad = self._timed("grad_train", lambda: training_loss_gradients(
-            self.bridge, batches, upto, r.loss_hook, r.d_steer, scale=r.metrics["scale"]))
-        noref = self._timed("grad_noref", lambda: noref_gradient_directions(
-            self.bridge, batches, upto, r.loss_hook, r.d_steer))
-        # = gradients.effective_directions, from the ±1 captures that dhs_spectra uses too (one pass, not two)
-        plus, minus = self.hs_test_signed
-        learned = {L: (plus[L] - minus[L]).double().mean(0).float() for L in self.layers}
-        return layer_map(hs, grad, noref, learned)
-
-    @cached_property
-    def pca_vs_learned(self):
-        from .pca_vs_learned import over_training, per_layer
-
-        (result, tracker), hs = self.trained, self.hs_train
-        return self._timed("pca_vs_learned", lambda: {
-            "per_layer": per_layer(hs, result.adapters, k=self.cfg.k).to_dict(),
-            "over_training": over_training(tracker, hs)})
-
-    def summary(self) -> dict:
-        """Everything computed so far, as plain data (what the figures draw and ``--summary`` stores)."""
-        out: dict = {"config": asdict(self.cfg), "timings_s": self.timings, "n_layers": self.bridge.cfg.n_layers}
-        if "trained" in self.__dict__:
-            r = self.result
-            out["train"] = {"loss_hook": r.loss_hook, "held_out": r.metrics.get("held_out"),
-                            "scale": r.metrics.get("scale"), "first": r.history[0], "last": r.history[-1],
-                            "n_train_pairs": len(self.split[0]), "n_test_pairs": len(self.split[1])}
-        for key in ("dhs_report", "layer_map"):
-            if key in self.__dict__:
-                out[key] = self.__dict__[key].to_dict()
-        if "pca_vs_learned" in self.__dict__:
-            out["pca_vs_learned"] = self.pca_vs_learned
-        return out
-
-
 # --- the model figures: each draws from the summary dict (``Study.summary()`` or ``--from-summary``) -------
 
 def _depth_colors(layers, n_layers):
@@ -352,7 +176,8 @@ def dhs_spectra_figure(data: dict, out: Path) -> list[Path]:
     _mark_layers(a2, cfg)
     a2.set_xlabel("layer (resid_post; grey: adapters, dotted: loss)")
     a2.set_ylabel("mean ‖dHS‖ / RMS ‖hs‖")
-    a2.set_title("(b) size of the pair difference", loc="left")
+    objective = data.get("train_config", {}).get("objective", "?")
+    a2.set_title(f"(b) size of the pair difference ({objective} adapter)", loc="left")
     a2.legend(frameon=False, loc="upper left")
 
     a3.plot(x, rep["cohens_d"], "o-", color=COLORS["mean_diff"], label="Cohen's d, held out (left axis)")
@@ -418,7 +243,8 @@ def pca_vs_learned_figure(data: dict, out: Path) -> list[Path]:
     a1b = a1.twinx()
     a1b.plot(x, [float(np.mean(a)) for a in per["angles"]], "s:", color="#555555",
              label=f"mean principal angle, k = {per['k']} (right)")
-    a1b.axhline(float(np.mean(per["random_angles"])), color="#555555", lw=0.6, ls="-.")
+    a1b.axhline(float(np.mean(per["random_angles"])), color="#555555", lw=0.6, ls="-.",
+                label="random subspaces, mean angle (right)")
     a1b.set_ylabel("angle (deg)")
     a1b.set_ylim(0, 90)
     a1b.grid(False)
@@ -426,8 +252,9 @@ def pca_vs_learned_figure(data: dict, out: Path) -> list[Path]:
     a1.set_ylim(0, 1.02)
     a1.set_xlabel("adapter layer L (blocks.L.mlp.out vs resid_post L)")
     a1.set_ylabel("|cosine|")
-    a1.set_title(f"(a) after {data['config']['steps']} steps", loc="left")
-    _twin_legend(a1, a1b, loc="upper left")
+    tc = data.get("train_config", {})
+    a1.set_title(f"(a) after {data['config']['steps']} steps ({tc.get('objective', '?')} objective)", loc="left")
+    _twin_legend(a1, a1b, loc="center left", bbox_to_anchor=(0.0, 0.62))
 
     cos = np.array(tr["cos_top"], dtype=float)
     for j, (L, col) in enumerate(zip(tr["layers"], _depth_colors(tr["layers"], data["n_layers"]))):
@@ -468,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="figures", help="figure directory (default: figures)")
     parser.add_argument("--pairs", type=int, default=StudyConfig.pairs, help=f"pairs (default {StudyConfig.pairs})")
     parser.add_argument("--steps", type=int, default=StudyConfig.steps, help=f"training steps (default {StudyConfig.steps})")
+    parser.add_argument("--objective", choices=("shift", "separation"), default=None,
+                        help="training objective of the quick adapter (default: TrainConfig's)")
     parser.add_argument("--model", default=None, help="model name or directory (default: packaged SmolLM2)")
     parser.add_argument("--report", default=str(DEFAULT_REPORT), help=f"demo report (default {DEFAULT_REPORT})")
     parser.add_argument("--summary", default=str(DEFAULT_SUMMARY),
@@ -489,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     names = list(FIGURES) if args.name == "all" else [args.name]
-    study = Study(StudyConfig(pairs=args.pairs, steps=args.steps, model=args.model))
+    study = Study(StudyConfig(pairs=args.pairs, steps=args.steps, objective=args.objective, model=args.model))
     stored = _load_summary(Path(args.from_summary)) if args.from_summary else None
     needs = {"dhs_spectra": ("dhs_report",), "layer_map": ("layer_map", "dhs_report"),
              "pca_vs_learned": ("pca_vs_learned",)}

@@ -37,7 +37,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from interp_steer.adapter import SVDAdapter, apply_adapters
 from interp_steer.capture import check_hook_names, forward_last, layer_of, resid_names, stop_layer
 from interp_steer.data import Batch
-from interp_steer.directions import gradient_directions, mean_diff_direction, pca_diff_direction
+from interp_steer.directions import gradient_directions, mean_diff_direction, pca_diff_direction, retain_grad_hook
 from interp_steer.loss import coherence_penalty, shift_objective, token_logprobs, token_mask
 
 from .dhs import capture_both_signs
@@ -57,22 +57,12 @@ def _unit_or_nan(v: Tensor) -> Tensor:
     return v / n if n > 0 else torch.full_like(v, math.nan)
 
 
-def _retain(store: dict[str, Tensor], key: str) -> Callable:
-    def hook(act: Tensor, hook) -> Tensor:
-        if not act.requires_grad:  # frozen base model: make the first hooked state a leaf we can ask about
-            act = act.detach().requires_grad_(True)
-        store[key] = act
-        return act
-    return hook
-
-
 def noref_gradient_directions(bridge: TransformerBridge, batches: Sequence[Batch], layers: Sequence[int],
-                              loss_hook: str, d_steer: Float[Tensor, "d_model"], coherence_weight: float = 1e4
-                              ) -> dict[int, Float[Tensor, "d_model"]]:
+                              loss_hook: str, d_steer: Float[Tensor, "d_model"]) -> dict[int, Float[Tensor, "d_model"]]:
     """``directions.gradient_directions`` keyed by layer; layers after the loss layer are left out."""
     loss_layer = layer_of(loss_hook)
     keep = [L for L in layers if loss_layer is None or L <= loss_layer]
-    dirs = gradient_directions(bridge, batches, keep, loss_hook, d_steer, coherence_weight)
+    dirs = gradient_directions(bridge, batches, keep, loss_hook, d_steer)
     return {L: dirs[f"blocks.{L}.hook_resid_post"] for L in keep}
 
 
@@ -98,7 +88,7 @@ def training_loss_gradients(bridge: TransformerBridge, batches: Sequence[Batch],
     for b in batches:
         rows, m = torch.arange(len(b)), token_mask(b.attention_mask)
         acts: dict[str, Tensor] = {}
-        hooks = [(n, _retain(acts, n)) for n in [*names, loss_hook]]
+        hooks = [(n, retain_grad_hook(acts, n)) for n in [*names, loss_hook]]
         ref = _reference(bridge, b, loss_hook) if adapters else None
         with torch.enable_grad():
             ctx = apply_adapters(bridge, list(adapters), float(c)) if adapters else nullcontext()
@@ -157,6 +147,7 @@ class LayerMap:
     learned_pca: list[float]
     learned_mean: list[float]
     pca_mean: list[float]
+    grad_noref: list[float]        # the two gradients against each other
     learned_norm: list[float]      # ‖e(L)‖: how far the adapter moves the stream at L (0 upstream of it)
 
     def to_dict(self) -> dict:
@@ -174,7 +165,8 @@ def layer_map(hs_ref: dict[int, Tensor], grad: dict[int, Tensor], noref: dict[in
         g, n, e = grad.get(L, nan), noref.get(L, nan), learned.get(L, nan)
         for name, (a, b) in {"grad_pca": (g, pca), "grad_mean": (g, mean), "grad_learned": (g, e),
                              "noref_pca": (n, pca), "noref_mean": (n, mean), "noref_learned": (n, e),
-                             "learned_pca": (e, pca), "learned_mean": (e, mean), "pca_mean": (pca, mean)}.items():
+                             "learned_pca": (e, pca), "learned_mean": (e, mean), "pca_mean": (pca, mean),
+                             "grad_noref": (g, n)}.items():
             out[name].append(cosine(a, b))
         out["learned_norm"].append(e.double().norm().item() if L in learned else math.nan)
     return LayerMap(layers=layers, **out)

@@ -88,7 +88,8 @@ def cmd_train(args) -> int:
     first, last = result.history[0] if result.history else {}, result.history[-1] if result.history else {}
     print("loss parts, first -> last step: " + ", ".join(
         f"{k} {first.get(k, float('nan')):.4g} -> {last.get(k, float('nan')):.4g}" for k in ("loss", "obj", "coh", "mono", "dnll")))
-    print(f"held-out projection on d_steer at {result.loss_hook} (pair separation scale {result.metrics['scale']:.2f}):")
+    print(f"held-out projection on d_steer at {result.loss_hook} (pair separation scale {result.metrics['scale']:.2f});"
+          " dNLL: on the held-out pair prompts (not a coherence measure: see `interp-steer eval`):")
     print(f"  {'c':>5} {'chosen':>9} {'rejected':>9} {'separation':>10} {'shift':>8} {'dNLL':>8}")
     for c, m in result.metrics["held_out"].items():
         print(f"  {c:>5} {m['proj_chosen']:9.2f} {m['proj_rejected']:9.2f} {m['separation']:10.2f} "

@@ -122,30 +122,33 @@ def steering_vector(hs: Mapping[str, Float[Tensor, "batch d"]], method: Method, 
 
 
 def gradient_directions(bridge: TransformerBridge, batches, layers: list[int], loss_hook: str,
-                        d_steer: Float[Tensor, "d"], coherence_weight: float = 1e4) -> dict[str, Float[Tensor, "d"]]:
+                        d_steer: Float[Tensor, "d"]) -> dict[str, Float[Tensor, "d"]]:
     """g_L = −mean over chosen rows of ∂L_noref/∂hs_L (last token), normalised, for each ``resid_post`` layer L.
 
-    ``L_noref`` (loss.noref_loss) projects the pair difference at ``loss_hook`` on ``d_steer`` and keeps the
-    chosen rows' own log-probs near their detached value. Its negative gradient at an earlier layer is the
-    first-order steering direction there: the gradient → steering mapping of the seed guide.
+    ``L_noref`` (loss.noref_loss) is −mean((hs_cho − hs_rej)·d_steer) at ``loss_hook`` plus a coherence term on
+    the chosen rows' token log-probs. That term has exactly zero gradient at the last token: by causality no
+    logit of a real token depends on the last position (its own logit predicts a token not in the text). So
+    g_L is the pull-back of d_steer through the layers between L and the loss layer, and the forward stops
+    at the loss layer (no logits). It is the first-order steering direction at L (seed guide: gradient →
+    steering mapping).
     """
-    from .capture import check_hook_names
-    from .loss import noref_loss, token_logprobs, token_mask
+    from .capture import check_hook_names, stop_layer
+    from .loss import noref_loss
 
     names = check_hook_names(bridge, [f"blocks.{L}.hook_resid_post" for L in layers] + [loss_hook])
     sums = {n: torch.zeros(bridge.cfg.d_model) for n in names[:-1]}
+    stop = stop_layer(bridge, names)
     count = 0
     for batch in batches:
         acts: dict[str, Tensor] = {}
-        hooks = [(n, _retain(acts, n)) for n in names]
+        hooks = [(n, retain_grad_hook(acts, n)) for n in names]
         with torch.enable_grad():
-            logits = bridge.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
-                                           position_ids=batch.position_ids, fwd_hooks=hooks)
+            bridge.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
+                                  position_ids=batch.position_ids, stop_at_layer=stop, fwd_hooks=hooks)
             rows = torch.arange(len(batch))
             hs = acts[loss_hook][rows, batch.last]
-            m = token_mask(batch.attention_mask)
-            logp = (token_logprobs(logits, batch.input_ids) * m).sum(-1) / m.sum(-1)
-            loss = noref_loss(hs[0::2], hs[1::2], logp[0::2], d_steer, weight=coherence_weight)
+            no_logits = torch.zeros(len(batch) // 2)  # the coherence term's gradient here is zero (docstring)
+            loss = noref_loss(hs[0::2], hs[1::2], no_logits, d_steer)
             grads = torch.autograd.grad(loss, [acts[n] for n in names[:-1]])
         for n, g in zip(names[:-1], grads):
             sums[n] -= g[rows, batch.last][0::2].sum(0).float()
@@ -153,7 +156,8 @@ def gradient_directions(bridge: TransformerBridge, batches, layers: list[int], l
     return {n: (s / count) / (s / count).norm() for n, s in sums.items()}
 
 
-def _retain(store: dict[str, Tensor], key: str) -> Callable:
+def retain_grad_hook(store: dict[str, Tensor], key: str) -> Callable:
+    """A hook that stores its activation, made a grad-requiring leaf if the frozen model gave none."""
     def hook(act: Tensor, hook) -> Tensor:
         if not act.requires_grad:  # the base model is frozen: make this activation a leaf we can ask about
             act = act.detach().requires_grad_(True)

@@ -28,6 +28,8 @@ def add_commands(sub) -> None:
         p = sub.add_parser(name, help=helptext)
         if name == "eval":
             p.add_argument("adapter", help="adapter directory written by `interp-steer train`")
+            p.add_argument("--pairs", default=None, help="the --pairs file the adapter was trained with, if any")
+            p.add_argument("--personas", default=None, help="the --personas the adapter was trained with, if any")
         p.add_argument("--out", default="runs/demo" if name == "demo" else None,
                        help="where report.json / REPORT.md go (default: runs/demo, or the adapter directory)")
         p.add_argument("--figures", default="figures", help="figure directory (default: figures)")
@@ -65,7 +67,8 @@ def build_methods(bridge, tok, names: Sequence[str], adapters, hs: dict, loss_ho
             methods.append(prompting_method())
         elif name == "gradient":
             layers = [int(n.split(".")[1]) for n in hs]
-            dirs = gradient_directions(bridge, batches, layers, loss_hook, d_steer)
+            # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
+            dirs = gradient_directions(bridge, batches[:4], layers, loss_hook, d_steer)
             scales = steering_vector(hs, "mean_diff").scales
             methods.append(vector_method("gradient", SteeringVector(dirs, scales)))
         else:
@@ -196,10 +199,10 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     from .capture import capture
-    from .data import pair_batches, persona_pairs, split_pairs
+    from .data import pair_batches
     from .io import load_adapter
     from .models import load_model
-    from .train import TrainConfig
+    from .train import TrainConfig, select_pairs
 
     _methods(args.methods)
     if not (Path(args.adapter) / "config.json").is_file():
@@ -213,7 +216,9 @@ def cmd_eval(args) -> int:
     from safetensors.torch import load_file
 
     d_steer = load_file(str(Path(args.adapter) / "d_steer.safetensors"))["d_steer"]
-    train_pairs, _ = split_pairs(persona_pairs(tok), cfg.held_out, seed=cfg.seed)
+    from .cli import load_pairs
+
+    train_pairs, _ = select_pairs(load_pairs(args, tok), cfg)  # the baselines see the adapter's training pairs
     batches = list(pair_batches(train_pairs, tok, cfg.batch_pairs))
     names = [f"blocks.{a.site.split('.')[1]}.hook_resid_post" for a in adapters]
     hs = capture(bridge, batches, names) if any(m != "adapter" for m in _methods(args.methods)) else {}

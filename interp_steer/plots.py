@@ -67,7 +67,9 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
             c = [p["coeff"] for p in pts]
             ax.plot(c, [p["honesty"] for p in pts], "o-", color=_color(name))
             ax2 = ax.twinx()
-            ax2.plot(c, [p["dnll"] for p in pts], "s:", color="#555555", markersize=2)
+            # ΔNLL is also known at the budget-search probes (no effect measured there)
+            coh = sorted({p["coeff"]: p["dnll"] for p in [*pts, *report.get("budget_probes", {}).get(name, [])]}.items())
+            ax2.plot([k for k, _ in coh], [v for _, v in coh], "s:", color="#555555", markersize=2)
             ax2.axhline(budget, color="#555555", lw=0.6, ls="--")
             ax2.set_ylabel("ΔNLL (nat/tok)", fontsize=6, color="#555555")
             ax2.tick_params(labelsize=6, colors="#555555")

@@ -2,24 +2,19 @@
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `analysis` lives beside the package, not inside it, and is not installed
-    sys.path.insert(0, str(ROOT))
-
-from analysis import dhs as D  # noqa: E402
-from analysis import figures as F  # noqa: E402
-from analysis import gradients as G  # noqa: E402
-from analysis import pca_vs_learned as P  # noqa: E402
-from interp_steer.adapter import AdapterSpec, SVDAdapter, linear_weight, make_adapters  # noqa: E402
-from interp_steer.data import pair_batches, persona_pairs  # noqa: E402
-from interp_steer.directions import dhs_svd_direction, paired_diff  # noqa: E402
+from analysis import dhs as D  # importable through pytest's pythonpath (pyproject.toml)
+from analysis import figures as F
+from analysis import gradients as G
+from analysis import pca_vs_learned as P
+from interp_steer.adapter import AdapterSpec, SVDAdapter, linear_weight, make_adapters
+from interp_steer.data import pair_batches, persona_pairs
+from interp_steer.directions import dhs_svd_direction, paired_diff
 
 
 def rand(*shape, seed=0):
@@ -190,10 +185,8 @@ def test_training_gradient_at_the_loss_layer_is_d_steer_and_coherence_never_reac
     assert G.cosine(g[2], d) == pytest.approx(1.0, abs=1e-5)
     assert G.cosine(G.training_loss_gradients(bridge, batches, [0], "blocks.2.hook_resid_post", d, c=-1.0)[0],
                     g[0]) == pytest.approx(-1.0, abs=1e-5)
-    # causal attention: log-probs of prompt tokens never see the last token's state, at the reference or steered
-    n1 = G.noref_gradient_directions(bridge, batches, [0, 1], "blocks.2.hook_resid_post", d)
-    n0 = G.noref_gradient_directions(bridge, batches, [0, 1], "blocks.2.hook_resid_post", d, coherence_weight=0.0)
-    assert all(torch.allclose(n1[L], n0[L], atol=1e-5) for L in (0, 1))
+    # causal attention: log-probs of prompt tokens never see the last token's state (the steered model here;
+    # directions.gradient_directions relies on the same fact to skip the logits)
     adapters = make_adapters(bridge, [AdapterSpec("blocks.0.mlp.out", 4)], init_scale=0.5)
     kw = dict(adapters=adapters, margin=0.0)
     a = G.training_loss_gradients(bridge, batches, [1], "blocks.2.hook_resid_post", d, w_coherence=1e3, **kw)

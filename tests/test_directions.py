@@ -75,12 +75,12 @@ def test_steering_vector_zero_is_identity_and_scaled_is_a_new_value(tiny):
 
 
 def test_gradient_direction_at_the_loss_layer_is_d_steer(tiny):
-    """Without the coherence term, −∂(−(h_cho − h_rej)·d)/∂h_cho = d exactly at the loss layer itself."""
+    """−∂(−(h_cho − h_rej)·d)/∂h_cho = d exactly at the loss layer itself."""
     bridge, tok = tiny
     batches = list(pair_batches(persona_pairs(tok)[:4], tok, batch_pairs=2))
     d = torch.randn(64)
     d = d / d.norm()
-    g = gradient_directions(bridge, batches, [0, 2], "blocks.2.hook_resid_post", d, coherence_weight=0.0)
+    g = gradient_directions(bridge, batches, [0, 2], "blocks.2.hook_resid_post", d)
     assert (g["blocks.2.hook_resid_post"] - d).abs().max() <= 1e-5
     g0 = g["blocks.0.hook_resid_post"]
     assert torch.isfinite(g0).all() and g0.norm().item() == pytest.approx(1.0, abs=1e-5)

@@ -97,8 +97,9 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, m
 
 @pytest.mark.slow
 def test_real_short_training_steers_with_the_sign_of_c(real):
+    """Shift objective: every held-out state moves along d_steer with the sign of c."""
     bridge, tok = real
-    cfg = TrainConfig(steps=10, n_pairs=96, held_out=0.25, eval_coeffs=(-1.0, 0.0, 1.0))
+    cfg = TrainConfig(objective="shift", steps=10, n_pairs=96, held_out=0.25, eval_coeffs=(-1.0, 0.0, 1.0))
     result = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
     held = result.metrics["held_out"]
     scale = result.metrics["scale"]
@@ -110,3 +111,16 @@ def test_real_short_training_steers_with_the_sign_of_c(real):
     last = result.history[-3:]
     assert sum(h["coh"] for h in last) / len(last) < cfg.margin
     assert abs(held["1"]["dnll"]) < 0.5 and abs(held["-1"]["dnll"]) < 0.5
+
+
+@pytest.mark.slow
+def test_real_short_training_separates_with_the_sign_of_c(real):
+    """Separation objective: the held-out pair separation on d_steer grows at c = +1 and shrinks at c = −1."""
+    bridge, tok = real
+    cfg = TrainConfig(objective="separation", steps=10, n_pairs=96, held_out=0.25)
+    result = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
+    held = result.metrics["held_out"]
+    assert held["1"]["separation"] > held["0"]["separation"] + 0.1 * result.metrics["scale"]
+    assert held["-1"]["separation"] < held["0"]["separation"] - 0.1 * result.metrics["scale"]
+    last = result.history[-3:]
+    assert sum(h["coh"] for h in last) / len(last) < cfg.margin
