@@ -135,10 +135,13 @@ class SVDAdapter(nn.Module):
 
     def delta(self, x: Float[Tensor, "batch pos d_in"], c: Float[Tensor, "batch"]) -> Float[Tensor, "batch pos d_out"]:
         """Δy = ((xV) R(c) diag(S_c) [R_u(c)ᵀ] − (xV) diag(S)) Uᵀ, one c per batch row."""
+        # one Cayley solve per distinct c (training has two, ±1; evaluation one), not one per row
+        cs, row = torch.unique(c, return_inverse=True)
+        R, S_c = self.rotation(cs)[row], self.singular_values(cs)[row]  # batch r r, batch r
         z = x @ self.V  # batch pos r
-        zr = torch.einsum("bpr,brs->bps", z, self.rotation(c)) * self.singular_values(c)[:, None, :]
+        zr = torch.einsum("bpr,brs->bps", z, R) * S_c[:, None, :]
         if self.theta_u is not None:
-            zr = torch.einsum("bps,bts->bpt", zr, self.rotation(c, "u"))  # (U R_u)ᵀ = R_uᵀ Uᵀ
+            zr = torch.einsum("bps,bts->bpt", zr, self.rotation(cs, "u")[row])  # (U R_u)ᵀ = R_uᵀ Uᵀ
         return (zr - z * self.S) @ self.U.T
 
     def merge(self, W: Float[Tensor, "d_out d_in"], c: float) -> Float[Tensor, "d_out d_in"]:

@@ -81,7 +81,7 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
             ax.axis("off")
         paths += save(fig, directory, "dose_response_coefficient")
 
-        fig, ax = figure(height=2.6)
+        fig, ax = figure(height=2.4, width=COLUMN_WIDTH * 1.25)
         for name in names:
             pts = sorted(points[name], key=lambda p: p["coeff"])
             x = [p["dnll"] for p in pts]
@@ -91,7 +91,8 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
         ax.text(budget, ax.get_ylim()[1], f" budget {budget}", fontsize=6, va="top")
         ax.set_xlabel("ΔNLL on neutral text (nat/token)")
         ax.set_ylabel("forced-choice honesty (nat)")
-        ax.set_xlim(left=min(-0.02, ax.get_xlim()[0]), right=max(4 * budget, 0.1))
-        ax.legend(loc="best", ncol=2, frameon=False)
+        right = max([p["dnll"] for pts in points.values() for p in pts] + [budget])
+        ax.set_xlim(left=min(-0.01, ax.get_xlim()[0]), right=1.25 * right)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         paths += save(fig, directory, "dose_response_coherence")
     return paths
