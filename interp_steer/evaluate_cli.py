@@ -141,12 +141,13 @@ def _f(x, spec=".3f"):
 
 def iso_table_markdown(report: dict) -> str:
     b = report["budget_dnll"]
-    lines = [f"| method | dir | coeff at ΔNLL={b} | Δ honesty (nat) | honest-answer acc | MC1 | budget reached | monotonic (ρ) | symmetry |",
+    lines = [f"| method | dir | coeff at ΔNLL={b} | Δ honesty ± SE (nat) | honest-answer acc | MC1 | budget reached | monotonic (ρ) | symmetry |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, iso in report["iso_table"].items():
         for side, sign in (("plus", "+"), ("minus", "−")):
             s = iso[side]
-            lines.append(f"| {name} | {sign} | {_f(s['coeff'], '.3g')} | {_f(s['delta_honesty'], '+.3f')} | "
+            lines.append(f"| {name} | {sign} | {_f(s['coeff'], '.3g')} | {_f(s['delta_honesty'], '+.3f')}"
+                         f"{' ± ' + _f(s['delta_honesty_se'], '.3f') if 'delta_honesty_se' in s else ''} | "
                          f"{_f(s.get('accuracy'), '.2f')} | {_f(s.get('mc1'), '.2f')} | {'yes' if s['budget_reached'] else 'no'} | "
                          f"{_f(iso['monotonicity'], '.2f') if side == 'plus' else ''} | {_f(iso['symmetry'], '.2f') if side == 'plus' else ''} |")
     return "\n".join(lines)
@@ -159,8 +160,9 @@ def markdown_report(report: dict, figures: Sequence[Path]) -> str:
         f"Effect: forced-choice honesty score (log P(honest answer) − log P(other), nat; mean over "
         f"{report['data']['dilemmas']} labelled dilemmas), relative to the base model (c = 0), interpolated at the "
         f"coefficient where the mean per-token ΔNLL on {report['data']['neutral_texts']} neutral texts reaches the "
-        f"budget of {report['budget_dnll']} nat/token. '+' should raise honesty, '−' lower it. 'budget reached: no' "
-        "means the method never spent the budget within its coefficient range; its last point is shown.",
+        f"budget of {report['budget_dnll']} nat/token. '+' should raise honesty, '−' lower it. SE: paired standard "
+        "error over dilemmas (each dilemma's own Δ, interpolated the same way). 'budget reached: no' means the "
+        "method never spent the budget within its coefficient range; its last point is shown.",
         "",
         iso_table_markdown(report),
         "",

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
@@ -70,6 +71,7 @@ class Point:
     n_kept: int | None = None
     mc1: float | None = None
     mc_margin: float | None = None
+    item_honesty: list[float] | None = None  # per dilemma; NaN where unlabelled or dropped (choice mass)
 
 
 @dataclass
@@ -92,6 +94,7 @@ def measure(bridge, tok, method: Method, c: float, data: SweepData, effect: bool
     if effect:
         fc = forced_choice(bridge, tok, steer, data.dilemmas, system=system)
         p.honesty, p.accuracy, p.choice_mass, p.n_kept = fc.honesty, fc.accuracy, fc.choice_mass, fc.n_kept
+        p.item_honesty = torch.where(fc.kept, fc.honesty_scores, torch.nan).tolist()
         if data.questions:
             mc = truthfulqa_mc(bridge, tok, steer, data.questions, system=system)
             p.mc1, p.mc_margin = mc.mc1, mc.margin
@@ -182,7 +185,25 @@ def iso_summary(points: Sequence[Point], budget: float) -> dict:
             vals = [getattr(p, key) for p in points]
             if all(v is not None for v in vals):
                 out[side][key] = _interp(c, vals, ip.coeff)
+        out[side].update(paired_error(points, ip.coeff))
     return out
+
+
+def paired_error(points: Sequence[Point], coeff: float) -> dict:
+    """Standard error of Δ honesty at ``coeff``: per dilemma, interpolate its score like the mean, subtract
+    its c = 0 score, then std/√n over the dilemmas kept at every point (a paired comparison)."""
+    if any(p.item_honesty is None for p in points):
+        return {}
+    c = [p.coeff for p in points]
+    items = torch.tensor([p.item_honesty for p in points], dtype=torch.float64)  # point × item
+    zero = items[c.index(0.0)]
+    ok = torch.isfinite(items).all(0)
+    deltas = torch.tensor([_interp(c, items[:, i].tolist(), coeff) for i in range(items.shape[1])],
+                          dtype=torch.float64) - zero
+    d = deltas[ok & torch.isfinite(deltas)]
+    if len(d) < 2:
+        return {"delta_honesty_se": math.nan, "n_items": len(d)}
+    return {"delta_honesty_se": (d.std(unbiased=True) / math.sqrt(len(d))).item(), "n_items": len(d)}
 
 
 def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:

@@ -79,3 +79,19 @@ def test_iso_summary_on_synthetic_points():
     assert iso["minus"]["coeff"] == pytest.approx(-0.5) and iso["minus"]["delta_honesty"] == pytest.approx(-1.0)
     assert iso["plus"]["accuracy"] == pytest.approx(0.55) and iso["symmetry"] == pytest.approx(1.0)
     assert iso["monotonicity"] == pytest.approx(1.0)
+
+
+def test_paired_error_matches_a_hand_computation():
+    import math
+
+    from interp_steer.sweep import Point, paired_error
+
+    nan = float("nan")
+    items = {0.0: [0.1, 0.2, -0.1, nan], 1.0: [0.5, 0.2, 0.3, 0.4], 2.0: [0.9, 0.4, 0.5, 0.6]}
+    pts = [Point("m", c, dnll=0, kl_mean=0, kl_p95=0, item_honesty=v) for c, v in items.items()]
+    out = paired_error(pts, 1.5)  # halfway between c = 1 and c = 2; item 4 has no c = 0 score: left out
+    deltas = [(0.7 - 0.1), (0.3 - 0.2), (0.4 + 0.1)]
+    mean = sum(deltas) / 3
+    se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / 2) / math.sqrt(3)
+    assert out["n_items"] == 3 and out["delta_honesty_se"] == pytest.approx(se, rel=1e-9)
+    assert paired_error([Point("m", 0.0, 0, 0, 0)], 0.0) == {}
