@@ -43,7 +43,7 @@ class TrainConfig:
     rank: int = 32               # top singular triplets rotated per site
     loss_layer: int | float = 0.75  # hook_resid_post of this block is where the objective is measured
     # separation beat shift at equal coherence on forced-choice honesty (+0.14 vs −0.03 nat at ΔNLL 0.1;
-    # README "Results"), although shift moves held-out states more monotonically along d_steer
+    # README "Results"; within one SE, so weak evidence), although shift moves held-out states monotonically
     objective: Objective = "separation"
     steps: int = 48
     batch_pairs: int = 8         # 16 rows, ×2 for c = ±1: one step ≈ 3 s on 2 cores
