@@ -6,7 +6,6 @@ capture, sweep them all (sweep.py), and write ``figures/`` plus ``REPORT.md`` an
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from interp_steer.adapter import AdapterSpec, make_adapters
 from interp_steer.capture import capture, resid_names
