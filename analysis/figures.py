@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from interp_steer import plots
+from interp_steer.io import write_json_atomic
 from interp_steer.plots import COLORS, figure, plt, save
 
 from .study import Study, StudyConfig
@@ -279,16 +280,6 @@ def dose_response_figure(out: Path, report: Path = DEFAULT_REPORT) -> list[Path]
 
 # --- command line -----------------------------------------------------------------------------------------
 
-def _clean(obj):
-    if isinstance(obj, float):
-        return None if math.isnan(obj) or math.isinf(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.figures", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=[*FIGURES, "all"], help="figure to (re)generate")
@@ -356,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         study.timings["total"] = round(time.perf_counter() - t0, 1)
         summary = Path(args.summary)
         summary.parent.mkdir(parents=True, exist_ok=True)
-        tmp = summary.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_clean(study.summary()), indent=1))
-        tmp.replace(summary)
+        write_json_atomic(summary, study.summary(), indent=1)
         print(f"wrote {summary}")
     return 0
 

@@ -110,22 +110,11 @@ def run(bridge, tok, args, adapters, hs, loss_hook, d_steer, batches, extra: dic
     return report
 
 
-def _clean(obj):
-    """JSON without NaN (→ null): strict readers reject NaN."""
-    if isinstance(obj, float):
-        return None if math.isnan(obj) or math.isinf(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def write_outputs(report: dict, out: Path, figures: Path) -> list[Path]:
     from .plots import dose_response_figures
 
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "report.json", _clean(report))
+    write_json_atomic(out / "report.json", report)
     paths = dose_response_figures(report, figures)
     md = markdown_report(report, [p for p in paths if p.suffix == ".png"])
     tmp = out / "REPORT.md.tmp"

@@ -7,6 +7,7 @@ never applied to weights it was not decomposed from), the adapter specs, the tra
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,13 +37,26 @@ def fingerprint(W: torch.Tensor) -> list[float]:
     return [w.sum().item(), w.norm().item(), w.flatten()[0].item()]
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name beside ``path``, then rename (no half-written file on interrupt)."""
+def json_safe(obj: Any) -> Any:
+    """NaN and ±inf become null: strict JSON readers reject them."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int = 2) -> None:
+    """Write strict JSON (``json_safe``) to a temporary name beside ``path``, then rename (no half-written file
+    on interrupt)."""
     path = Path(path)
+    obj = json_safe(obj)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
+            json.dump(obj, f, indent=indent, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
