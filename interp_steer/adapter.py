@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -176,7 +176,7 @@ def _add_delta(adapter: SVDAdapter, stash: dict[str, Tensor], c: float | Tensor)
 
 
 @contextmanager
-def apply_adapters(bridge: TransformerBridge, adapters: Sequence[SVDAdapter], c: float | Tensor
+def apply_adapters(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: float | Tensor
                    ) -> Iterator[TransformerBridge]:
     """Apply ``adapters`` at coefficient ``c`` (scalar, or one per batch row) inside the block.
 
@@ -191,7 +191,7 @@ def apply_adapters(bridge: TransformerBridge, adapters: Sequence[SVDAdapter], c:
 
 
 @contextmanager
-def merged_weights(bridge: TransformerBridge, adapters: Sequence[SVDAdapter], c: float) -> Iterator[TransformerBridge]:
+def merged_weights(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: float) -> Iterator[TransformerBridge]:
     """Bake ``W(c)`` into the model's weights inside the block; the originals come back on exit."""
     saved = []
     try:

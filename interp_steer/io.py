@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -76,15 +76,16 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         raise
 
 
-def adapter_tensors(adapters: Sequence[SVDAdapter]) -> dict[str, torch.Tensor]:
+def adapter_tensors(adapters: Iterable[SVDAdapter]) -> dict[str, torch.Tensor]:
     """Flat ``{site}.{name}`` dict of every parameter and buffer."""
     return {f"{a.site}.{k}": v for a in adapters for k, v in a.state_dict().items()}
 
 
-def save_adapter(path: str | Path, adapters: Sequence[SVDAdapter], bridge: TransformerBridge, *,
+def save_adapter(path: str | Path, adapters: Iterable[SVDAdapter], bridge: TransformerBridge, *,
                  train_config: dict | None = None, metrics: dict | None = None) -> Path:
     """Write ``path/adapter.safetensors`` and ``path/config.json``; the whole directory appears at once."""
     path = Path(path)
+    adapters = list(adapters)
     config = {
         "format_version": FORMAT_VERSION,
         "architecture": ARCHITECTURE,

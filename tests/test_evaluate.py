@@ -1,24 +1,19 @@
 """Metrics against hand computations on the tiny model; curve search on synthetic curves; loaders."""
 
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from jaxtyping import install_import_hook
 from scipy.stats import spearmanr
 
 from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
 from interp_steer.data import render_chat
 from interp_steer.directions import SteeringVector
 
-# runtime shape/type checking of the module's jaxtyping annotations (only if nothing imported it before us)
-_fresh = "interp_steer.evaluate" not in sys.modules
-with install_import_hook("interp_steer.evaluate", "beartype.beartype"):
-    from interp_steer import evaluate as ev
+from interp_steer import evaluate as ev  # imported under the jaxtyping import hook by conftest.py
 
 DAILY = Path(__file__).resolve().parents[2] / "shared" / "data" / "daily_dilemmas"
 INSTRUCTION = 'Answer with "My choice: Yes" or "My choice: No".'
@@ -53,8 +48,6 @@ def anti_text_vector(bridge, tok, texts, coeff):
 
 
 def test_runtime_type_checking_is_on():
-    if not _fresh:
-        pytest.skip("interp_steer.evaluate was imported before this file: no import hook")
     with pytest.raises(TypeError, match="max_incorrect"):  # the per-question arrays must share their length
         ev.MCResult(1.0, 0.0, 2, torch.zeros(2), torch.zeros(3))
 

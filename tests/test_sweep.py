@@ -71,7 +71,7 @@ def test_run_sweep_and_outputs(setup, tmp_path):
 def test_iso_summary_on_synthetic_points():
     from interp_steer.sweep import Point
 
-    pts = [Point("m", c, dnll=c * c, kl_mean=0, kl_p95=0, honesty=2 * c, accuracy=0.5 + c / 10, mc1=0.5)
+    pts = [Point("m", c, dnll=c * c, kl_mean=0.0, kl_p95=0.0, honesty=2 * c, accuracy=0.5 + c / 10, mc1=0.5)
            for c in (-1.0, -0.5, 0.0, 0.5, 1.0)]
     iso = iso_summary(pts, budget=0.25)
     assert iso["plus"]["coeff"] == pytest.approx(0.5) and iso["plus"]["delta_honesty"] == pytest.approx(1.0)
@@ -87,10 +87,10 @@ def test_paired_error_matches_a_hand_computation():
 
     nan = float("nan")
     items = {0.0: [0.1, 0.2, -0.1, nan], 1.0: [0.5, 0.2, 0.3, 0.4], 2.0: [0.9, 0.4, 0.5, 0.6]}
-    pts = [Point("m", c, dnll=0, kl_mean=0, kl_p95=0, item_honesty=v) for c, v in items.items()]
+    pts = [Point("m", c, dnll=0.0, kl_mean=0.0, kl_p95=0.0, item_honesty=v) for c, v in items.items()]
     out = paired_error(pts, 1.5)  # halfway between c = 1 and c = 2; item 4 has no c = 0 score: left out
     deltas = [(0.7 - 0.1), (0.3 - 0.2), (0.4 + 0.1)]
     mean = sum(deltas) / 3
     se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / 2) / math.sqrt(3)
     assert out["n_items"] == 3 and out["delta_honesty_se"] == pytest.approx(se, rel=1e-9)
-    assert paired_error([Point("m", 0.0, 0, 0, 0)], 0.0) == {}
+    assert paired_error([Point("m", 0.0, 0.0, 0.0, 0.0)], 0.0) == {}
