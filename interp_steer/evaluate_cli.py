@@ -117,7 +117,7 @@ def write_outputs(report: dict, out: Path, figures: Path) -> list[Path]:
     write_json_atomic(out / "report.json", report)
     paths = dose_response_figures(report, figures)
     md = markdown_report(report, [p for p in paths if p.suffix == ".png"])
-    tmp = out / "REPORT.md.tmp"
+    tmp = out / "REPORT.md.tmp"  # write, then rename: no half-written report on interrupt
     tmp.write_text(md)
     tmp.replace(out / "REPORT.md")
     return [out / "report.json", out / "REPORT.md", *paths]

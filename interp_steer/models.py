@@ -59,7 +59,11 @@ def packaged_gguf_path() -> Path:
 
 
 def _default_cache_path() -> Path:
-    return cache_dir() / "models" / f"SmolLM2-135M-Instruct-{_CACHE_FORMAT}"
+    """The cached float32 copy of the default model, built on first use."""
+    path = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{_CACHE_FORMAT}"
+    if not (path / "config.json").is_file():
+        _build_default_cache(path)
+    return path
 
 
 def _build_default_cache(target: Path) -> None:
@@ -69,9 +73,7 @@ def _build_default_cache(target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses save_pretrained while the GGUF quantizer marker is set; the weights are
     # already plain float32 tensors, so the marker is stale.
-    model.config.quantization_config = None
-    if hasattr(model.config, "__dict__"):
-        model.config.__dict__.pop("quantization_config", None)
+    model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None
     model.is_quantized = False
     model.config.name_or_path = DEFAULT_MODEL
@@ -80,7 +82,12 @@ def _build_default_cache(target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a reader sees no cache or a whole one
+        try:
+            os.replace(tmp, target)  # atomic: a reader sees no cache or a whole one
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -89,10 +96,7 @@ def _build_default_cache(target: Path) -> None:
 def load_hf(name: str | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
     """The HF model (eval mode, float32, eager attention), its tokenizer and the name to boot it as."""
     if name is None or name == DEFAULT_MODEL:
-        path = _default_cache_path()
-        if not (path / "config.json").is_file():
-            _build_default_cache(path)
-        source, boot_name = str(path), DEFAULT_MODEL
+        source, boot_name = str(_default_cache_path()), DEFAULT_MODEL
     else:
         source, boot_name = name, name
     try:
@@ -137,10 +141,7 @@ def load_model(name: str | None = None) -> tuple[TransformerBridge, PreTrainedTo
 
 def default_tokenizer() -> PreTrainedTokenizerBase:
     """The default model's tokenizer (builds the model cache on first use)."""
-    path = _default_cache_path()
-    if not (path / "config.json").is_file():
-        _build_default_cache(path)
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(_default_cache_path()))
 
 
 def tiny_model(seed: int = 0, n_layers: int = 3) -> tuple[TransformerBridge, PreTrainedTokenizerBase]:
