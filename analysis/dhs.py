@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
+import einops
 import numpy as np
 import scipy.linalg
 import torch
@@ -37,39 +38,41 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from interp_steer.adapter import SVDAdapter, apply_adapters, linear_weight
-from interp_steer.capture import capture, check_hook_names, forward_last, resid_names
+from interp_steer.capture import capture, check_hook_names, forward_last
 from interp_steer.data import Batch
 from interp_steer.directions import mean_diff_direction, paired_diff
+from interp_steer.names import resid_names, site_layer, site_name
 
 
 # --- capture ----------------------------------------------------------------------------------------------
 
 def capture_layers(bridge: TransformerBridge, batches: Sequence[Batch], layers: Sequence[int],
-                   adapters: Sequence[SVDAdapter] = (), c: float = 0.0, progress: bool = False
-                   ) -> dict[int, Float[Tensor, "batch d_model"]]:
+                   adapters: Iterable[SVDAdapter] = (), c: float = 0.0, progress: bool = False
+                   ) -> dict[int, Float[Tensor, "n d_model"]]:
     """Last-token ``resid_post`` of every layer in ``layers``, at coefficient ``c`` (c = 0: the reference)."""
     names = resid_names(layers)
+    adapters = list(adapters)
     if c == 0 or not adapters:
         hs = capture(bridge, batches, names, progress=progress)
     else:
-        with apply_adapters(bridge, list(adapters), float(c)):
+        with apply_adapters(bridge, adapters, float(c)):
             hs = capture(bridge, batches, names, progress=progress)
     return {L: hs[n] for L, n in zip(layers, names)}
 
 
 def capture_both_signs(bridge: TransformerBridge, batches: Sequence[Batch], layers: Sequence[int],
-                       adapters: Sequence[SVDAdapter], c: float = 1.0
-                       ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+                       adapters: Iterable[SVDAdapter], c: float = 1.0
+                       ) -> tuple[dict[int, Float[Tensor, "n d_model"]], dict[int, Float[Tensor, "n d_model"]]]:
     """States at +c and −c from one forward per batch (each batch run twice, a coefficient per row)."""
     names = check_hook_names(bridge, resid_names(layers))
+    adapters = list(adapters)
     plus: dict[int, list[Tensor]] = {L: [] for L in layers}
     minus: dict[int, list[Tensor]] = {L: [] for L in layers}
     with torch.inference_mode():
         for b in batches:
             n = len(b)
-            cc = torch.cat([torch.full((n,), float(c)), torch.full((n,), -float(c))])
-            two = Batch(torch.cat([b.input_ids] * 2), torch.cat([b.attention_mask] * 2), torch.cat([b.last] * 2))
-            with apply_adapters(bridge, list(adapters), cc):
+            two, signs = b.doubled()  # the rows twice: first half at +1, second at −1
+            with apply_adapters(bridge, adapters, float(c) * signs):
                 store, _ = forward_last(bridge, two, names)
             for L, name in zip(layers, names):
                 plus[L].append(store[name][:n].float())
@@ -122,17 +125,17 @@ def pca_subspace(dhs: Float[Tensor, "pairs d_model"], k: int) -> Float[Tensor, "
 
 # --- subspaces and overlaps -------------------------------------------------------------------------------
 
-def orthonormal(basis: Float[Tensor, "d r"]) -> Float[Tensor, "d r"]:
+def orthonormal(basis: Float[Tensor, "d_model rank"]) -> Float[Tensor, "d_model rank"]:
     """An orthonormal basis of span(basis) (QR, float64)."""
     return torch.linalg.qr(basis.double()).Q
 
 
-def energy_fraction(x: Float[Tensor, "n d"], basis: Float[Tensor, "d r"]) -> float:
+def energy_fraction(x: Float[Tensor, "*n d_model"], basis: Float[Tensor, "d_model rank"]) -> float:
     """‖x Q‖²_F / ‖x‖²_F for Q an orthonormal basis of span(basis): the share of x's energy in that subspace.
 
     1 when span(basis) contains every row of x; r/d in expectation for a random r-dim subspace.
     """
-    x = x.double().reshape(-1, x.shape[-1])
+    x = einops.rearrange(x.double(), "... d_model -> (...) d_model")
     total = x.pow(2).sum()
     if total == 0:
         return math.nan
@@ -156,7 +159,7 @@ Side = Literal["left", "right"]
 
 
 def weight_subspace(bridge: TransformerBridge, site: str, r: int, side: Side, fold_norm: bool = True
-                    ) -> Float[Tensor, "d_model r"]:
+                    ) -> Float[Tensor, "d_model rank"]:
     """Top-r singular vectors of a site's weight (HF layout d_out × d_in) on the residual-stream side.
 
     ``side="left"``: U_w (columns in d_out), for writers (``mlp.out``, ``attn.o``).
@@ -175,12 +178,12 @@ def weight_subspace(bridge: TransformerBridge, site: str, r: int, side: Side, fo
         if fold_norm:
             if ".mlp." not in site:
                 raise ValueError(f"fold_norm is only defined for MLP inputs (ln2), not {site}")
-            W = W * norm_weight(bridge, int(site.split(".")[1])).detach().double()[None, :]
+            W = W * norm_weight(bridge, site_layer(site)).detach().double()[None, :]
         return _top_eigvecs(W.T @ W, r)
     raise ValueError(f"side must be 'left' or 'right', got {side!r}")
 
 
-def _top_eigvecs(gram: Float[Tensor, "d d"], r: int) -> Float[Tensor, "d r"]:
+def _top_eigvecs(gram: Float[Tensor, "d_model d_model"], r: int) -> Float[Tensor, "d_model rank"]:
     """Top-r eigenvectors of W Wᵀ (or Wᵀ W): the top-r left (right) singular vectors of W.
 
     The d_model × d_model Gram matrix in float64 is ~5× cheaper than an SVD of the d_model × d_mlp weight,
@@ -190,7 +193,7 @@ def _top_eigvecs(gram: Float[Tensor, "d d"], r: int) -> Float[Tensor, "d r"]:
     return vecs[:, -r:].flip(-1).float()
 
 
-def principal_angles_deg(a: Float[Tensor, "d k"], b: Float[Tensor, "d r"]) -> np.ndarray:
+def principal_angles_deg(a: Float[Tensor, "d_model k"], b: Float[Tensor, "d_model rank"]) -> np.ndarray:
     """Principal angles between span(a) and span(b), in degrees, smallest first (min(k, r) of them).
 
     0 for a shared direction, 90 for orthogonal ones (scipy.linalg.subspace_angles).
@@ -209,7 +212,7 @@ def random_principal_angles_deg(d: int, k: int, r: int, n: int = 32, seed: int =
 
 # --- the per-layer report ---------------------------------------------------------------------------------
 
-def heldout_cohens_d(hs_train: Float[Tensor, "batch d"], hs_test: Float[Tensor, "batch2 d"]) -> float:
+def heldout_cohens_d(hs_train: Float[Tensor, "batch d_model"], hs_test: Float[Tensor, "n d_model"]) -> float:
     """Separation of held-out chosen from rejected states along the training pairs' mean-diff direction.
 
     Cohen's d: mean((hs_cho − hs_rej)·d) / pooled within-class std of hs·d. A direction fitted and measured on
@@ -250,8 +253,10 @@ class DHSReport:
         return asdict(self)
 
 
-def analyse_dhs(bridge: TransformerBridge, hs_ref: dict[int, Tensor], *, hs_test: dict[int, Tensor] | None = None,
-                hs_pi: dict[int, Tensor] | None = None, hs_pi_ref: dict[int, Tensor] | None = None,
+def analyse_dhs(bridge: TransformerBridge, hs_ref: dict[int, Float[Tensor, "batch d_model"]], *,
+                hs_test: dict[int, Float[Tensor, "_ d_model"]] | None = None,
+                hs_pi: dict[int, Float[Tensor, "n d_model"]] | None = None,
+                hs_pi_ref: dict[int, Float[Tensor, "n d_model"]] | None = None,
                 rank: int = 32, k: int = 4, fold_norm: bool = True, n_spectrum: int = 16) -> DHSReport:
     """Everything above for each layer of ``hs_ref`` (interleaved reference states, c = 0).
 
@@ -281,13 +286,13 @@ def analyse_dhs(bridge: TransformerBridge, hs_ref: dict[int, Tensor], *, hs_test
             out["pi_norm"].append(math.nan)
             out["pi_rel_norm"].append(math.nan)
         top = dhs_svd(dhs)[1][:, :k]
-        u_out = weight_subspace(bridge, f"blocks.{L}.mlp.out", rank, "left")
+        u_out = weight_subspace(bridge, site_name(L, "mlp.out"), rank, "left")
         out["energy_out"].append(energy_fraction(dhs, u_out))
         out["energy_states_out"].append(energy_fraction(hs - hs.mean(0), u_out))
-        out["energy_attn_o"].append(energy_fraction(dhs, weight_subspace(bridge, f"blocks.{L}.attn.o", rank, "left")))
+        out["energy_attn_o"].append(energy_fraction(dhs, weight_subspace(bridge, site_name(L, "attn.o"), rank, "left")))
         out["angles_out"].append(principal_angles_deg(top, u_out).tolist())
         if L + 1 < n_layers:
-            v_in = weight_subspace(bridge, f"blocks.{L + 1}.mlp.in", rank, "right", fold_norm)
+            v_in = weight_subspace(bridge, site_name(L + 1, "mlp.in"), rank, "right", fold_norm)
             out["energy_in"].append(energy_fraction(dhs, v_in))
             out["angles_in"].append(principal_angles_deg(top, v_in).tolist())
         else:

@@ -150,6 +150,13 @@ def _mark_layers(ax, cfg: dict, horizontal: bool = False) -> None:
     line(cfg["loss_layer"], color="k", lw=0.7, ls=":", zorder=0)
 
 
+def _objective(data: dict) -> str:
+    """The quick adapter's training objective: ``train_config.loss.objective`` (a summary written before the loss
+    settings moved into ``LossConfig`` kept it at ``train_config.objective``)."""
+    tc = data.get("train_config", {})
+    return str(tc.get("loss", {}).get("objective", tc.get("objective", "?")))
+
+
 def _twin_legend(ax, twin, **kw) -> None:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = twin.get_legend_handles_labels()
@@ -177,8 +184,7 @@ def dhs_spectra_figure(data: dict, out: Path) -> list[Path]:
     _mark_layers(a2, cfg)
     a2.set_xlabel("layer (resid_post; grey: adapters, dotted: loss)")
     a2.set_ylabel("mean ‖dHS‖ / RMS ‖hs‖")
-    objective = data.get("train_config", {}).get("objective", "?")
-    a2.set_title(f"(b) size of the pair difference ({objective} adapter)", loc="left")
+    a2.set_title(f"(b) size of the pair difference ({_objective(data)} adapter)", loc="left")
     a2.legend(frameon=False, loc="upper left")
 
     a3.plot(x, rep["cohens_d"], "o-", color=COLORS["mean_diff"], label="Cohen's d, held out (left axis)")
@@ -201,8 +207,7 @@ def _heatmap(ax, columns: dict, layers, cmap, vmin, vmax, label):
     import matplotlib
 
     arr = np.ma.masked_invalid(np.array(list(columns.values()), dtype=float).T)
-    cm = matplotlib.colormaps[cmap].copy()
-    cm.set_bad("#e6e6e6")  # undefined (NaN): light grey
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="#e6e6e6")  # undefined (NaN): light grey
     im = ax.imshow(arr, aspect="auto", cmap=cm, vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest",
                    extent=(-0.5, len(columns) - 0.5, layers[0] - 0.5, layers[-1] + 0.5))
     ax.set_xticks(range(len(columns)))
@@ -253,8 +258,7 @@ def pca_vs_learned_figure(data: dict, out: Path) -> list[Path]:
     a1.set_ylim(0, 1.02)
     a1.set_xlabel("adapter layer L (blocks.L.mlp.out vs resid_post L)")
     a1.set_ylabel("|cosine|")
-    tc = data.get("train_config", {})
-    a1.set_title(f"(a) after {data['config']['steps']} steps ({tc.get('objective', '?')} objective)", loc="left")
+    a1.set_title(f"(a) after {data['config']['steps']} steps ({_objective(data)} objective)", loc="left")
     _twin_legend(a1, a1b, loc="center left", bbox_to_anchor=(0.0, 0.62))
 
     cos = np.array(tr["cos_top"], dtype=float)
@@ -270,7 +274,12 @@ def pca_vs_learned_figure(data: dict, out: Path) -> list[Path]:
 
 
 def dose_response_figure(out: Path, report: Path = DEFAULT_REPORT) -> list[Path]:
-    """Re-plot the demo's dose-response curves from ``report`` (written by ``make demo``)."""
+    """Re-plot the demo's dose-response curves from ``report`` into ``out`` (the tracked ``figures/``).
+
+    ``make demo`` writes ``runs/demo/report.json`` and its own copies of these figures under ``runs/demo/figures/``;
+    the tracked figures change only here (``make figures``). Only ``points``, ``budget_dnll`` and
+    ``budget_probes`` of the report are read, so reports of ``interp-steer eval`` re-plot the same way.
+    """
     report = Path(report)
     if not report.is_file():
         raise FileNotFoundError(f"{report} does not exist: the dose-response figure re-plots the demo's report. "

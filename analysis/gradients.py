@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -35,10 +35,12 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from interp_steer.adapter import SVDAdapter, apply_adapters
-from interp_steer.capture import check_hook_names, forward_last, layer_of, resid_names, stop_layer
+from interp_steer.capture import check_hook_names, forward_last, stop_layer
+from interp_steer.config import LossConfig
 from interp_steer.data import Batch
 from interp_steer.directions import gradient_directions, mean_diff_direction, pca_diff_direction, retain_grad_hook
 from interp_steer.loss import coherence_penalty, shift_objective, token_logprobs, token_mask
+from interp_steer.names import layer_of, resid_names, resid_post
 
 from .dhs import capture_both_signs
 
@@ -63,21 +65,25 @@ def noref_gradient_directions(bridge: TransformerBridge, batches: Sequence[Batch
     loss_layer = layer_of(loss_hook)
     keep = [L for L in layers if loss_layer is None or L <= loss_layer]
     dirs = gradient_directions(bridge, batches, keep, loss_hook, d_steer)
-    return {L: dirs[f"blocks.{L}.hook_resid_post"] for L in keep}
+    return {L: dirs[resid_post(L)] for L in keep}
 
 
 def training_loss_gradients(bridge: TransformerBridge, batches: Sequence[Batch], layers: Sequence[int],
                             loss_hook: str, d_steer: Float[Tensor, "d_model"], *,
-                            adapters: Sequence[SVDAdapter] = (), c: float = 1.0, margin: float = 0.1,
-                            w_coherence: float = 10.0, power: int = 2, scale: float = 1.0
-                            ) -> dict[int, Float[Tensor, "d_model"]]:
+                            adapters: Iterable[SVDAdapter] = (), c: float = 1.0, cfg: LossConfig = LossConfig(),
+                            scale: float = 1.0) -> dict[int, Float[Tensor, "d_model"]]:
     """g_train(L) = −mean over rows of ∂(−shift + w_coh·coherence)/∂hs_L at the last token, unit norm.
+
+    The coherence term is the training loss's, with ``cfg``'s ``margin``, ``w_coherence`` and ``power``
+    (``config.LossConfig``: the defaults are written there only). The objective is always ``shift`` and the
+    monotonic hinge is left out, whatever ``cfg.objective`` and ``cfg.w_mono`` say (module docstring).
 
     Without ``adapters`` the policy is the reference (c only signs the objective) and the coherence term, exactly
     zero there with zero gradient, is skipped. Layers after the loss layer get NaN directions (no dependence).
     """
     if c == 0:
         raise ValueError("c = 0 makes the shift objective identically zero: its gradient has no direction")
+    adapters = list(adapters)
     names = check_hook_names(bridge, resid_names(layers))
     (loss_hook,) = check_hook_names(bridge, [loss_hook])
     d = d_steer.float()
@@ -91,7 +97,7 @@ def training_loss_gradients(bridge: TransformerBridge, batches: Sequence[Batch],
         hooks = [(n, retain_grad_hook(acts, n)) for n in [*names, loss_hook]]
         ref = _reference(bridge, b, loss_hook) if adapters else None
         with torch.enable_grad():
-            ctx = apply_adapters(bridge, list(adapters), float(c)) if adapters else nullcontext()
+            ctx = apply_adapters(bridge, adapters, float(c)) if adapters else nullcontext()
             with ctx:
                 logits = bridge.run_with_hooks(b.input_ids, attention_mask=b.attention_mask,
                                                position_ids=b.position_ids, fwd_hooks=hooks, stop_at_layer=stop)
@@ -103,7 +109,7 @@ def training_loss_gradients(bridge: TransformerBridge, batches: Sequence[Batch],
                 hs_ref, logp_ref = ref
                 logp_pi = token_logprobs(logits, b.input_ids)
                 loss = -shift_objective(hs_pi, hs_ref, cc, d, scale) \
-                    + w_coherence * coherence_penalty(logp_pi, logp_ref, m, margin, power)
+                    + cfg.w_coherence * coherence_penalty(logp_pi, logp_ref, m, cfg.margin, cfg.power)
             present = [(L, n) for L, n in zip(layers, names) if n in acts]  # after stop_at_layer: no state
             grads = torch.autograd.grad(loss, [acts[n] for _, n in present], allow_unused=True)
         for (L, _), g in zip(present, grads):
@@ -112,14 +118,15 @@ def training_loss_gradients(bridge: TransformerBridge, batches: Sequence[Batch],
     return {L: _unit_or_nan(s).float() for L, s in sums.items()}
 
 
-def _reference(bridge: TransformerBridge, b: Batch, loss_hook: str) -> tuple[Tensor, Tensor]:
+def _reference(bridge: TransformerBridge, b: Batch, loss_hook: str
+               ) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, "batch pos_1"]]:
     """(hs_ref at the loss hook's last token, per-token log-probs) at c = 0, without grad."""
     with torch.inference_mode():
         h, logits = forward_last(bridge, b, [loss_hook], logits=True)
         return h[loss_hook].clone(), token_logprobs(logits, b.input_ids).clone()
 
 
-def effective_directions(bridge: TransformerBridge, batches: Sequence[Batch], adapters: Sequence[SVDAdapter],
+def effective_directions(bridge: TransformerBridge, batches: Sequence[Batch], adapters: Iterable[SVDAdapter],
                          layers: Sequence[int], c: float = 1.0) -> dict[int, Float[Tensor, "d_model"]]:
     """e(L) = mean over rows of hs_L(+c) − hs_L(−c): the adapter's effective direction at L (not normalised).
 
@@ -154,8 +161,8 @@ class LayerMap:
         return asdict(self)
 
 
-def layer_map(hs_ref: dict[int, Tensor], grad: dict[int, Tensor], noref: dict[int, Tensor],
-              learned: dict[int, Tensor]) -> LayerMap:
+def layer_map(hs_ref: dict[int, Float[Tensor, "batch d_model"]], grad: dict[int, Float[Tensor, "d_model"]],
+              noref: dict[int, Float[Tensor, "d_model"]], learned: dict[int, Float[Tensor, "d_model"]]) -> LayerMap:
     """Cosines of every direction pair per layer; a layer missing from a dict gives NaN."""
     nan = torch.full((1,), math.nan)
     out: dict[str, list[float]] = {f: [] for f in LayerMap.__dataclass_fields__ if f != "layers"}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from interp_steer.adapter import SVDAdapter
-from interp_steer.capture import layer_of
+from interp_steer.names import resid_post, site_layer
 
 from .dhs import dhs_reference, energy_fraction, pca_subspace, principal_angles_deg, random_principal_angles_deg
 
@@ -63,13 +63,6 @@ def compare(dhs: Float[Tensor, "pairs d_model"], adapter: SVDAdapter, k: int, c:
     }
 
 
-def adapter_layer(adapter: SVDAdapter) -> int:
-    L = layer_of(adapter.site)
-    if L is None:
-        raise ValueError(f"site {adapter.site!r} is not in a block")
-    return L
-
-
 @dataclass
 class PcaVsLearned:
     """Per adapter layer (lists aligned with ``layers``)."""
@@ -86,14 +79,16 @@ class PcaVsLearned:
         return asdict(self)
 
 
-def per_layer(hs_ref: dict[int, Tensor], adapters: Sequence[SVDAdapter], k: int = 4, c: float = 1.0) -> PcaVsLearned:
+def per_layer(hs_ref: dict[int, Float[Tensor, "batch d_model"]], adapters: Iterable[SVDAdapter], k: int = 4,
+              c: float = 1.0) -> PcaVsLearned:
     """``compare`` for every adapter, against the reference states at its own layer."""
+    adapters = list(adapters)
     rows = {f: [] for f in ("cos_top", "ceiling", "angles")}
     layers = []
     for a in adapters:
-        L = adapter_layer(a)
+        L = site_layer(a.site)
         if L not in hs_ref:
-            raise ValueError(f"no reference states for layer {L} (adapter {a.site}); capture blocks.{L}.hook_resid_post")
+            raise ValueError(f"no reference states for layer {L} (adapter {a.site}); capture {resid_post(L)}")
         r = compare(dhs_reference(hs_ref[L]), a, k, c)
         layers.append(L)
         for f in rows:
@@ -119,17 +114,18 @@ class SubspaceTracker:
         if (step + 1) % self.every == 0:
             self.record(step + 1, adapters)
 
-    def record(self, n_steps: int, adapters: Sequence[SVDAdapter]) -> None:
+    def record(self, n_steps: int, adapters: Iterable[SVDAdapter]) -> None:
         self.steps.append(n_steps)
         for a in adapters:
             self.bases.setdefault(a.site, []).append(output_subspace(a, self.k)[0])
 
 
-def over_training(tracker: SubspaceTracker, hs_ref: dict[int, Tensor], k: int | None = None) -> dict:
+def over_training(tracker: SubspaceTracker, hs_ref: dict[int, Float[Tensor, "batch d_model"]], k: int | None = None
+                  ) -> dict:
     """|cos| of the top axes and the mean principal angle per recorded step and site: arrays steps × sites."""
     k = k or tracker.k
     sites = list(tracker.bases)
-    layers = [int(s.split(".")[1]) for s in sites]
+    layers = [site_layer(s) for s in sites]
     cos = np.full((len(tracker.steps), len(sites)), np.nan)
     angle = np.full_like(cos, np.nan)
     for j, (site, L) in enumerate(zip(sites, layers)):

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Literal
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,15 @@ class StudyConfig:
     grad_pairs: int = 32         # training pairs used for the gradients (forward + backward: the cost)
     snapshot_every: int = 4      # steps between output-subspace snapshots
     seed: int = 0
-    objective: str | None = None  # "shift" / "separation"; None: TrainConfig's default (the package's choice)
+    objective: Literal["shift", "separation"] | None = None  # None: LossConfig's default (the package's choice)
     model: str | None = None     # None: the packaged SmolLM2-135M-Instruct
 
     def train_config(self):
-        from interp_steer.train import TrainConfig
+        from interp_steer.config import LossConfig, TrainConfig
 
-        extra = {} if self.objective is None else {"objective": self.objective}
+        loss = LossConfig() if self.objective is None else LossConfig(objective=self.objective)
         return TrainConfig(layers=self.layers, loss_layer=self.loss_layer, rank=self.rank, steps=self.steps,
-                           n_pairs=self.pairs, seed=self.seed, checkpoint_every=10**9, **extra)
+                           n_pairs=self.pairs, seed=self.seed, checkpoint_every=10**9, loss=loss)
 
 
 def _log(msg: str) -> None:
@@ -73,14 +73,10 @@ class Study:
     @cached_property
     def split(self):
         """The same subsample and split as ``train`` (checked against its batches in ``result``)."""
-        import torch
-        from interp_steer.data import persona_pairs, split_pairs
+        from interp_steer.data import persona_pairs, select_pairs
 
         tc = self.cfg.train_config()
-        pairs = persona_pairs(self.model[1])
-        keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(tc.seed))[: tc.n_pairs]
-        pairs = [pairs[i] for i in sorted(keep.tolist())]
-        return split_pairs(pairs, tc.held_out, seed=tc.seed)
+        return select_pairs(persona_pairs(self.model[1]), tc.n_pairs, tc.held_out, tc.seed)
 
     @cached_property
     def test_batches(self):
@@ -157,7 +153,7 @@ class Study:
         r, batches, hs = self.result, self.grad_batches, self.hs_train
         upto = [L for L in self.layers if L <= self.cfg.loss_layer]
         grad = self._timed("grad_train", lambda: training_loss_gradients(
-            self.bridge, batches, upto, r.loss_hook, r.d_steer, scale=r.metrics["scale"]))
+            self.bridge, batches, upto, r.loss_hook, r.d_steer, cfg=r.artifact.config.loss, scale=r.metrics["scale"]))
         noref = self._timed("grad_noref", lambda: noref_gradient_directions(
             self.bridge, batches, upto, r.loss_hook, r.d_steer))
         # = gradients.effective_directions, from the ±1 captures that dhs_spectra uses too (one pass, not two)

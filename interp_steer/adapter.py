@@ -15,20 +15,20 @@ hooks as the low-rank delta ``Δy = ((xV) R(c) diag(S_c) − (xV) diag(S)) Uᵀ`
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence, no_type_check
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
-Scale = Literal["exp", "add"]
-_SITE = re.compile(r"^blocks\.\d+\.(attn\.(q|k|v|o)|mlp\.(in|gate|out))$")
+from .config import Scale
+from .names import check_site, hook_in, hook_out
 
 
+@no_type_check  # validates itself with clearer messages than the test run's runtime type checker
 @dataclass(frozen=True)
 class AdapterSpec:
     """What one adapter is: site (TransformerLens name of a linear layer), rank, options."""
@@ -39,12 +39,8 @@ class AdapterSpec:
     rotate_u: bool = False
 
     def __post_init__(self):
-        if not _SITE.match(self.site):
-            raise ValueError(
-                f"site {self.site!r} is not a linear layer name; expected e.g. 'blocks.12.mlp.out', "
-                "'blocks.3.attn.o', 'blocks.5.mlp.in' (TransformerLens names, without .hook_in/.hook_out)"
-            )
-        if self.rank < 1:
+        check_site(self.site)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.scale not in ("exp", "add"):
             raise ValueError(f"scale must be 'exp' or 'add', got {self.scale!r}")
@@ -155,7 +151,7 @@ class SVDAdapter(nn.Module):
     def hooks(self, c: float | Tensor) -> list[tuple[str, Callable]]:
         """The ``(hook_name, fn)`` pair that applies this adapter at coefficient(s) ``c``."""
         stash: dict[str, Tensor] = {}
-        return [(f"{self.site}.hook_in", _read_input(stash)), (f"{self.site}.hook_out", _add_delta(self, stash, c))]
+        return [(hook_in(self.site), _read_input(stash)), (hook_out(self.site), _add_delta(self, stash, c))]
 
 
 def _read_input(stash: dict[str, Tensor]) -> Callable:

@@ -8,7 +8,7 @@ reference model (c = 0) and inside ``with apply_adapters(...)`` for a steered on
 from __future__ import annotations
 
 import difflib
-import re
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from .data import Batch
-
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+from .loss import token_logprobs
+from .names import layer_of
 
 
 def check_hook_names(bridge: TransformerBridge, names: Iterable[str]) -> list[str]:
@@ -38,12 +38,6 @@ def check_hook_names(bridge: TransformerBridge, names: Iterable[str]) -> list[st
     return names
 
 
-def layer_of(name: str) -> int | None:
-    """Block index of a hook name (``blocks.7.mlp.out.hook_in`` -> 7); ``None`` outside blocks."""
-    m = _BLOCK.match(name)
-    return int(m.group(1)) if m else None
-
-
 def stop_layer(bridge: TransformerBridge, names: Sequence[str]) -> int | None:
     """The ``stop_at_layer`` that still runs every hook in ``names`` (``None``: run to the end)."""
     layers = [layer_of(n) for n in names]
@@ -60,7 +54,7 @@ def _take_last(store: dict[str, Tensor], key: str, last: Tensor) -> Callable:
 
 
 def forward_last(bridge: TransformerBridge, batch: Batch, names: Sequence[str], *, logits: bool = False
-                 ) -> tuple[dict[str, Float[Tensor, "batch d"]], Float[Tensor, "batch pos vocab"] | None]:
+                 ) -> tuple[dict[str, Float[Tensor, "batch d_model"]], Float[Tensor, "batch pos vocab"] | None]:
     """One forward: last-token rows at ``names`` (with autograd, if enabled), and logits if asked.
 
     Names are not re-validated here (hot path): call ``check_hook_names`` once first.
@@ -79,7 +73,7 @@ def forward_last(bridge: TransformerBridge, batch: Batch, names: Sequence[str], 
 
 
 def capture(bridge: TransformerBridge, batches: Iterable[Batch], names: Sequence[str], *,
-            progress: bool | None = None, desc: str = "capture") -> dict[str, Float[Tensor, "n d"]]:
+            progress: bool | None = None, desc: str = "capture") -> dict[str, Float[Tensor, "n d_model"]]:
     """Last-token states at each hook name, concatenated over ``batches`` (in row order).
 
     >>> hs = capture(bridge, pair_batches(pairs, tok), ["blocks.1.hook_resid_post"])  # doctest: +SKIP
@@ -97,6 +91,26 @@ def capture(bridge: TransformerBridge, batches: Iterable[Batch], names: Sequence
     return {n: torch.cat(parts[n]) for n in names}
 
 
-def resid_names(layers: Iterable[int]) -> list[str]:
-    """``blocks.{L}.hook_resid_post`` for each layer."""
-    return [f"blocks.{L}.hook_resid_post" for L in layers]
+@dataclass
+class Reference:
+    """The c = 0 pass over a dataset, once: last-token states at ``hook`` and per-token log-probs, per batch,
+    and last-token states at any ``extra`` hooks (concatenated; free in the same pass)."""
+
+    hs: list[Float[Tensor, "_batch d_model"]]  # (_: batches differ in size and length)
+    logp: list[Float[Tensor, "_batch _pos_1"]]
+    extra: dict[str, Float[Tensor, "n d_model"]] = field(default_factory=dict)
+
+
+def reference_pass(bridge: TransformerBridge, batches: Sequence[Batch], hook: str, progress: bool = False,
+                   extra: Sequence[str] = ()) -> Reference:
+    """What the loss needs from the reference model (c = 0), for every batch, in one pass each."""
+    check_hook_names(bridge, [hook, *extra])
+    hs, logp, more = [], [], {n: [] for n in extra}
+    with torch.inference_mode():
+        for b in tqdm(batches, desc="reference", disable=not progress, leave=False):
+            h, logits = forward_last(bridge, b, [hook, *extra], logits=True)
+            hs.append(h[hook].clone())
+            logp.append(token_logprobs(logits, b.input_ids).clone())
+            for n in extra:
+                more[n].append(h[n].clone())
+    return Reference(hs, logp, {n: torch.cat(v) for n, v in more.items()})

@@ -1,126 +1,158 @@
 """Command line: ``interp-steer train | eval | demo``.
 
-Options of ``train`` are generated from ``TrainConfig``'s fields, so the CLI and the Python API cannot drift.
+Every option is made from the annotations of the command's config dataclass (config.py), nested configs
+flattened (``--objective`` sets ``train.loss.objective``), so the CLI and the Python API cannot drift.
+``--config run_config.json`` starts from a saved config; options given beside it override its values.
+Bad input exits with status 2 and one line naming the option or file, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import os
 import sys
-import time
-from pathlib import Path
+import types
+from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
-from .train import TrainConfig
+from .config import COMMANDS, ConfigError, field_types, load_run_config
 
-
-def _parse_value(text: str, default):
-    """Parse a CLI string like the field's default: tuples are comma-separated; 'none' is None."""
-    if text.lower() == "none":
-        return None
-    if isinstance(default, tuple):
-        return tuple(_number(t) for t in text.split(",") if t.strip())
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if isinstance(default, (int, float)) or default is None:
-        return _number(text)
-    return text
+HELP = {"train": "train an SVD rotation adapter on contrastive pairs",
+        "eval": "sweep a trained adapter (and baselines) at equal coherence",
+        "demo": "train on the honesty pairs, sweep every method, write the report and figures"}
 
 
-def _number(text: str):
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
+def parse_text(text: str, tp: Any) -> Any:
+    """A command-line string as a value of annotation ``tp`` (tuples comma-separated, 'none' for None)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        arms = get_args(tp)
+        if type(None) in arms and text.strip().lower() == "none":
+            return None
+        errors = []
+        for arm in (a for a in arms if a is not type(None)):
+            try:
+                return parse_text(text, arm)
+            except argparse.ArgumentTypeError as e:
+                errors.append(str(e))
+        raise argparse.ArgumentTypeError(" or ".join(errors) + (" or 'none'" if type(None) in arms else ""))
+    if origin is tuple:
+        items = [t.strip() for t in text.split(",")]
+        if not text.strip() or any(not t for t in items):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return tuple(parse_text(t, get_args(tp)[0]) for t in items)
+    if origin is Literal:
+        if text not in get_args(tp):
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(get_args(tp))}, got {text!r}")
+        return text
+    if tp is int:
         try:
-            return float(text)
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
+    if tp is str:
+        return text
+    raise TypeError(f"no command-line parser for annotation {tp!r}")  # pragma: no cover
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default
+def _metavar(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        arms = get_args(tp)
+        return "|".join(_metavar(a) for a in arms if a is not type(None)) + ("|none" if type(None) in arms else "")
+    if origin is tuple:
+        return f"{_metavar(get_args(tp)[0])},..."
+    if origin is Literal:
+        return "{" + ",".join(get_args(tp)) + "}"
+    return {int: "INT", float: "X", str: "TEXT"}.get(tp, "V")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, defaults: Any = None, prefix: tuple[str, ...] = ()
+                ) -> None:
+    """One option per leaf field of config ``cls`` (nested configs flattened); ``dest`` is the dotted path."""
+    types_ = field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp, path = types_[f.name], (*prefix, f.name)
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
+        if dataclasses.is_dataclass(tp):
+            add_options(parser, tp, default, path)
+            continue
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
-                            type=lambda t, d=default: _parse_value(t, d), metavar="V",
-                            help=f"(default: {shown})")
+        help_ = f"{f.metadata.get('help', '')} (default: {shown})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                type=lambda t, tp=tp: parse_text(t, tp), help=f.metadata.get("help"))
+        elif tp is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=".".join(path), default=argparse.SUPPRESS,
+                                action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=".".join(path), default=argparse.SUPPRESS,
+                                type=lambda t, tp=tp: parse_text(t, tp), metavar=_metavar(tp), help=help_)
 
 
-def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    base = base or TrainConfig()
-    changes = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)
-               if getattr(args, f"cfg_{f.name}") is not None}
-    return dataclasses.replace(base, **changes)
-
-
-def load_pairs(args, tokenizer):
-    from .data import ContrastivePair, check_pairs, persona_pairs
-
-    if args.pairs:
-        rows = json.loads(Path(args.pairs).read_text())
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"chosen", "rejected"} <= set(r) for r in rows):
-            raise SystemExit(f"{args.pairs}: expected a JSON list of {{\"chosen\": ..., \"rejected\": ...}} objects")
-        pairs = [ContrastivePair(r["chosen"], r["rejected"]) for r in rows]
-        check_pairs(pairs, tokenizer)
-        return pairs
-    personas = tuple(args.personas.split(",")) if args.personas else None
-    return persona_pairs(tokenizer, personas=personas) if personas else persona_pairs(tokenizer)
-
-
-def cmd_train(args) -> int:
-    from .models import load_model
-    from .train import train
-
-    cfg = config_from_args(args)
-    t0 = time.perf_counter()
-    bridge, tok = load_model(args.model)
-    pairs = load_pairs(args, tok)
-    print(f"model {args.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs")
-    result = train(bridge, tok, pairs, cfg, args.out, resume=args.resume)
-    total = time.perf_counter() - t0
-    print(f"\nadapter written to {args.out}  ({total:.0f}s in all; timings: "
-          + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()) + ")")
-    first, last = result.history[0] if result.history else {}, result.history[-1] if result.history else {}
-    print("loss parts, first -> last step: " + ", ".join(
-        f"{k} {first.get(k, float('nan')):.4g} -> {last.get(k, float('nan')):.4g}" for k in ("loss", "obj", "coh", "mono", "dnll")))
-    print(f"held-out projection on d_steer at {result.loss_hook} (pair separation scale {result.metrics['scale']:.2f});"
-          " dNLL: on the held-out pair prompts (not a coherence measure: see `interp-steer eval`):")
-    print(f"  {'c':>5} {'chosen':>9} {'rejected':>9} {'separation':>10} {'shift':>8} {'dNLL':>8}")
-    for c, m in result.metrics["held_out"].items():
-        print(f"  {c:>5} {m['proj_chosen']:9.2f} {m['proj_rejected']:9.2f} {m['separation']:10.2f} "
-              f"{m['shift']:8.2f} {m['dnll']:8.4f}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interp-steer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls in COMMANDS.items():
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        p.add_argument("--config", dest="_config", default=None, metavar="RUN_CONFIG_JSON",
+                       help="start from a saved run_config.json; options given here override it")
+        add_options(p, cls)
+    return parser
 
-    p = sub.add_parser("train", help="train an SVD rotation adapter on contrastive pairs")
-    p.add_argument("--out", default="runs/honesty", help="adapter directory to write (default: runs/honesty)")
-    p.add_argument("--model", default=None, help="HF model name or local directory (default: packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--pairs", default=None, help="JSON list of {chosen, rejected} prompts (default: built-in honesty pairs)")
-    p.add_argument("--personas", default=None, help="two comma-separated personas, e.g. 'a happy,a sad'")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
-    add_config_options(p)
-    p.set_defaults(func=cmd_train)
 
-    from . import evaluate_cli  # the eval/demo commands live beside the evaluation code
+def config_from_args(command: str, args: argparse.Namespace) -> Any:
+    """The command's config: the saved config (if ``--config``), then every option given on the line."""
+    base: dict = {}
+    if args._config:
+        saved, base = load_run_config(args._config)
+        if saved != command:
+            raise ConfigError(f"{args._config} is a config for `{saved}`, not `{command}`")
+    for dest, value in vars(args).items():
+        if dest in ("command", "_config"):
+            continue
+        *parents, leaf = dest.split(".")
+        node = base
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{args._config}: {p} must be an object")
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return COMMANDS[command].from_dict(base)
 
-    evaluate_cli.add_commands(sub)
 
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        cfg = config_from_args(args.command, args)
+        from . import commands  # heavy imports (torch, transformers) only once the config is known to be good
+
+        {"train": commands.run_train, "eval": commands.run_eval, "demo": commands.run_demo}[args.command](cfg)
+    except (ValueError, OSError) as e:  # ConfigError, FileNotFoundError, FileExistsError among them
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

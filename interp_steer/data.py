@@ -14,10 +14,12 @@ import difflib
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
+import einops
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
@@ -148,6 +150,13 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def doubled(self) -> tuple["Batch", Float[Tensor, "batch"]]:
+        """The batch twice, first at c = +1 then at c = −1: both directions in one forward."""
+        n = len(self)
+        c = torch.cat([torch.ones(n), -torch.ones(n)])
+        return Batch(*(einops.repeat(t, "b ... -> (two b) ...", two=2)
+                       for t in (self.input_ids, self.attention_mask, self.last))), c
+
 
 def last_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
     """Index of the last non-padded token of each row, for either padding side."""
@@ -198,3 +207,44 @@ def split_pairs(pairs: Sequence[ContrastivePair], held_out: float = 0.2, seed: i
     test = [pairs[i] for i in order[:n_test]]
     train = [pairs[i] for i in order[n_test:]]
     return train, test
+
+
+def select_pairs(pairs: Sequence[ContrastivePair], n_pairs: int | None = None, held_out: float = 0.2, seed: int = 0
+                 ) -> tuple[list[ContrastivePair], list[ContrastivePair]]:
+    """The (train, held-out) pairs of a run: the seeded ``n_pairs`` subsample, then the seeded split."""
+    pairs = list(pairs)
+    if n_pairs is not None:
+        keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:n_pairs]
+        pairs = [pairs[i] for i in sorted(keep.tolist())]
+    return split_pairs(pairs, held_out, seed=seed)
+
+
+def load_pairs_file(path: str | Path) -> list[ContrastivePair]:
+    """Pairs from a JSON list of ``{"chosen": str, "rejected": str}`` objects (rendered prompts).
+
+    Raises ``ValueError`` naming the file and the first bad entry.
+    """
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"pairs file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e.__class__.__name__}: {e})") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f'{path}: expected a non-empty JSON list of {{"chosen": "...", "rejected": "..."}} objects')
+    for i, r in enumerate(rows):
+        if not (isinstance(r, dict) and set(r) == {"chosen", "rejected"}
+                and all(isinstance(r[k], str) and r[k].strip() for k in ("chosen", "rejected"))):
+            raise ValueError(f'{path}: entry {i} must be {{"chosen": "<text>", "rejected": "<text>"}} with two '
+                             f"non-empty strings and nothing else, got {str(r)[:120]}")
+    return [ContrastivePair(r["chosen"], r["rejected"]) for r in rows]
+
+
+def check_lengths(pairs: Sequence[ContrastivePair], tokenizer: PreTrainedTokenizerBase, n_ctx: int) -> None:
+    """Raise ``ValueError`` if a prompt is longer than the model's context (it would train on garbage)."""
+    for i, p in enumerate(pairs):
+        n = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (p.chosen, p.rejected))
+        if n > n_ctx:
+            raise ValueError(f"pair {i} has a prompt of {n} tokens, longer than the model's context of {n_ctx}; "
+                             "shorten it")

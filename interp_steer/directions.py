@@ -15,10 +15,14 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from .capture import check_hook_names, stop_layer
+from .loss import noref_loss
+from .names import resid_names
+
 Method = Literal["pca_diff", "pca_center", "mean_diff", "random", "dhs_svd"]
 
 
-def paired_diff(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "pairs d"]:
+def paired_diff(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "pairs d_model"]:
     """dHS = hs_cho − hs_rej per pair (at c = 0 both from the reference)."""
     if hs.shape[0] % 2:
         raise ValueError(f"hs must hold interleaved pairs (even number of rows), got {hs.shape[0]}")
@@ -30,7 +34,7 @@ def _orient(d: Tensor, diff: Tensor) -> Tensor:
     return -d if (diff @ d).mean() < 0 else d
 
 
-def dhs_svd_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
+def dhs_svd_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d_model"]:
     """Top right singular vector of the uncentred dHS: the axis holding most of the pairs' difference energy.
 
     The default frozen ``d_steer``; unlike centred PCA it keeps the mean difference in play.
@@ -39,14 +43,14 @@ def dhs_svd_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
     return _orient(torch.linalg.svd(diff, full_matrices=False).Vh[0], diff).float()
 
 
-def pca_diff_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
+def pca_diff_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d_model"]:
     """First principal component of the centred paired differences (repeng's ``pca_diff``)."""
     diff = paired_diff(hs).double()
     centred = diff - diff.mean(0)
     return _orient(torch.linalg.svd(centred, full_matrices=False).Vh[0], diff).float()
 
 
-def pca_center_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
+def pca_center_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d_model"]:
     """First PC of states centred on each pair's mean (repeng's ``pca_center``): ±dHS/2 per pair."""
     h = hs.double()
     centre = (h[0::2] + h[1::2]) / 2
@@ -54,19 +58,19 @@ def pca_center_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
     return _orient(torch.linalg.svd(rows, full_matrices=False).Vh[0], paired_diff(h)).float()
 
 
-def mean_diff_direction(hs: Float[Tensor, "batch d"]) -> Float[Tensor, "d"]:
+def mean_diff_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d_model"]:
     """mean(hs_cho − hs_rej), normalised (CAA)."""
     diff = paired_diff(hs).double()
     return _orient(diff.mean(0), diff).float()
 
 
-def random_direction(hs: Float[Tensor, "batch d"], seed: int = 0) -> Float[Tensor, "d"]:
+def random_direction(hs: Float[Tensor, "batch d_model"], seed: int = 0) -> Float[Tensor, "d_model"]:
     """A seeded random unit direction (sign still oriented so comparisons are like for like)."""
     g = torch.Generator().manual_seed(seed)
     return _orient(torch.randn(hs.shape[-1], generator=g, dtype=torch.float64), paired_diff(hs).double()).float()
 
 
-def direction(method: Method, hs: Float[Tensor, "batch d"], seed: int = 0) -> Float[Tensor, "d"]:
+def direction(method: str, hs: Float[Tensor, "batch d_model"], seed: int = 0) -> Float[Tensor, "d_model"]:
     """The unit direction of ``method`` for interleaved states ``hs``."""
     strategies: dict[str, Callable[[Tensor], Tensor]] = {
         "pca_diff": pca_diff_direction,
@@ -114,7 +118,7 @@ def _add_vector(v: Tensor) -> Callable:
     return hook
 
 
-def steering_vector(hs: Mapping[str, Float[Tensor, "batch d"]], method: Method, seed: int = 0) -> SteeringVector:
+def steering_vector(hs: Mapping[str, Float[Tensor, "batch d_model"]], method: Method, seed: int = 0) -> SteeringVector:
     """One direction per hook name from captured states, scaled by the RMS norm of those states."""
     dirs = {n: direction(method, h, seed) for n, h in hs.items()}
     scales = {n: h.norm(dim=-1).pow(2).mean().sqrt().item() for n, h in hs.items()}
@@ -122,7 +126,7 @@ def steering_vector(hs: Mapping[str, Float[Tensor, "batch d"]], method: Method, 
 
 
 def gradient_directions(bridge: TransformerBridge, batches, layers: list[int], loss_hook: str,
-                        d_steer: Float[Tensor, "d"]) -> dict[str, Float[Tensor, "d"]]:
+                        d_steer: Float[Tensor, "d_model"]) -> dict[str, Float[Tensor, "d_model"]]:
     """g_L = −mean over chosen rows of ∂L_noref/∂hs_L (last token), normalised, for each ``resid_post`` layer L.
 
     ``L_noref`` (loss.noref_loss) is −mean((hs_cho − hs_rej)·d_steer) at ``loss_hook`` plus a coherence term on
@@ -132,10 +136,7 @@ def gradient_directions(bridge: TransformerBridge, batches, layers: list[int], l
     at the loss layer (no logits). It is the first-order steering direction at L (seed guide: gradient →
     steering mapping).
     """
-    from .capture import check_hook_names, stop_layer
-    from .loss import noref_loss
-
-    names = check_hook_names(bridge, [f"blocks.{L}.hook_resid_post" for L in layers] + [loss_hook])
+    names = check_hook_names(bridge, [*resid_names(layers), loss_hook])
     sums = {n: torch.zeros(bridge.cfg.d_model) for n in names[:-1]}
     stop = stop_layer(bridge, names)
     count = 0

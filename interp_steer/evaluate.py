@@ -21,6 +21,8 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from .adapter import apply_adapters
+from .capture import forward_last, reference_pass
 from .data import Batch, render_chat, tokenize
 from .evalsets import (  # noqa: F401  (re-exported: the loaders are part of the evaluation API)
     HONEST_VIRTUE, Answer, Dilemma, MCQuestion, load_daily_dilemmas_csv, load_dilemmas, load_neutral_texts,
@@ -346,3 +348,39 @@ def symmetry(effect_plus: float, effect_minus: float) -> float:
     if not effect_plus > 0 > effect_minus:
         return 0.0
     return min(effect_plus, -effect_minus) / max(effect_plus, -effect_minus)
+
+
+# ------------------------------------------------------------------------------ held-out pairs (training)
+
+@torch.no_grad()
+def evaluate_pairs(bridge: TransformerBridge, adapters, batches: Sequence[Batch], hook: str,
+                   d_steer: Float[Tensor, "d_model"], coeffs: Sequence[float]) -> dict[str, dict[str, float]]:
+    """Held-out pairs at each coefficient: projections of last-token states at ``hook`` on ``d_steer``
+    (chosen, rejected, their separation, the shift from c = 0) and mean per-token ΔNLL on the pair prompts.
+
+    The pair-prompt ΔNLL is not a coherence measure (steered models can find these prompts *more* likely);
+    coherence is measured on neutral text (``coherence``).
+    """
+    ref = reference_pass(bridge, batches, hook)
+    hs0 = torch.cat(ref.hs)
+    out = {}
+    for c in coeffs:
+        if c == 0:
+            hs, dnll = hs0, 0.0
+        else:
+            hs_parts, num, den = [], 0.0, 0.0
+            with apply_adapters(bridge, adapters, float(c)):
+                for b, lr in zip(batches, ref.logp):
+                    h, logits = forward_last(bridge, b, [hook], logits=True)
+                    hs_parts.append(h[hook])
+                    m = token_mask(b.attention_mask)
+                    num += (delta_nll(token_logprobs(logits, b.input_ids), lr, m) * m.sum()).item()
+                    den += m.sum().item()
+            hs, dnll = torch.cat(hs_parts), num / den
+        proj = hs @ d_steer
+        out[f"{c:g}"] = {
+            "proj_chosen": proj[0::2].mean().item(), "proj_rejected": proj[1::2].mean().item(),
+            "separation": (proj[0::2] - proj[1::2]).mean().item(),
+            "shift": ((hs - hs0) @ d_steer).mean().item(), "dnll": dnll,
+        }
+    return out

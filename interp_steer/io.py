@@ -1,7 +1,15 @@
-"""Adapter artifacts: ``adapter.safetensors`` + ``config.json`` (versioned), written atomically. No pickles.
+"""Files: the one steering artifact, checkpoints, and atomic writers. Safetensors and JSON only, never pickle.
 
-``config.json`` holds the format version, the base model's name, one fingerprint per site (so an adapter is
-never applied to weights it was not decomposed from), the adapter specs, the training config and metrics.
+An artifact is one directory::
+
+    config.json          format_version, architecture, base_model, fingerprints, adapter specs, loss_hook,
+                         the full TrainConfig, where the pairs came from, metrics
+    adapter.safetensors  every adapter tensor as "{site}.{name}" (U, S, V, theta_v, lam[, theta_u]) and "d_steer"
+
+A checkpoint is an artifact plus ``optimizer.safetensors`` and ``trainer.json``, written by the same writer.
+Every directory is written whole into a temporary sibling and renamed into place; an existing one is kept
+as ``NAME.prev`` until the new one is in place, so a kill at any moment leaves a whole directory to load.
+Nothing the project did not write is ever deleted or overwritten.
 """
 
 from __future__ import annotations
@@ -9,33 +17,34 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from jaxtyping import Float
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
 from .adapter import AdapterSpec, SVDAdapter, linear_weight
+from .config import ConfigError, TrainConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ARCHITECTURE = "svd_rotation_adapter"
-WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+RUN_CONFIG_FILE = "run_config.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_FILE = "trainer.json"
+ARTIFACT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+CHECKPOINT_FILES = (*ARTIFACT_FILES, OPTIMIZER_FILE, TRAINER_FILE)
+OWN_FILES = frozenset((*CHECKPOINT_FILES, RUN_CONFIG_FILE))  # the only names a replaced directory may hold
 
 
-def model_name(bridge: TransformerBridge) -> str:
-    return str(getattr(bridge.cfg, "model_name", "") or "unknown")
-
-
-def fingerprint(W: torch.Tensor) -> list[float]:
-    """[sum, Frobenius norm, first entry] of a weight in float64: cheap, and changes with any real edit."""
-    w = W.detach().double()
-    return [w.sum().item(), w.norm().item(), w.flatten()[0].item()]
-
+# ---------------------------------------------------------------------------------------- atomic writers
 
 def json_safe(obj: Any) -> Any:
     """NaN and ±inf become null: strict JSON readers reject them."""
@@ -48,107 +57,393 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: Path, obj: Any, indent: int = 2) -> None:
-    """Write strict JSON (``json_safe``) to a temporary name beside ``path``, then rename (no half-written file
-    on interrupt)."""
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename: no half-written file on interrupt."""
     path = Path(path)
-    obj = json_safe(obj)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def adapter_tensors(adapters: Iterable[SVDAdapter]) -> dict[str, torch.Tensor]:
-    """Flat ``{site}.{name}`` dict of every parameter and buffer."""
-    return {f"{a.site}.{k}": v for a in adapters for k, v in a.state_dict().items()}
+def write_json_atomic(path: Path, obj: Any, indent: int = 2) -> None:
+    """Strict JSON (``json_safe``), atomically."""
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n"
+    _atomic(Path(path), lambda p: p.write_text(text))
 
 
-def save_adapter(path: str | Path, adapters: Iterable[SVDAdapter], bridge: TransformerBridge, *,
-                 train_config: dict | None = None, metrics: dict | None = None) -> Path:
-    """Write ``path/adapter.safetensors`` and ``path/config.json``; the whole directory appears at once."""
-    path = Path(path)
-    adapters = list(adapters)
-    config = {
-        "format_version": FORMAT_VERSION,
-        "architecture": ARCHITECTURE,
-        "base_model": model_name(bridge),
-        "adapters": [a.spec.to_dict() for a in adapters],
-        "fingerprints": {a.site: fingerprint(linear_weight(bridge, a.site)) for a in adapters},
-        "train_config": train_config or {},
-        "metrics": metrics or {},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic(Path(path), lambda p: p.write_text(text))
+
+
+def save_tensors_atomic(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(Path(path), lambda p: save_file(data, str(p), metadata=metadata))
+
+
+def read_json(path: Path, what: str) -> Any:
+    """JSON from ``path`` or ``ValueError`` naming the file (never a bare traceback)."""
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in adapter_tensors(adapters).items()},
-                  tmp / WEIGHTS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
-        write_json_atomic(tmp / CONFIG_FILE, config)
-        old = None
-        if path.exists():  # swap: the previous version stays whole until the new one is in place
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
         raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a readable {what} ({e.__class__.__name__}: {e})") from None
+
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """Tensors of a safetensors file, or ``ValueError`` naming the file if it is truncated or not safetensors."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); rewrite it (train again)") from None
+
+
+# ------------------------------------------------------------------------------------ directories
+
+def _foreign(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name not in OWN_FILES)
+
+
+def check_dir_target(path: str | Path, overwrite: bool = False) -> Path:
+    """Raise unless ``write_dir_atomic(path, …, overwrite)`` can succeed; creates the parent directory.
+
+    Called before any model work, so a bad output path costs nothing.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
+    if path.is_dir() and any(path.iterdir()):
+        foreign = _foreign(path)
+        if foreign:
+            raise FileExistsError(f"{path} holds files interp-steer did not write ({', '.join(foreign[:5])}"
+                                  f"{', …' if len(foreign) > 5 else ''}); it will not replace that directory. "
+                                  "Choose a new or empty output directory.")
+        if not overwrite:
+            raise FileExistsError(f"{path} already holds an artifact; pass --overwrite (overwrite=True) to replace "
+                                  "it, or choose another output directory")
+    check_writable(path.parent)
     return path
 
 
-def read_config(path: str | Path) -> dict:
+def check_writable(directory: str | Path) -> Path:
+    """Create ``directory`` if needed and prove a file can be written there (``OSError`` naming it if not)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(f"cannot write to {directory}: {e.strerror or e}; choose a writable output path") from None
+    return directory
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """The output directory of an eval or demo run, created and proven writable before any model work.
+
+    A non-empty directory is refused unless ``overwrite``; even then only this run's own file names are
+    written, and nothing else in it is touched.
+    """
     path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not an adapter directory: {CONFIG_FILE} is missing")
-    config = json.loads(cfg_file.read_text())
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} is not empty; pass --overwrite to write this run's files over an earlier "
+                              "run's (files with other names are never touched), or choose another directory")
+    return check_writable(path)
+
+
+def _remove_own(path: Path) -> None:
+    """Delete the project's own files in ``path`` and the directory if nothing else is left in it."""
+    for name in OWN_FILES:
+        (path / name).unlink(missing_ok=True)
+    for p in path.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # something else lives there: leave it
+
+
+def write_dir_atomic(path: str | Path, writers: Mapping[str, Callable[[Path], None]], overwrite: bool = False) -> Path:
+    """Write every file into a temporary sibling directory, then swap it into place at once.
+
+    An existing ``path`` (only with ``overwrite``, and only if it holds nothing but this project's files) is
+    renamed to ``path.prev`` first and removed after the swap: a kill at any moment leaves ``path`` or
+    ``path.prev`` whole (``resolve_dir`` finds it).
+    """
+    path = check_dir_target(path, overwrite)
+    if any(n not in OWN_FILES for n in writers):
+        raise ValueError(f"unknown artifact file names {sorted(set(writers) - OWN_FILES)}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    prev = path.with_name(path.name + ".prev")
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+        if path.exists():
+            if prev.exists():  # a stale one from an earlier kill; ``path`` itself is whole
+                _remove_own(prev)
+            os.replace(path, prev)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_own(tmp)
+        raise
+    if prev.exists():
+        _remove_own(prev)
+    return path
+
+
+def resolve_dir(path: str | Path, required: Iterable[str]) -> Path | None:
+    """``path`` if it holds every required file, else ``path.prev`` if that does (a swap was interrupted)."""
+    path = Path(path)
+    for p in (path, path.with_name(path.name + ".prev")):
+        if p.is_dir() and all((p / n).is_file() for n in required):
+            return p
+    return None
+
+
+# -------------------------------------------------------------------------------------- the artifact
+
+def model_name(bridge: TransformerBridge) -> str:
+    return str(getattr(bridge.cfg, "model_name", "") or "unknown")
+
+
+def fingerprint(W: Tensor) -> list[float]:
+    """[sum, Frobenius norm, first entry] of a weight in float64: cheap, and changes with any real edit."""
+    w = W.detach().double()
+    return [w.sum().item(), w.norm().item(), w.flatten()[0].item()]
+
+
+@dataclass
+class SteeringArtifact:
+    """Everything a trained steer is: the adapters, the frozen direction ``d_steer`` they were trained along
+    and the hook where it lives, the TrainConfig, the base model (name + weight fingerprints), metrics.
+
+    >>> art = SteeringArtifact.load("runs/honesty", bridge)  # doctest: +SKIP
+    >>> with apply_adapters(bridge, art.adapters, c=1.0): ...  # doctest: +SKIP
+    """
+
+    adapters: nn.ModuleList
+    d_steer: Float[Tensor, "d_model"]
+    loss_hook: str
+    config: TrainConfig
+    base_model: str
+    fingerprints: dict[str, list[float]]
+    metrics: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # where the pairs came from: {"pairs": path, "personas": [...]}
+
+    @classmethod
+    def build(cls, bridge: TransformerBridge, adapters: Iterable[SVDAdapter], d_steer: Tensor, loss_hook: str,
+              config: TrainConfig, metrics: dict | None = None, data: dict | None = None) -> "SteeringArtifact":
+        """An artifact for ``bridge``: records its name and the fingerprint of every adapted weight."""
+        adapters = nn.ModuleList(adapters)
+        fps = {a.site: fingerprint(linear_weight(bridge, a.site)) for a in adapters}
+        return cls(adapters, d_steer.detach().clone(), loss_hook, config, model_name(bridge), fps,
+                   dict(metrics or {}), dict(data or {}))
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        return save_artifact(path, self, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, bridge: TransformerBridge | None = None) -> "SteeringArtifact":
+        return load_artifact(path, bridge)
+
+    def check_model(self, bridge: TransformerBridge, where: str = "artifact") -> None:
+        """Raise ``ValueError`` unless ``bridge`` is the model these adapters were decomposed from."""
+        if self.base_model != model_name(bridge):
+            raise ValueError(f"{where} was trained on {self.base_model!r}, this model is {model_name(bridge)!r}; "
+                             "load the model it was trained on (--model)")
+        for a in self.adapters:
+            W = linear_weight(bridge, a.site)
+            if (W.shape[0], W.shape[1]) != (a.U.shape[0], a.V.shape[0]):
+                raise ValueError(f"{where}: {a.site} is {tuple(W.shape)} in this model, the adapter expects "
+                                 f"{(a.U.shape[0], a.V.shape[0])}")
+            fp, now = self.fingerprints[a.site], fingerprint(W)
+            if any(abs(x - y) > 1e-6 * max(1.0, abs(x)) for x, y in zip(fp, now)):
+                raise ValueError(f"{where}: the weights at {a.site} differ from those it was trained on "
+                                 f"(fingerprint {fp} vs {now}); same model name, different weights?")
+
+    def config_json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE, "base_model": self.base_model,
+            "fingerprints": self.fingerprints, "adapters": [a.spec.to_dict() for a in self.adapters],
+            "loss_hook": self.loss_hook, "train_config": self.config.to_dict(), "data": self.data,
+            "metrics": self.metrics,
+        }
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"{a.site}.{k}": v for a in self.adapters for k, v in a.state_dict().items()}
+        out["d_steer"] = self.d_steer
+        return out
+
+
+def artifact_writers(artifact: SteeringArtifact) -> dict[str, Callable[[Path], None]]:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in artifact.tensors().items()}
+    config = json_safe(artifact.config_json())
+    return {
+        WEIGHTS_FILE: lambda p: save_file(tensors, str(p), metadata={"format_version": str(FORMAT_VERSION)}),
+        CONFIG_FILE: lambda p: p.write_text(json.dumps(config, indent=2, allow_nan=False) + "\n"),
+    }
+
+
+def save_artifact(path: str | Path, artifact: SteeringArtifact, *, overwrite: bool = False,
+                  run_config: dict | None = None) -> Path:
+    """Write the artifact directory at once (see module docstring); ``run_config`` goes beside it."""
+    writers = artifact_writers(artifact)
+    if run_config is not None:
+        writers[RUN_CONFIG_FILE] = lambda p: p.write_text(json.dumps(json_safe(run_config), indent=2) + "\n")
+    return write_dir_atomic(path, writers, overwrite)
+
+
+_SPEC_KEYS = {"site", "rank", "scale", "rotate_u"}
+_KEYS = ("format_version", "architecture", "base_model", "fingerprints", "adapters", "loss_hook", "train_config")
+
+
+def read_artifact_config(path: str | Path) -> dict:
+    """``config.json`` of an artifact, checked for format and version (``ValueError`` naming what is wrong)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not an artifact directory (it does not exist or is a file); "
+                                "write one with `interp-steer train --out DIR`")
+    missing = [n for n in ARTIFACT_FILES if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a whole artifact: {', '.join(missing)} missing. "
+                                "Write one with `interp-steer train --out DIR`")
+    config = read_json(path / CONFIG_FILE, "artifact config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
     if config.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{cfg_file}: architecture {config.get('architecture')!r}, expected {ARCHITECTURE!r}")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cfg_file}: format_version {config.get('format_version')!r}; this version reads "
-                         f"{FORMAT_VERSION}. Re-train or upgrade interp-steer.")
+        raise ValueError(f"{path / CONFIG_FILE}: architecture {config.get('architecture')!r}, expected {ARCHITECTURE!r}")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version != FORMAT_VERSION:
+        hint = ("it was written by an older interp-steer; train it again with this version" if
+                isinstance(version, int) and version < FORMAT_VERSION else
+                "it was written by a newer interp-steer; upgrade (pip install -U interp-steer)")
+        raise ValueError(f"{path / CONFIG_FILE}: format_version {version!r}, this version reads {FORMAT_VERSION}: {hint}")
+    absent = [k for k in _KEYS if k not in config]
+    if absent:
+        raise ValueError(f"{path / CONFIG_FILE}: missing keys {absent}")
     return config
 
 
-def load_adapter(path: str | Path, bridge: TransformerBridge, *, check_base: bool = True
-                 ) -> tuple[nn.ModuleList, dict]:
-    """Load adapters saved by ``save_adapter`` for ``bridge``; raises if the base model differs."""
+def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> SteeringArtifact:
+    """Read an artifact; with ``bridge``, also refuse it unless it was trained on exactly that model.
+
+    Every tensor is checked: present, of the shape its spec implies, finite; nothing is unpickled.
+    """
     path = Path(path)
-    config = read_config(path)
-    if check_base:
-        if config["base_model"] != model_name(bridge):
-            raise ValueError(f"adapter {path} was trained on {config['base_model']!r}, "
-                             f"this model is {model_name(bridge)!r}")
-        for site, fp in config["fingerprints"].items():
-            now = fingerprint(linear_weight(bridge, site))
-            if any(abs(a - b) > 1e-6 * max(1.0, abs(a)) for a, b in zip(fp, now)):
-                raise ValueError(f"adapter {path}: the weights at {site} differ from those it was trained on "
-                                 f"(fingerprint {fp} vs {now}); same model name, different weights?")
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    adapters = nn.ModuleList()
-    for spec_dict in config["adapters"]:
-        spec = AdapterSpec(**spec_dict)
-        get = lambda k: tensors[f"{spec.site}.{k}"]  # noqa: E731
-        a = SVDAdapter(spec, get("U"), get("S"), get("V"))
-        a.load_state_dict({k: get(k) for k in a.state_dict()}, strict=True)
-        adapters.append(a)
-    return adapters, config
+    config = read_artifact_config(path)
+    cfg_file = path / CONFIG_FILE
+    try:
+        train_config = TrainConfig.from_dict(config["train_config"])
+        specs = []
+        for d in config["adapters"]:
+            if not isinstance(d, dict) or set(d) != _SPEC_KEYS:
+                raise ValueError(f"adapter spec {d!r} must have exactly the keys {sorted(_SPEC_KEYS)}")
+            specs.append(AdapterSpec(**d))
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+    fps = config["fingerprints"]
+    sites = [s.site for s in specs]
+    if not specs or not isinstance(fps, dict) or sorted(fps) != sorted(sites) or not all(
+            isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in fps.values()):
+        raise ValueError(f"{cfg_file}: needs one [sum, norm, first] fingerprint per adapter site {sites}, "
+                         f"got {fps!r}")
+    if not isinstance(config["loss_hook"], str) or not isinstance(config["base_model"], str):
+        raise ValueError(f"{cfg_file}: loss_hook and base_model must be strings")
+    tensors = read_tensors(path / WEIGHTS_FILE)
+    adapters = nn.ModuleList(_adapter_from(spec, tensors, path / WEIGHTS_FILE) for spec in specs)
+    d_steer = tensors.pop("d_steer", None)
+    if d_steer is None or d_steer.ndim != 1 or d_steer.shape[0] != adapters[0].U.shape[0] \
+            or not torch.isfinite(d_steer).all():
+        raise ValueError(f"{path / WEIGHTS_FILE}: 'd_steer' missing, not a finite vector of d_model entries")
+    extra = sorted(set(tensors) - {f"{s.site}.{k}" for s, a in zip(specs, adapters) for k in a.state_dict()})
+    if extra:
+        raise ValueError(f"{path / WEIGHTS_FILE}: unexpected tensors {extra[:5]}")
+    art = SteeringArtifact(adapters, d_steer, config["loss_hook"], train_config, config["base_model"],
+                           {k: [float(x) for x in v] for k, v in fps.items()}, dict(config.get("metrics") or {}),
+                           dict(config.get("data") or {}))
+    if bridge is not None:
+        art.check_model(bridge, where=f"artifact {path}")
+    return art
+
+
+def _adapter_from(spec: AdapterSpec, tensors: dict[str, Tensor], where: Path) -> SVDAdapter:
+    def get(k: str) -> Tensor:
+        key = f"{spec.site}.{k}"
+        if key not in tensors:
+            raise ValueError(f"{where}: tensor {key!r} is missing")
+        t = tensors[key]
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{where}: tensor {key!r} holds NaN or inf")
+        return t
+
+    U, S, V, r = get("U"), get("S"), get("V"), spec.rank
+    if U.ndim != 2 or V.ndim != 2 or U.shape[1] != r or V.shape[1] != r or S.shape != (r,):
+        raise ValueError(f"{where}: {spec.site}: U, S, V must be (d_out, {r}), ({r},), (d_in, {r}); got "
+                         f"{tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}")
+    a = SVDAdapter(spec, U, S, V)
+    state = {}
+    for k, v in a.state_dict().items():
+        t = get(k)
+        if t.shape != v.shape:
+            raise ValueError(f"{where}: tensor '{spec.site}.{k}' has shape {tuple(t.shape)}, expected {tuple(v.shape)}")
+        state[k] = t
+    a.load_state_dict(state, strict=True)
+    return a
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+@dataclass
+class Checkpoint:
+    """A training run's state after ``step`` optimiser steps: the artifact so far, the optimiser, the loss scale."""
+
+    artifact: SteeringArtifact
+    optimizer: dict          # torch optimizer state_dict
+    step: int
+    scale: float
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """The artifact's files plus the optimiser state, swapped into place at once (``write_dir_atomic``)."""
+    state = ckpt.optimizer
+    opt_tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in state["state"].items() for k, v in s.items()}
+    trainer = {"step": ckpt.step, "scale": ckpt.scale, "param_groups": state["param_groups"]}
+    writers = artifact_writers(ckpt.artifact)
+    writers[OPTIMIZER_FILE] = lambda p: save_file(opt_tensors, str(p))
+    writers[TRAINER_FILE] = lambda p: p.write_text(json.dumps(json_safe(trainer), indent=2) + "\n")
+    return write_dir_atomic(path, writers, overwrite=True)
+
+
+def load_checkpoint(path: str | Path, bridge: TransformerBridge) -> Checkpoint | None:
+    """The newest whole checkpoint at ``path`` (or ``path.prev`` if a swap was cut short); None if neither."""
+    found = resolve_dir(path, CHECKPOINT_FILES)
+    if found is None:
+        return None
+    art = load_artifact(found, bridge)
+    trainer = read_json(found / TRAINER_FILE, "trainer state")
+    if not (isinstance(trainer, dict) and isinstance(trainer.get("step"), int) and trainer["step"] >= 0
+            and isinstance(trainer.get("scale"), (int, float)) and isinstance(trainer.get("param_groups"), list)):
+        raise ValueError(f"{found / TRAINER_FILE}: expected {{step, scale, param_groups}}")
+    state: dict = {}
+    for k, v in read_tensors(found / OPTIMIZER_FILE).items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    return Checkpoint(art, {"state": state, "param_groups": trainer["param_groups"]}, trainer["step"],
+                      float(trainer["scale"]))
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Remove a finished run's checkpoint directories (the project's own files only)."""
+    path = Path(path)
+    for p in (path, path.with_name(path.name + ".prev")):
+        if p.is_dir():
+            _remove_own(p)

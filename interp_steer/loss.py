@@ -10,17 +10,15 @@ chosen, odd rows rejected.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-Objective = Literal["shift", "separation"]
+from .config import LossConfig, Objective
 
 
-def separation_objective(hs_pi: Float[Tensor, "batch d"], c: Float[Tensor, "batch"], d: Float[Tensor, "d"],
+def separation_objective(hs_pi: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"], d: Float[Tensor, "d_model"],
                          scale: float = 1.0) -> Float[Tensor, ""]:
     """mean over pairs of c · (hs_pi_cho − hs_pi_rej)·d / scale   (the seed's separation; maximise).
 
@@ -31,8 +29,8 @@ def separation_objective(hs_pi: Float[Tensor, "batch d"], c: Float[Tensor, "batc
     return (c[0::2] * per_pair).mean() / scale
 
 
-def shift_objective(hs_pi: Float[Tensor, "batch d"], hs_ref: Float[Tensor, "batch d"], c: Float[Tensor, "batch"],
-                    d: Float[Tensor, "d"], scale: float = 1.0) -> Float[Tensor, ""]:
+def shift_objective(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"],
+                    d: Float[Tensor, "d_model"], scale: float = 1.0) -> Float[Tensor, ""]:
     """mean over rows of c · (hs_pi(c) − hs_ref)·d / scale   (every row, chosen and rejected; maximise)."""
     return (c * ((hs_pi - hs_ref) @ d)).mean() / scale
 
@@ -73,8 +71,8 @@ def monotonic_hinge(score_neg: Float[Tensor, ""], score_zero: Float[Tensor, ""],
     return F.relu(score_neg - score_zero + margin) + F.relu(score_zero - score_pos + margin)
 
 
-def projection_scores(hs_pi: Float[Tensor, "batch d"], hs_ref: Float[Tensor, "batch d"], c: Float[Tensor, "batch"],
-                      d: Float[Tensor, "d"], objective: Objective, scale: float = 1.0
+def projection_scores(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"],
+                      d: Float[Tensor, "d_model"], objective: Objective, scale: float = 1.0
                       ) -> tuple[Float[Tensor, ""], Float[Tensor, ""], Float[Tensor, ""]]:
     """The behaviour score s(c) at c = −1, 0, +1 that the hinge orders (rows with c = ±1 present).
 
@@ -89,28 +87,31 @@ def projection_scores(hs_pi: Float[Tensor, "batch d"], hs_ref: Float[Tensor, "ba
     return s_pi[cp < 0].mean(), s_ref.mean(), s_pi[cp > 0].mean()
 
 
-def steering_loss(hs_pi: Float[Tensor, "batch d"], hs_ref: Float[Tensor, "batch d"], c: Float[Tensor, "batch"],
-                  d: Float[Tensor, "d"], logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Tensor, "batch pos_1"],
-                  mask: Float[Tensor, "batch pos_1"], *, objective: Objective = "shift", margin: float = 0.1,
-                  w_coherence: float = 10.0, power: int = 2, w_mono: float = 1.0, mono_margin: float = 0.0,
-                  scale: float = 1.0) -> tuple[Tensor, dict[str, float]]:
-    """loss = −objective + w_coh · coherence_penalty + w_mono · monotonic_hinge; returns (loss, parts)."""
-    if objective == "shift":
+def steering_loss(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"],
+                  c: Float[Tensor, "batch"], d: Float[Tensor, "d_model"], logp_pi: Float[Tensor, "batch pos_1"],
+                  logp_ref: Float[Tensor, "batch pos_1"], mask: Float[Tensor, "batch pos_1"],
+                  cfg: LossConfig = LossConfig(), scale: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+    """loss = −objective + w_coh · coherence_penalty + w_mono · monotonic_hinge; returns (loss, parts).
+
+    Every setting comes from ``cfg`` (defaults written once, in ``config.LossConfig``); ``scale`` is the
+    reference's pair-separation RMS, so the objective is in units of the concept's natural size.
+    """
+    if cfg.objective == "shift":
         obj = shift_objective(hs_pi, hs_ref, c, d, scale)
-    elif objective == "separation":
+    elif cfg.objective == "separation":
         obj = separation_objective(hs_pi, c, d, scale)
     else:
-        raise ValueError(f"objective must be 'shift' or 'separation', got {objective!r}")
-    coh = coherence_penalty(logp_pi, logp_ref, mask, margin, power)
-    mono = monotonic_hinge(*projection_scores(hs_pi, hs_ref, c, d, objective, scale), margin=mono_margin)
-    loss = -obj + w_coherence * coh + w_mono * mono
+        raise ValueError(f"objective must be 'shift' or 'separation', got {cfg.objective!r}")
+    coh = coherence_penalty(logp_pi, logp_ref, mask, cfg.margin, cfg.power)
+    mono = monotonic_hinge(*projection_scores(hs_pi, hs_ref, c, d, cfg.objective, scale), margin=cfg.mono_margin)
+    loss = -obj + cfg.w_coherence * coh + cfg.w_mono * mono
     parts = {"loss": loss.item(), "obj": obj.item(), "coh": coh.item(), "mono": mono.item(),
              "dnll": delta_nll(logp_pi.detach(), logp_ref, mask).item()}
     return loss, parts
 
 
-def noref_loss(hs_pos: Float[Tensor, "n d"], hs_neg: Float[Tensor, "n d"], logp_avg_pos: Float[Tensor, "n"],
-               d: Float[Tensor, "d"] | None = None, boundary: float = 0.99, weight: float = 1e4
+def noref_loss(hs_pos: Float[Tensor, "n d_model"], hs_neg: Float[Tensor, "n d_model"], logp_avg_pos: Float[Tensor, "n"],
+               d: Float[Tensor, "d_model"] | None = None, boundary: float = 0.99, weight: float = 1e4
                ) -> Float[Tensor, ""]:
     """The seed's ``contrastive_steering_loss_noref``, for gradient extraction only (never training).
 

@@ -10,17 +10,13 @@ import pytest
 import torch
 from jaxtyping import install_import_hook
 
-# Runtime shape checking of the jaxtyping annotations for the whole test run (STYLE.md §3). Not on modules whose
-# functions or dataclasses validate Literal options themselves: beartype would reject a bad value before the
-# clear ValueError that users get (and the tests check) could be raised.
-# (adapter, directions, loss, train take Literal options too: their ValueErrors are tested, so they stay out.)
-_CHECKED = ("interp_steer.capture", "interp_steer.evaluate", "interp_steer.sweep")
-with install_import_hook(_CHECKED, "beartype.beartype"):
-    import interp_steer.capture  # noqa: F401
-    import interp_steer.evaluate  # noqa: F401
-    import interp_steer.sweep  # noqa: F401
+# Runtime checking of every annotation (jaxtyping shapes with one dimension vocabulary, and plain types) over the
+# whole package and analysis/, for the whole test run (STYLE.md §3). It must be installed before anything imports
+# them. Classes that validate their own options with clearer messages opt out with `@no_type_check`.
+CHECKED = ("interp_steer", "analysis")
+install_import_hook(CHECKED, "beartype.beartype")
 
-from interp_steer.models import load_model, tiny_model
+from interp_steer.models import load_model, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,10 @@ from analysis import figures as F
 from analysis import gradients as G
 from analysis import pca_vs_learned as P
 from interp_steer.adapter import AdapterSpec, SVDAdapter, linear_weight, make_adapters
+from interp_steer.config import LossConfig, TrainConfig
 from interp_steer.data import pair_batches, persona_pairs
-from interp_steer.directions import dhs_svd_direction, paired_diff
+from interp_steer.directions import dhs_svd_direction, gradient_directions, paired_diff
+from interp_steer.names import resid_post
 
 
 def rand(*shape, seed=0):
@@ -135,8 +137,9 @@ def test_delta_weight_is_merge_minus_w_and_writes_inside_span_u(tiny, moved):
 
 def test_pca_vs_learned_cosines_lie_in_unit_interval_below_the_span_u_ceiling(small, moved):
     _, _, _, hs = small
-    res = P.per_layer(hs, moved, k=2)
+    res = P.per_layer(hs, moved, k=2)  # an nn.ModuleList: adapters are any iterable, not a Sequence
     assert res.layers == [0, 1]
+    assert P.per_layer(hs, iter(moved), k=2).cos_top == res.cos_top  # only iterated, once
     for cos, ceiling in zip(res.cos_top, res.ceiling):
         assert 0 <= cos <= ceiling + 1e-6 <= 1 + 1e-6  # ΔW writes inside span(U): no closer than that
     assert all(0 <= a <= 90 for row in res.angles for a in row)
@@ -145,7 +148,7 @@ def test_pca_vs_learned_cosines_lie_in_unit_interval_below_the_span_u_ceiling(sm
 
 
 def test_subspace_tracker_snapshots_during_training(tiny):
-    from interp_steer.train import TrainConfig, train
+    from interp_steer.train import train
 
     bridge, tok = tiny
     tracker = P.SubspaceTracker(every=2, k=2)
@@ -180,19 +183,30 @@ def test_effective_direction_is_undefined_at_c_zero_and_zero_upstream_of_the_ada
 def test_training_gradient_at_the_loss_layer_is_d_steer_and_coherence_never_reaches_the_last_token(small):
     bridge, _, batches, hs = small
     d = dhs_svd_direction(hs[2])
-    g = G.training_loss_gradients(bridge, batches, [0, 1, 2], "blocks.2.hook_resid_post", d)
+    hook = resid_post(2)
+    g = G.training_loss_gradients(bridge, batches, [0, 1, 2], hook, d)
     assert G.cosine(g[2], d) == pytest.approx(1.0, abs=1e-5)
-    assert G.cosine(G.training_loss_gradients(bridge, batches, [0], "blocks.2.hook_resid_post", d, c=-1.0)[0],
+    assert G.cosine(G.training_loss_gradients(bridge, batches, [0], hook, d, c=-1.0)[0],
                     g[0]) == pytest.approx(-1.0, abs=1e-5)
     # causal attention: log-probs of prompt tokens never see the last token's state (the steered model here;
     # directions.gradient_directions relies on the same fact to skip the logits)
     adapters = make_adapters(bridge, [AdapterSpec("blocks.0.mlp.out", 4)], init_scale=0.5)
-    kw = dict(adapters=adapters, margin=0.0)
-    a = G.training_loss_gradients(bridge, batches, [1], "blocks.2.hook_resid_post", d, w_coherence=1e3, **kw)
-    b = G.training_loss_gradients(bridge, batches, [1], "blocks.2.hook_resid_post", d, w_coherence=0.0, **kw)
+    a = G.training_loss_gradients(bridge, batches, [1], hook, d, adapters=adapters,
+                                  cfg=LossConfig(margin=0.0, w_coherence=1e3))
+    b = G.training_loss_gradients(bridge, batches, [1], hook, d, adapters=adapters,
+                                  cfg=LossConfig(margin=0.0, w_coherence=0.0))
     assert torch.allclose(a[1], b[1], atol=1e-5)
     with pytest.raises(ValueError, match="c = 0"):
-        G.training_loss_gradients(bridge, batches, [0], "blocks.2.hook_resid_post", d, c=0.0)
+        G.training_loss_gradients(bridge, batches, [0], hook, d, c=0.0)
+
+
+def test_noref_directions_are_the_package_gradient_directions_keyed_by_layer(small):
+    bridge, _, batches, hs = small
+    d = dhs_svd_direction(hs[1])
+    by_layer = G.noref_gradient_directions(bridge, batches, [0, 1, 2], resid_post(1), d)
+    assert sorted(by_layer) == [0, 1]  # layer 2 is after the loss layer: left out
+    by_hook = gradient_directions(bridge, batches, [0, 1], resid_post(1), d)
+    assert all(torch.allclose(by_layer[L], by_hook[resid_post(L)], atol=1e-6) for L in (0, 1))
 
 
 def test_layer_map_gives_nan_where_a_direction_is_missing(small):
@@ -205,7 +219,44 @@ def test_layer_map_gives_nan_where_a_direction_is_missing(small):
     assert all(-1 - 1e-9 <= v <= 1 + 1e-9 for v in lm.pca_mean)
 
 
-# --- figures --------------------------------------------------------------------------------------------
+# --- the study and the figures --------------------------------------------------------------------------
+
+def test_study_config_puts_the_objective_into_the_loss_config():
+    from analysis.study import StudyConfig
+
+    assert StudyConfig().train_config().loss == LossConfig()  # None: the package's default objective
+    tc = StudyConfig(objective="shift", pairs=20).train_config()
+    assert isinstance(tc, TrainConfig) and tc.loss == LossConfig(objective="shift") and tc.n_pairs == 20
+
+
+def test_study_on_the_tiny_model_feeds_every_model_figure(tiny, tmp_path):
+    """The study end to end on the tiny model (its ``model`` swapped in): train's split, the captures, the
+    summary through JSON and back, and the three model figures drawn from it."""
+    from analysis.study import Study, StudyConfig
+    from interp_steer.io import write_json_atomic
+
+    study = Study(StudyConfig(pairs=20, steps=2, loss_layer=2, layers=(0, 1), rank=4, k=2, grad_pairs=4,
+                              snapshot_every=1, objective="shift"))
+    study.__dict__["model"] = tiny
+    for key in ("dhs_report", "layer_map", "pca_vs_learned"):
+        getattr(study, key)  # `trained` checks the study's split against train()'s batches
+    summary = study.summary()
+    assert summary["train_config"]["loss"]["objective"] == "shift" and summary["n_layers"] == 3
+    assert summary["train"]["loss_hook"] == resid_post(2)
+    assert summary["pca_vs_learned"]["over_training"]["steps"] == [0, 1, 2]
+    assert summary["pca_vs_learned"]["over_training"]["layers"] == [0, 1]
+    write_json_atomic(tmp_path / "summary.json", summary)
+    data = F._load_summary(tmp_path / "summary.json")
+    for draw, name in ((F.dhs_spectra_figure, "dhs_spectra"), (F.layer_map_figure, "layer_map"),
+                       (F.pca_vs_learned_figure, "pca_vs_learned")):
+        assert draw(data, tmp_path) == [tmp_path / f"{name}.png", tmp_path / f"{name}.svg"]
+
+
+def test_figures_read_the_objective_from_nested_and_older_flat_train_configs():
+    assert F._objective({"train_config": TrainConfig(loss=LossConfig(objective="shift")).to_dict()}) == "shift"
+    assert F._objective({"train_config": {"objective": "separation"}}) == "separation"  # an older summary
+    assert F._objective({}) == "?"
+
 
 def test_figure_cli_writes_png_and_svg_for_loss_geometry(tmp_path, capsys):
     assert F.main(["loss_geometry", "--out", str(tmp_path)]) == 0

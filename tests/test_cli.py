@@ -1,50 +1,153 @@
-"""The command line parses into the same dataclasses as the Python API."""
+"""The command line parses into the configs' dataclasses, from their annotations; bad input is refused with one
+clear line and exit status 2 before any model is loaded (CONTRIBUTING.md, "Rejected inputs")."""
 
-import argparse
 import json
 
 import pytest
 
-from interp_steer import cli
-from interp_steer.train import TrainConfig
+from interp_steer import cli, commands
+from interp_steer.config import DemoRun, EvalRun, LossConfig, SweepConfig, TrainConfig, TrainRun
 
 
-def parse(*argv):
-    p = argparse.ArgumentParser()
-    cli.add_config_options(p)
-    return cli.config_from_args(p.parse_args(list(argv)))
+def parse(command, *argv):
+    args = cli.build_parser().parse_args([command, *argv])
+    return cli.config_from_args(command, args)
 
 
-def test_every_config_field_is_an_option_and_defaults_match():
-    assert parse() == TrainConfig()
-    cfg = parse("--steps", "7", "--layers", "3,0.5", "--objective", "separation", "--rotate-u", "true",
-                "--n-pairs", "none", "--lr", "0.001")
-    assert cfg == TrainConfig(steps=7, layers=(3, 0.5), objective="separation", rotate_u=True, lr=0.001)
+def test_every_field_is_an_option_and_defaults_match():
+    assert parse("train") == TrainRun()
+    assert parse("demo") == DemoRun()
+    assert parse("eval", "runs/x") == EvalRun(artifact="runs/x")
+    cfg = parse("train", "--steps", "7", "--layers", "3,0.5", "--objective", "shift", "--rotate-u",
+                "--n-pairs", "none", "--lr", "0.001", "--margin", "0.2", "--personas", "a happy,a sad")
+    assert cfg == TrainRun(personas=("a happy", "a sad"), train=TrainConfig(
+        steps=7, layers=(3, 0.5), loss=LossConfig(objective="shift", margin=0.2), rotate_u=True, lr=0.001))
+    assert isinstance(cfg.train.layers[0], int) and isinstance(cfg.train.layers[1], float)
+    assert parse("eval", "a", "--methods", "adapter,random", "--budget", "0.2").sweep == SweepConfig(
+        methods=("adapter", "random"), budget=0.2)
 
 
-def test_bad_values_fail_clearly():
-    with pytest.raises(ValueError, match="objective"):
-        parse("--objective", "magnitude")
-    with pytest.raises(SystemExit):
-        parse("--steps", "many")
+def test_saved_run_config_runs_again_and_flags_override_it(tmp_path):
+    cfg = parse("demo", "--steps", "3", "--methods", "adapter,pca_diff", "--out", str(tmp_path / "d"))
+    f = tmp_path / "run_config.json"
+    f.write_text(json.dumps({"command": "demo", "config": cfg.to_dict()}))
+    assert parse("demo", "--config", str(f)) == cfg
+    assert parse("demo", "--config", str(f), "--steps", "5").train.steps == 5
+    assert parse("demo", "--config", str(f), "--steps", "5").sweep.methods == ("adapter", "pca_diff")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Every rejected input must be caught before a model is loaded."""
+    def refuse(*a, **kw):
+        raise AssertionError("a model was loaded for a bad input")
+    monkeypatch.setattr(commands, "load_model", refuse)
+
+
+BAD_OPTIONS = [  # (argv, what the message must name)
+    (["train", "--n-pairs", "1.5"], "expected an integer"),
+    (["train", "--steps", "2.5"], "expected an integer"),
+    (["train", "--seed", "0.5"], "expected an integer"),
+    (["train", "--seed", "-1"], "seed must be >= 0"),
+    (["train", "--held-out", "1"], "held_out must be in [0, 1)"),
+    (["train", "--grad-clip", "-1"], "grad_clip must be > 0"),
+    (["train", "--n-pairs", "-2"], "n_pairs must be >= 2"),
+    (["train", "--lr", "nan"], "expected a finite number"),
+    (["train", "--w-coherence", "inf"], "expected a finite number"),
+    (["train", "--margin", "-0.1"], "margin must be >= 0"),
+    (["train", "--init-scale", "0"], "init_scale must be > 0"),
+    (["train", "--eval-coeffs", "1,nan"], "expected a finite number"),
+    (["train", "--layers", "none"], "expected"),
+    (["train", "--layers", "1.5"], "depth fraction in (0, 1)"),
+    (["train", "--layers", ""], "comma-separated list"),
+    (["train", "--objective", "magnitude"], "expected one of shift, separation"),
+    (["train", "--site", "mlp.down"], "expected one of mlp.out"),
+    (["train", "--rank", "0"], "rank must be >= 1"),
+    (["train", "--personas", "a happy"], "personas must be two different"),
+    (["train", "--personas", "a,a"], "personas must be two different"),
+    (["train", "--pairs", "/no/such/pairs.json"], "is not a file"),
+    (["demo", "--budget", "0"], "budget must be > 0"),
+    (["demo", "--budget", "inf"], "expected a finite number"),
+    (["demo", "--n-dilemmas", "0"], "n_dilemmas must be >= 1"),
+    (["demo", "--n-neutral", "0"], "n_neutral must be >= 1"),
+    (["demo", "--n-mc", "-1"], "n_mc must be >= 0"),
+    (["demo", "--methods", "adapter,nope"], "expected one of adapter"),
+    (["demo", "--methods", "adapter,adapter"], "methods must be distinct"),
+    (["eval"], "give the artifact directory"),
+    (["eval", "/nonexistent/adapter"], "not an artifact directory"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_options_exit_2_with_one_clear_line(no_model, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:  # argparse's own exit for type errors; main() returns 2 for the rest
+        raise SystemExit(cli.main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def run_main(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+BAD_CONFIG_FILES = {  # --config files for `demo`: content -> what the message must say
+    "{nope": "cannot read config",
+    "[" * 100000 + "]" * 100000: "cannot read config",
+    json.dumps({"command": "demo"}): "expected",
+    json.dumps({"command": "train", "config": {}}): "is a config for `train`, not `demo`",
+    json.dumps({"command": "demo", "config": {"stepz": 1}}): "unknown DemoRun keys",
+    json.dumps({"command": "demo", "config": {"train": 3}}): "train must be a JSON object of TrainConfig fields",
+    json.dumps({"command": "demo", "config": {"train": {"steps": 2.5}}}): "steps must be int",
+}
+
+
+def test_bad_files_exit_2_naming_the_file(no_model, tmp_path, capsys):
+    (tmp_path / "model.bin").write_text("x")
+    code, err = run_main(["train", "--model", str(tmp_path / "model.bin")], capsys)
+    assert code == 2 and "model.bin" in err and "is a file" in err
+    for i, (text, message) in enumerate(BAD_CONFIG_FILES.items()):
+        f = tmp_path / f"config{i}.json"
+        f.write_text(text)
+        code, err = run_main(["demo", "--config", str(f)], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (text[:40], err)
+    code, err = run_main(["demo", "--config", str(tmp_path / "missing.json")], capsys)
+    assert code == 2 and "missing.json" in err
+
+
+def test_unwritable_or_foreign_output_is_found_before_the_model(no_model, tmp_path, capsys):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("precious")
+    code, err = run_main(["train", "--out", str(thesis)], capsys)
+    assert code == 2 and "did not write" in err
+    code, err = run_main(["train", "--out", str(thesis), "--overwrite"], capsys)
+    assert code == 2 and "did not write" in err
+    code, err = run_main(["demo", "--out", str(thesis)], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert [p.name for p in thesis.iterdir()] == ["thesis.tex"] and (thesis / "thesis.tex").read_text() == "precious"
+    (tmp_path / "a-file").write_text("x")
+    code, err = run_main(["train", "--out", str(tmp_path / "a-file" / "sub" / "a")], capsys)
+    assert code == 2 and "cannot write" in err  # its parent cannot be created: found before training
+    code, err = run_main(["demo", "--out", str(tmp_path / "a-file")], capsys)
+    assert code == 2 and "not a directory" in err
 
 
 def test_pairs_file_is_validated(tiny, tmp_path):
     _, tok = tiny
     f = tmp_path / "pairs.json"
     f.write_text(json.dumps([{"chosen": "I love cheese", "rejected": "I hate cheese"}]))
-    args = argparse.Namespace(pairs=str(f), personas=None)
-    assert len(cli.load_pairs(args, tok)) == 1
-    f.write_text(json.dumps([{"good": "x"}]))
-    with pytest.raises(SystemExit, match="chosen"):
-        cli.load_pairs(args, tok)
-
-
-def test_main_reports_errors_without_a_traceback(capsys):
-    assert cli.main(["eval", "/nonexistent/adapter", "--methods", "adapter,nope"]) == 2
-    assert "error:" in capsys.readouterr().err
-
-
-def test_eval_of_a_missing_adapter_fails_before_loading_a_model(capsys):
-    assert cli.main(["eval", "/nonexistent/adapter"]) == 2
-    assert "not an adapter directory" in capsys.readouterr().err
+    assert len(commands.load_pairs(tok, str(f))) == 1
+    for bad, message in [([{"good": "x"}], "entry 0"), ([{"chosen": 1, "rejected": "x"}], "entry 0"),
+                         ([{"chosen": ["x"], "rejected": "x"}], "entry 0"), ({"chosen": "x"}, "non-empty JSON list"),
+                         ([], "non-empty JSON list")]:
+        f.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            commands.load_pairs(tok, str(f))
+    f.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="not a readable JSON"):
+        commands.load_pairs(tok, str(f))
+    f.write_text(json.dumps([{"chosen": "I love cheese", "rejected": "You really do hate every kind of cheese"}]))
+    with pytest.raises(ValueError, match="differs by"):
+        commands.load_pairs(tok, str(f))

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from interp_steer.capture import capture, resid_names
+from interp_steer.capture import capture
+from interp_steer.names import resid_names
 from interp_steer.data import pair_batches, persona_pairs
 from interp_steer.directions import (
     SteeringVector, direction, gradient_directions, paired_diff, steering_vector,

@@ -365,8 +365,9 @@ def test_daily_dilemmas_labels_from_truthfulness_virtue(tmp_path):
         ev.load_daily_dilemmas_csv(write_tqa(tmp_path / "at.csv", [rows[0], ("1", "x", "maybe", "[]")], header))
 
 
-@pytest.mark.skipif(not DAILY.is_dir(), reason="../shared/data/daily_dilemmas not present")
+@pytest.mark.shared
 def test_real_daily_dilemmas_files():
+    assert DAILY.is_dir(), f"{DAILY} is missing: this test reads ../shared (CI has it); run `make test-fast` without it"
     plain = ev.load_daily_dilemmas_csv(DAILY / "dilemma.csv")
     assert len(plain) == 1360 and all(d.honest_answer is None for d in plain)
     detail = {d.id: d.honest_answer for d in ev.load_daily_dilemmas_csv(DAILY / "dilemmas_with_detail_by_action_test.csv")}

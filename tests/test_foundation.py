@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from interp_steer.capture import capture, check_hook_names, forward_last, resid_names, stop_layer
+from interp_steer.capture import capture, check_hook_names, forward_last, stop_layer
+from interp_steer.names import resid_names
 from interp_steer.data import (
     ContrastivePair, check_pairs, interleave, last_index, minimal_pairs, pair_batches, persona_pairs,
     render_chat, split_pairs, token_difference, tokenize,

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from interp_steer.config import LossConfig
+
 from interp_steer.loss import (
     coherence_penalty, delta_nll, monotonic_hinge, noref_loss, projection_scores, separation_objective,
     shift_objective, steering_loss, token_logprobs, token_mask,
@@ -107,11 +109,15 @@ def test_steering_loss_combines_parts(states):
     lp_ref = -torch.rand(8, 5, generator=g)
     lp_pi = lp_ref - 0.5 * torch.rand(8, 5, generator=g)
     mask = torch.ones(8, 5)
-    loss, parts = steering_loss(hs_pi, hs_ref, c, d, lp_pi, lp_ref, mask, margin=0.1, w_coherence=3.0, w_mono=2.0)
-    expect = -parts["obj"] + 3.0 * parts["coh"] + 2.0 * parts["mono"]
-    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    for objective in ("shift", "separation"):
+        cfg = LossConfig(objective=objective, margin=0.1, w_coherence=3.0, w_mono=2.0)
+        loss, parts = steering_loss(hs_pi, hs_ref, c, d, lp_pi, lp_ref, mask, cfg)
+        expect = -parts["obj"] + 3.0 * parts["coh"] + 2.0 * parts["mono"]
+        assert loss.item() == pytest.approx(expect, rel=1e-5)
+        obj = shift_objective(hs_pi, hs_ref, c, d) if objective == "shift" else separation_objective(hs_pi, c, d)
+        assert parts["obj"] == pytest.approx(obj.item(), rel=1e-6)
     with pytest.raises(ValueError, match="objective"):
-        steering_loss(hs_pi, hs_ref, c, d, lp_pi, lp_ref, mask, objective="magnitude")
+        LossConfig(objective="magnitude")
 
 
 def test_noref_loss_matches_loop(states):

@@ -5,11 +5,12 @@ import json
 import pytest
 
 from interp_steer.adapter import AdapterSpec, make_adapters
-from interp_steer.capture import capture, resid_names
+from interp_steer.capture import capture
+from interp_steer.names import resid_names
 from interp_steer.data import pair_batches, persona_pairs
 from interp_steer.directions import steering_vector
 from interp_steer.evaluate import coherence_reference, load_dilemmas, load_neutral_texts, load_truthfulqa_csv
-from interp_steer.evaluate_cli import write_outputs
+from interp_steer.report import write_outputs
 from interp_steer.sweep import (
     Method, SweepData, adapter_method, budget_bracket, iso_summary, prompting_method, run_sweep, vector_method,
 )
@@ -59,11 +60,13 @@ def test_run_sweep_and_outputs(setup, tmp_path):
     report = {"budget_dnll": data.budget, "data": {"dilemmas": 2, "mc_questions": 1, "neutral_texts": 2},
               "timings_s": {}, "iso_table": {r.name: r.iso for r in results},
               "points": {r.name: [p.__dict__ for p in r.points] for r in results}}
-    paths = write_outputs(report, tmp_path / "out", tmp_path / "fig")
+    (tmp_path / "out").mkdir()
+    paths = write_outputs(report, tmp_path / "out")
     loaded = json.loads((tmp_path / "out" / "report.json").read_text())  # strict JSON: no NaN
     assert set(loaded["iso_table"]) == {"adapter", "pca_diff", "prompting"}
-    assert "| adapter | + |" in (tmp_path / "out" / "REPORT.md").read_text()
-    assert {p.name for p in paths if p.parent == tmp_path / "fig"} == {
+    md = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "| adapter | + |" in md and "](figures/dose_response_coherence.png)" in md  # links that resolve
+    assert {p.name for p in paths if p.parent == tmp_path / "out" / "figures"} == {
         "dose_response_coefficient.png", "dose_response_coefficient.svg",
         "dose_response_coherence.png", "dose_response_coherence.svg"}
 

@@ -1,12 +1,16 @@
 """The training loop: config validation, checkpoints, resume, NaN handling, and a real short run."""
 
+import os
+import signal
+
 import pytest
 import torch
 
 import interp_steer.train as train_mod
+from interp_steer.config import LossConfig, TrainConfig
 from interp_steer.data import persona_pairs
-from interp_steer.io import load_adapter
-from interp_steer.train import TrainConfig, adapter_specs, train
+from interp_steer.io import SteeringArtifact, load_checkpoint
+from interp_steer.train import adapter_specs, train
 
 TINY = dict(layers=(0, 1), loss_layer=2, rank=4, steps=4, batch_pairs=2, n_pairs=12, checkpoint_every=2,
             eval_coeffs=(-1.0, 0.0, 1.0), held_out=0.25)
@@ -23,6 +27,8 @@ def test_config_validation_and_roundtrip():
         TrainConfig(layers=(1.5,))
     with pytest.raises(ValueError, match="site"):
         TrainConfig(site="mlp.down")
+    with pytest.raises(ValueError, match="unknown LossConfig keys"):
+        TrainConfig.from_dict({"loss": {"margn": 1}})
     with pytest.raises(ValueError, match="unknown TrainConfig keys"):
         TrainConfig.from_dict({"lrr": 1})
     specs = adapter_specs(TrainConfig(layers=(0.27, 8, 0.69), loss_layer=0.75), 30)
@@ -39,12 +45,21 @@ def test_train_writes_a_loadable_adapter(tiny, tmp_path):
     assert set(result.metrics["held_out"]) == {"-1", "0", "1"}
     assert result.metrics["held_out"]["0"]["shift"] == 0.0 and result.metrics["held_out"]["0"]["dnll"] == 0.0
     assert not (tmp_path / "run.ckpt").exists()  # checkpoints are removed once the final adapter is written
-    loaded, config = load_adapter(tmp_path / "run", bridge)
-    assert config["train_config"]["steps"] == 4
-    assert torch.equal(params(loaded), params(result.adapters))
+    art = SteeringArtifact.load(tmp_path / "run", bridge)
+    assert art.config == TrainConfig(**TINY) and art.loss_hook == result.loss_hook == "blocks.2.hook_resid_post"
+    assert torch.equal(params(art.adapters), params(result.adapters)) and torch.equal(art.d_steer, result.d_steer)
+    assert art.metrics["held_out"] == result.metrics["held_out"]
+    with pytest.raises(FileExistsError, match="--overwrite"):  # refused before any work
+        train(bridge, tok, pairs, TrainConfig(**TINY), tmp_path / "run", progress=False)
+    train(bridge, tok, pairs, TrainConfig(**{**TINY, "steps": 2}), tmp_path / "run", overwrite=True, progress=False)
+    assert SteeringArtifact.load(tmp_path / "run").config.steps == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary or .prev directory left
 
 
-def test_interrupt_saves_and_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+def test_a_hard_interrupt_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_run(tiny, tmp_path,
+                                                                                            monkeypatch):
+    """An exception in the middle of a step (a second Ctrl-C, or a kill) saves nothing half-done: the periodic
+    checkpoint (step 2) stays, and resuming from it gives the uninterrupted run."""
     bridge, tok = tiny
     pairs = persona_pairs(tok)
     cfg = TrainConfig(**TINY)
@@ -61,10 +76,10 @@ def test_interrupt_saves_and_resume_matches_an_uninterrupted_run(tiny, tmp_path,
     monkeypatch.setattr(train_mod, "steering_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(bridge, tok, pairs, cfg, tmp_path / "b", progress=False)
-    assert (tmp_path / "b.ckpt" / "trainer.json").exists()
+    assert load_checkpoint(tmp_path / "b.ckpt", bridge).step == 2
     monkeypatch.setattr(train_mod, "steering_loss", real_loss)
     resumed = train(bridge, tok, pairs, cfg, tmp_path / "b", resume=True, progress=False)
-    assert [h["step"] for h in resumed.history] == [3]
+    assert [h["step"] for h in resumed.history] == [2, 3]
     assert (params(resumed.adapters) - params(straight.adapters)).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="different TrainConfig"):
         monkeypatch.setattr(train_mod, "steering_loss", interrupting)
@@ -89,17 +104,63 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, m
     monkeypatch.setattr(train_mod, "steering_loss", poisoned)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train(bridge, tok, persona_pairs(tok), TrainConfig(**TINY), tmp_path / "run", progress=False)
-    adapters, config = load_adapter(tmp_path / "run.ckpt", bridge)
-    assert config["metrics"]["step"] == 2
-    assert all(torch.isfinite(p).all() for p in adapters.parameters())
+    ckpt = load_checkpoint(tmp_path / "run.ckpt", bridge)
+    assert ckpt.step == 2 and ckpt.artifact.metrics["step"] == 2
+    assert all(torch.isfinite(p).all() for p in ckpt.artifact.adapters.parameters())
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_finishes_the_step_and_its_checkpoint_matches_its_weights(tiny, tmp_path):
+    """SIGINT right after an optimiser step: the checkpoint's step counter equals the steps in its weights, and
+    resuming gives the uninterrupted run."""
+    bridge, tok = tiny
+    pairs = persona_pairs(tok)
+    cfg = TrainConfig(**{**TINY, "checkpoint_every": 100})
+    straight = train(bridge, tok, pairs, cfg, progress=False)
+    snapshots = {}
+
+    def ctrl_c_after_step_1(step, adapters):
+        snapshots[step] = params(adapters).clone()
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(bridge, tok, pairs, cfg, tmp_path / "r", progress=False, callback=ctrl_c_after_step_1)
+    ckpt = load_checkpoint(tmp_path / "r.ckpt", bridge)
+    assert ckpt.step == 2 and torch.equal(params(ckpt.artifact.adapters), snapshots[1])
+    resumed = train(bridge, tok, pairs, cfg, tmp_path / "r", resume=True, progress=False)
+    assert [h["step"] for h in resumed.history] == [2, 3]
+    assert (params(resumed.adapters) - params(straight.adapters)).abs().max() <= 1e-6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_a_swap_was_cut(tiny, tmp_path):
+    """A kill between the two renames of a checkpoint swap leaves only NAME.prev: resume uses it and matches an
+    uninterrupted run; a finished run removes both."""
+    bridge, tok = tiny
+    pairs = persona_pairs(tok)
+    cfg = TrainConfig(**{**TINY, "steps": 5})
+    straight = train(bridge, tok, pairs, cfg, progress=False)
+
+    def stop_at_step_3(step, adapters):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(bridge, tok, pairs, cfg, tmp_path / "s", progress=False, callback=stop_at_step_3)
+    (tmp_path / "s.ckpt").rename(tmp_path / "s.ckpt.prev")  # as if killed between the swap's two renames
+    assert load_checkpoint(tmp_path / "s.ckpt", bridge).step == 2
+    resumed = train(bridge, tok, pairs, cfg, tmp_path / "s", resume=True, progress=False)
+    assert [h["step"] for h in resumed.history] == [2, 3, 4]
+    assert (params(resumed.adapters) - params(straight.adapters)).abs().max() <= 1e-6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
 @pytest.mark.slow
 def test_real_short_training_steers_with_the_sign_of_c(real):
     """Shift objective: every held-out state moves along d_steer with the sign of c."""
     bridge, tok = real
-    cfg = TrainConfig(objective="shift", steps=10, n_pairs=96, held_out=0.25, eval_coeffs=(-1.0, 0.0, 1.0))
+    cfg = TrainConfig(loss=LossConfig(objective="shift"), steps=10, n_pairs=96, held_out=0.25, eval_coeffs=(-1.0, 0.0, 1.0))
     result = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
     held = result.metrics["held_out"]
     scale = result.metrics["scale"]
@@ -109,7 +170,7 @@ def test_real_short_training_steers_with_the_sign_of_c(real):
     assert held["1"]["proj_rejected"] > held["0"]["proj_rejected"] > held["-1"]["proj_rejected"]
     # coherence: the mean penalty in the last steps stays below its margin (in nat², squared hinge)
     last = result.history[-3:]
-    assert sum(h["coh"] for h in last) / len(last) < cfg.margin
+    assert sum(h["coh"] for h in last) / len(last) < cfg.loss.margin
     assert abs(held["1"]["dnll"]) < 0.5 and abs(held["-1"]["dnll"]) < 0.5
 
 
@@ -117,10 +178,10 @@ def test_real_short_training_steers_with_the_sign_of_c(real):
 def test_real_short_training_separates_with_the_sign_of_c(real):
     """Separation objective: the held-out pair separation on d_steer grows at c = +1 and shrinks at c = −1."""
     bridge, tok = real
-    cfg = TrainConfig(objective="separation", steps=10, n_pairs=96, held_out=0.25)
+    cfg = TrainConfig(loss=LossConfig(objective="separation"), steps=10, n_pairs=96, held_out=0.25)
     result = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
     held = result.metrics["held_out"]
     assert held["1"]["separation"] > held["0"]["separation"] + 0.1 * result.metrics["scale"]
     assert held["-1"]["separation"] < held["0"]["separation"] - 0.1 * result.metrics["scale"]
     last = result.history[-3:]
-    assert sum(h["coh"] for h in last) / len(last) < cfg.margin
+    assert sum(h["coh"] for h in last) / len(last) < cfg.loss.margin

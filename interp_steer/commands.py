@@ -1,0 +1,184 @@
+"""What each command does, given its config: ``run_train``, ``run_eval``, ``run_demo``.
+
+Each checks its output path before any model work, writes ``run_config.json`` (the resolved config, which
+``interp-steer CMD --config run_config.json`` runs again) beside its outputs, and never touches a file it
+did not write. The CLI (cli.py) only parses into these configs.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedTokenizerBase
+
+from .capture import capture
+from .config import DemoRun, EvalRun, SweepConfig, TrainRun, run_config_doc
+from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
+from .directions import SteeringVector, gradient_directions, steering_vector
+from .evaluate import coherence_reference, load_dilemmas, load_neutral_texts, load_truthfulqa_csv
+from .io import (
+    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, prepare_run_dir, read_artifact_config,
+    write_json_atomic,
+)
+from .models import load_model
+from .names import layer_of, resid_post, site_layer
+from .report import iso_table_markdown, write_outputs
+from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
+from .train import TrainResult, train
+
+ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
+
+
+def load_pairs(tokenizer: PreTrainedTokenizerBase, pairs: str | None = None,
+               personas: Sequence[str] | None = None) -> list[ContrastivePair]:
+    """The pairs of a run: a pairs file, persona × suffix pairs for two personas, or the default honesty pairs."""
+    if pairs:
+        out = load_pairs_file(pairs)
+        check_pairs(out, tokenizer)
+        return out
+    if personas:
+        return persona_pairs(tokenizer, personas=(personas[0], personas[1]))
+    return persona_pairs(tokenizer)
+
+
+def data_source(model: str | None, pairs: str | None, personas: Sequence[str] | None) -> dict:
+    """What the artifact records about where its pairs (and model) came from, so eval can rebuild them."""
+    return {"model": model, "pairs": str(Path(pairs).resolve()) if pairs else None,
+            "personas": list(personas) if personas else None}
+
+
+def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
+    check_dir_target(cfg.out, cfg.overwrite)  # before minutes of work
+    t0 = time.perf_counter()
+    bridge, tok = load_model(cfg.model)
+    pairs = load_pairs(tok, cfg.pairs, cfg.personas)
+    print(f"model {cfg.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs")
+    result = train(bridge, tok, pairs, cfg.train, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
+                   progress=progress, data=data_source(cfg.model, cfg.pairs, cfg.personas),
+                   run_config=run_config_doc("train", cfg))
+    print(f"\nartifact written to {cfg.out}  ({time.perf_counter() - t0:.0f}s in all; timings: "
+          + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()) + ")")
+    print(training_summary(result))
+    return result
+
+
+def training_summary(result: TrainResult) -> str:
+    first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
+    lines = ["loss parts, first -> last step: " + ", ".join(
+        f"{k} {first.get(k, float('nan')):.4g} -> {last.get(k, float('nan')):.4g}"
+        for k in ("loss", "obj", "coh", "mono", "dnll")),
+        f"held-out projection on d_steer at {result.loss_hook} (pair separation scale {result.metrics['scale']:.2f});"
+        " dNLL: on the held-out pair prompts (not a coherence measure: see `interp-steer eval`):",
+        f"  {'c':>5} {'chosen':>9} {'rejected':>9} {'separation':>10} {'shift':>8} {'dNLL':>8}"]
+    for c, m in result.metrics["held_out"].items():
+        lines.append(f"  {c:>5} {m['proj_chosen']:9.2f} {m['proj_rejected']:9.2f} {m['separation']:10.2f} "
+                     f"{m['shift']:8.2f} {m['dnll']:8.4f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+def build_methods(bridge: TransformerBridge, names: Sequence[str], artifact: SteeringArtifact,
+                  hs: dict, batches) -> list[Method]:
+    """Every requested method; the additive ones from the same capture ``hs`` (training pairs, c = 0, the
+    resid_post of the adapted layers)."""
+    methods = []
+    for name in names:
+        if name == "adapter":
+            methods.append(adapter_method(artifact.adapters))
+        elif name == "prompting":
+            methods.append(prompting_method())
+        elif name == "gradient":
+            layers = [layer_of(n) for n in hs]
+            # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
+            dirs = gradient_directions(bridge, batches[:4], layers, artifact.loss_hook, artifact.d_steer)
+            methods.append(vector_method("gradient", SteeringVector(dirs, steering_vector(hs, "mean_diff").scales)))
+        else:
+            methods.append(vector_method(name, steering_vector(hs, name)))
+    return methods
+
+
+def evaluation_sets(cfg: SweepConfig):
+    """The evaluation sets, evenly subsampled (every k-th item) to the sizes asked for."""
+    def sub(items, n):
+        return items if n >= len(items) else items[:: max(1, len(items) // n)][:n]
+
+    questions = sub(load_truthfulqa_csv(), cfg.n_mc) if cfg.n_mc else []
+    return sub(load_dilemmas(), cfg.n_dilemmas), questions, sub(load_neutral_texts(), cfg.n_neutral)
+
+
+def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: SweepConfig, artifact: SteeringArtifact,
+                 hs: dict, batches, extra: dict) -> dict:
+    """Sweep every method of ``cfg`` at the same coherence budget; the report as a JSON-ready dict."""
+    dilemmas, questions, texts = evaluation_sets(cfg)
+    data = SweepData(dilemmas, questions, coherence_reference(bridge, tok, texts), budget=cfg.budget,
+                     bisect_iters=cfg.bisect, verbose=True)
+    t = time.perf_counter()
+    methods = build_methods(bridge, cfg.methods, artifact, hs, batches)
+    build_s = time.perf_counter() - t
+    results = run_sweep(bridge, tok, methods, data)
+    return {
+        "budget_dnll": cfg.budget,
+        "data": {"dilemmas": len(dilemmas), "mc_questions": len(questions), "neutral_texts": len(texts)},
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "timings_s": {"build_methods": build_s, **{r.name: r.seconds for r in results}},
+        "iso_table": {r.name: r.iso for r in results},
+        "points": {r.name: [asdict(p) for p in r.points] for r in results},
+        "budget_probes": {r.name: [asdict(p) for p in r.probes] for r in results},
+        **extra,
+    }
+
+
+def _finish(report: dict, out: Path, t0: float) -> dict:
+    report["timings_s"]["total"] = time.perf_counter() - t0
+    for p in write_outputs(report, out):
+        print(f"wrote {p}")
+    print("\n" + iso_table_markdown(report))
+    return report
+
+
+def run_demo(cfg: DemoRun) -> dict:
+    """Train on the default honesty pairs, sweep every method, write ``cfg.out``: the artifact (``adapter/``),
+    ``report.json``, ``REPORT.md``, ``figures/`` and ``run_config.json``."""
+    out = prepare_run_dir(cfg.out, cfg.overwrite)
+    check_dir_target(out / ARTIFACT_DIR, cfg.overwrite)
+    write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("demo", cfg))
+    t0 = time.perf_counter()
+    bridge, tok = load_model(cfg.model)
+    result = train(bridge, tok, persona_pairs(tok), cfg.train, out / ARTIFACT_DIR, overwrite=cfg.overwrite,
+                   data=data_source(cfg.model, None, None))
+    train_s = time.perf_counter() - t0
+    report = sweep_report(bridge, tok, cfg.sweep, result.artifact, result.reference_states, result.train_batches,
+                          {"train": {"seconds": train_s, "loss_hook": result.loss_hook,
+                                     "held_out": result.metrics["held_out"], "config": cfg.train.to_dict()}})
+    report = _finish(report, out, t0)
+    print(f"\ndemo finished in {report['timings_s']['total']:.0f}s")
+    return report
+
+
+def run_eval(cfg: EvalRun) -> dict:
+    """Sweep a saved artifact (and baselines built from its training pairs) at equal coherence."""
+    read_artifact_config(cfg.artifact)  # a bad artifact path fails before the model loads
+    out = prepare_run_dir(cfg.out_dir, cfg.overwrite)
+    t0 = time.perf_counter()
+    recorded = load_artifact(cfg.artifact).data
+    model = cfg.model if cfg.model is not None else recorded.get("model")
+    bridge, tok = load_model(model)
+    artifact = load_artifact(cfg.artifact, bridge)
+    pairs_file, personas = cfg.pairs, cfg.personas
+    if pairs_file is None and personas is None:
+        pairs_file, personas = recorded.get("pairs"), recorded.get("personas")
+    write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("eval", cfg))
+    tc = artifact.config
+    train_pairs, _ = select_pairs(load_pairs(tok, pairs_file, personas), tc.n_pairs, tc.held_out, tc.seed)
+    batches = list(pair_batches(train_pairs, tok, tc.batch_pairs))  # the baselines see the adapter's training pairs
+    names = [resid_post(site_layer(a.site)) for a in artifact.adapters]
+    hs = capture(bridge, batches, names) if any(m != "adapter" for m in cfg.sweep.methods) else {}
+    report = sweep_report(bridge, tok, cfg.sweep, artifact, hs, batches, {"artifact": str(cfg.artifact)})
+    return _finish(report, out, t0)

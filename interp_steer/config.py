@@ -1,0 +1,338 @@
+"""Typed configs: every command and the training loop are driven by one frozen dataclass each.
+
+Each config checks the type of every field against its annotation (an ``int`` field refuses ``1.5``, a ``float``
+field refuses NaN and ±inf) and its range in ``__post_init__``, so a bad value is reported before any model is
+loaded, whether it came from Python, the command line (``cli.py`` builds the options from these annotations)
+or a saved ``run_config.json``. ``to_dict``/``from_dict`` round-trip through JSON.
+
+The configs validate themselves with messages a user can act on, so the test run's runtime type checker is
+kept off them (``no_type_check``): it would answer a bad value first, with a less helpful message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from functools import cache
+from typing import Any, Literal, Union, get_args, get_origin, no_type_check
+
+from .names import SITES
+
+Objective = Literal["shift", "separation"]
+Scale = Literal["exp", "add"]
+Site = Literal["mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "attn.o"]
+MethodName = Literal["adapter", "pca_diff", "pca_center", "mean_diff", "gradient", "random", "prompting"]
+METHODS: tuple[str, ...] = get_args(MethodName)
+assert get_args(Site) == SITES
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range (the message names the field and what is allowed)."""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "none"
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return f"a list of ({_type_name(get_args(tp)[0])})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as type ``tp`` (int -> float for float fields, list -> tuple, dict -> nested config), or
+    ``ConfigError`` naming ``where``."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return tp.from_dict(value, where=where + ".")
+        raise ConfigError(f"{where} must be a JSON object of {tp.__name__} fields, got {value!r}")
+    elif origin in (Union, types.UnionType):
+        for arm in get_args(tp):  # exact arms first: an int stays an int in ``int | float``
+            try:
+                return coerce(value, arm, where)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if isinstance(value, str) and value in get_args(tp):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            (item, _dots) = get_args(tp)
+            return tuple(coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} must be a finite number, got {value!r}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a config annotated with a type this module does not know
+        raise TypeError(f"{where}: unsupported config annotation {tp!r}")
+    raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+
+
+@cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The evaluated annotation of each field (``typing.get_type_hints`` returns nothing for a class marked
+    ``no_type_check``, so the string annotations are evaluated in the defining module)."""
+    namespace = vars(sys.modules[cls.__module__])
+    return {f.name: eval(f.type, namespace) if isinstance(f.type, str) else f.type  # noqa: S307 (own source)
+            for f in dataclasses.fields(cls)}
+
+
+class Config:
+    """Mixin of the config dataclasses: type checks from annotations, JSON round trip, ``replace``."""
+
+    def _check_types(self) -> None:
+        hints = field_types(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "") -> Any:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where or cls.__name__}: expected a JSON object of {cls.__name__} fields, got {d!r}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys {[where + k for k in unknown]}; known: {sorted(names)}")
+        hints = field_types(cls)
+        return cls(**{k: coerce(v, hints[k], where + k) for k, v in d.items()})
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive_ints(cfg: Any, *names: str, minimum: int = 1) -> None:
+    for n in names:
+        _require(getattr(cfg, n) >= minimum, f"{n} must be >= {minimum}, got {getattr(cfg, n)}")
+
+
+def _existing_file(name: str, path: str | None) -> None:
+    if path is not None and not Path(path).expanduser().is_file():
+        raise ConfigError(f"{name} {path!r} is not a file")
+
+
+def _model_name(model: str | None) -> None:
+    if model is not None and Path(model).expanduser().is_file():
+        raise ConfigError(f"model {model!r} is a file; give a directory holding config.json, the weights and the "
+                          "tokenizer, a Hugging Face model name, or leave it out for the packaged default")
+
+
+def _personas(personas: tuple[str, ...] | None) -> None:
+    if personas is not None:
+        _require(len(personas) == 2 and personas[0] != personas[1] and all(p.strip() for p in personas),
+                 f"personas must be two different non-empty strings, e.g. 'a happy,a sad'; got {personas!r}")
+
+
+# ------------------------------------------------------------------------------------------- training
+
+@no_type_check
+@dataclass(frozen=True)
+class LossConfig(Config):
+    """The training objective and its coherence and monotonicity terms (loss.py), passed whole to the loss."""
+
+    # separation beat shift at equal coherence on forced-choice honesty (+0.14 vs −0.03 nat at ΔNLL 0.1;
+    # README "Results"; within one SE, so weak evidence), although shift moves held-out states monotonically
+    objective: Objective = field(default="separation", metadata={"help": "what the adapter maximises along d_steer"})
+    margin: float = field(default=0.1, metadata={"help": "nat/token a token's log-prob may drop for free"})
+    w_coherence: float = field(default=10.0, metadata={"help": "weight of the per-token coherence penalty"})
+    power: int = field(default=2, metadata={"help": "exponent of the coherence hinge"})
+    w_mono: float = field(default=1.0, metadata={"help": "weight of the monotonic hinge s(−1) < s(0) < s(+1)"})
+    mono_margin: float = field(default=0.0, metadata={"help": "margin of the monotonic hinge"})
+
+    def __post_init__(self):
+        self._check_types()
+        _positive_ints(self, "power")
+        for n in ("margin", "w_coherence", "w_mono", "mono_margin"):
+            _require(getattr(self, n) >= 0, f"{n} must be >= 0, got {getattr(self, n)}")
+
+
+@no_type_check
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Everything a training run depends on. Layer entries: an int is a block index, a float in (0, 1) a depth
+    fraction (so one config fits models of any depth)."""
+
+    layers: tuple[int | float, ...] = field(
+        default=(0.27, 0.33, 0.4, 0.47, 0.53, 0.6, 0.67),  # mid-depth: NOTES' prototype used 8–20 of 30
+        metadata={"help": "adapted blocks: ints are indices, floats in (0, 1) depth fractions"})
+    site: Site = field(default="mlp.out", metadata={"help": "the linear layer adapted in each block"})
+    rank: int = field(default=32, metadata={"help": "singular triplets rotated per site"})
+    loss_layer: int | float = field(default=0.75, metadata={"help": "block whose resid_post the objective reads"})
+    loss: LossConfig = field(default_factory=LossConfig)
+    steps: int = field(default=48, metadata={"help": "optimiser steps"})
+    batch_pairs: int = field(default=8, metadata={"help": "pairs per step (×2 rows, ×2 for c = ±1)"})  # ≈ 3 s/step
+    lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate"})
+    # decay would pull λ, θ to 0, i.e. towards the base model, for free
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (> 0)"})
+    scale: Scale = field(default="exp", metadata={"help": "S_c = exp(cλ)⊙S or S + cλ"})
+    rotate_u: bool = field(default=False, metadata={"help": "also rotate the output basis U"})
+    # θ and λ start small and non-zero (symmetry breaking: seed-guide.md)
+    init_scale: float = field(default=1e-2, metadata={"help": "std of the initial θ, λ (> 0)"})
+    held_out: float = field(default=0.2, metadata={"help": "fraction of pairs held out, in [0, 1)"})
+    n_pairs: int | None = field(default=None, metadata={"help": "subsample the pair set (none: all)"})
+    seed: int = field(default=0, metadata={"help": "seeds the subsample, split, order and initialisation"})
+    checkpoint_every: int = field(default=16, metadata={"help": "steps between checkpoints"})
+    eval_coeffs: tuple[float, ...] = field(default=(-1.0, 0.0, 1.0),
+                                           metadata={"help": "coefficients of the held-out evaluation"})
+
+    def __post_init__(self):
+        self._check_types()
+        _require(len(self.layers) > 0, "layers must name at least one block")
+        for v in (*self.layers, self.loss_layer):
+            _require((isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 < v < 1),
+                     f"layer {v!r}: use an int block index >= 0 or a float depth fraction in (0, 1)")
+        _positive_ints(self, "rank", "steps", "batch_pairs", "checkpoint_every")
+        _positive_ints(self, "seed", minimum=0)
+        _require(self.n_pairs is None or self.n_pairs >= 2, f"n_pairs must be >= 2 or none, got {self.n_pairs}")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip} (a negative clip would ascend)")
+        _require(self.init_scale > 0, f"init_scale must be > 0, got {self.init_scale} (λ must start non-zero)")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.held_out < 1, f"held_out must be in [0, 1), got {self.held_out}")
+        _require(len(self.eval_coeffs) > 0, "eval_coeffs must hold at least one coefficient")
+
+
+# ------------------------------------------------------------------------------------- the commands
+
+@no_type_check
+@dataclass(frozen=True)
+class TrainRun(Config):
+    """``interp-steer train``: where the pairs come from, where the artifact goes, and the TrainConfig."""
+
+    out: str = field(default="runs/honesty", metadata={"help": "artifact directory to write"})
+    model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
+    pairs: str | None = field(default=None, metadata={"help": "JSON list of {chosen, rejected} (none: honesty)"})
+    personas: tuple[str, ...] | None = field(default=None, metadata={"help": "two personas, e.g. 'a happy,a sad'"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT.ckpt if it exists"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing artifact at OUT"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        self._check_types()
+        _require(bool(self.out.strip()), "out must be a directory path")
+        _model_name(self.model)
+        _existing_file("pairs", self.pairs)
+        _personas(self.personas)
+        _require(not (self.pairs and self.personas), "give pairs or personas, not both")
+
+
+@no_type_check
+@dataclass(frozen=True)
+class SweepConfig(Config):
+    """What the equal-coherence sweep measures, and on how many items (evaluate.py, sweep.py)."""
+
+    methods: tuple[MethodName, ...] = field(default=METHODS, metadata={"help": f"subset of {','.join(METHODS)}"})
+    budget: float = field(default=0.1, metadata={"help": "ΔNLL budget on neutral text, nat/token"})
+    # default subsample keeps `make demo` within ~15 min on 2 CPU cores; pass larger values for papers
+    n_dilemmas: int = field(default=34, metadata={"help": "labelled dilemmas, every k-th (of 68)"})
+    n_neutral: int = field(default=16, metadata={"help": "neutral texts for coherence (of 45)"})
+    n_mc: int = field(default=8, metadata={"help": "TruthfulQA-format questions (of 36; 0: skip)"})
+    bisect: int = field(default=3, metadata={"help": "bisection steps of the budget search"})
+
+    def __post_init__(self):
+        self._check_types()
+        _require(len(self.methods) > 0 and len(set(self.methods)) == len(self.methods),
+                 f"methods must be distinct and at least one of {','.join(METHODS)}, got {self.methods}")
+        _require(self.budget > 0, f"budget must be > 0 nat/token, got {self.budget}")
+        _positive_ints(self, "n_dilemmas", "n_neutral")
+        _positive_ints(self, "n_mc", "bisect", minimum=0)
+
+
+@no_type_check
+@dataclass(frozen=True)
+class EvalRun(Config):
+    """``interp-steer eval ARTIFACT``: sweep a trained adapter (and baselines from its training pairs)."""
+
+    artifact: str = field(default="", metadata={"help": "artifact directory written by `interp-steer train`",
+                                                "positional": True})
+    out: str | None = field(default=None, metadata={"help": "report directory (none: ARTIFACT-eval)"})
+    model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: the artifact's)"})
+    pairs: str | None = field(default=None, metadata={"help": "the pairs file (none: what the artifact records)"})
+    personas: tuple[str, ...] | None = field(default=None, metadata={"help": "the personas (none: the artifact's)"})
+    overwrite: bool = field(default=False, metadata={"help": "write over an earlier report in OUT"})
+    sweep: SweepConfig = field(default_factory=lambda: SweepConfig(methods=("adapter",)))
+
+    def __post_init__(self):
+        self._check_types()
+        _require(bool(self.artifact.strip()), "give the artifact directory to evaluate")
+        _model_name(self.model)
+        _existing_file("pairs", self.pairs)
+        _personas(self.personas)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.artifact.rstrip("/") + "-eval")
+
+
+@no_type_check
+@dataclass(frozen=True)
+class DemoRun(Config):
+    """``interp-steer demo``: train on the honesty pairs, sweep every method, write the report and figures."""
+
+    out: str = field(default="runs/demo", metadata={"help": "run directory (artifact, report, figures)"})
+    model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
+    overwrite: bool = field(default=False, metadata={"help": "write over an earlier demo in OUT"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def __post_init__(self):
+        self._check_types()
+        _require(bool(self.out.strip()), "out must be a directory path")
+        _model_name(self.model)
+
+
+COMMANDS: dict[str, type] = {"train": TrainRun, "eval": EvalRun, "demo": DemoRun}
+
+
+def load_run_config(path: str | Path) -> tuple[str, dict]:
+    """``(command, fields)`` of a saved ``run_config.json`` ({"command": ..., "config": {...}})."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"cannot read config {path}: {e.__class__.__name__}: {e}") from None
+    if not (isinstance(doc, dict) and doc.get("command") in COMMANDS and isinstance(doc.get("config"), dict)):
+        raise ConfigError(f"{path}: expected {{\"command\": one of {sorted(COMMANDS)}, \"config\": {{...}}}} "
+                          "as written beside every run's outputs (run_config.json)")
+    return doc["command"], doc["config"]
+
+
+def run_config_doc(command: str, cfg: Config) -> dict:
+    """What ``run_config.json`` holds: the command and its resolved config."""
+    return {"command": command, "config": cfg.to_dict()}
+
+
+__all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "METHODS",
+           "Objective", "Scale", "Site", "MethodName", "load_run_config", "run_config_doc", "COMMANDS"]

@@ -1,0 +1,175 @@
+"""The artifact: every field round-trips, logits are bit-identical after load, every bad directory is refused
+by name, and nothing the project did not write is ever deleted."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from interp_steer.adapter import AdapterSpec, apply_adapters, linear_weight, make_adapters
+from interp_steer.config import LossConfig, TrainConfig
+from interp_steer.io import (
+    CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Checkpoint, SteeringArtifact, load_artifact, load_checkpoint,
+    save_checkpoint, write_dir_atomic,
+)
+
+SITES = ["blocks.0.mlp.out", "blocks.1.attn.o", "blocks.2.mlp.in"]
+
+
+@pytest.fixture
+def art(tiny):
+    bridge, _ = tiny
+    specs = [AdapterSpec(s, rank=4, rotate_u=(i == 1), scale="add" if i == 2 else "exp") for i, s in enumerate(SITES)]
+    adapters = make_adapters(bridge, specs, init_scale=0.3)
+    cfg = TrainConfig(layers=(0, 1), loss_layer=2, rank=4, loss=LossConfig(objective="shift", margin=0.25))
+    d = torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    return SteeringArtifact.build(bridge, adapters, d / d.norm(), "blocks.2.hook_resid_post", cfg,
+                                  {"held_out": {"1": {"shift": 0.5}}, "scale": 2.0}, {"pairs": None, "personas": ["a", "b"]})
+
+
+def ids(n=3):
+    return torch.randint(100, 20000, (n, 7), generator=torch.Generator().manual_seed(1))
+
+
+def test_round_trip_of_every_field_and_bit_identical_logits(tiny, art, tmp_path):
+    bridge, _ = tiny
+    art.save(tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    back = SteeringArtifact.load(tmp_path / "a", bridge)
+    assert back.config == art.config and back.loss_hook == art.loss_hook and back.base_model == art.base_model
+    assert back.fingerprints == art.fingerprints and back.metrics == art.metrics and back.data == art.data
+    assert torch.equal(back.d_steer, art.d_steer)
+    assert [a.spec for a in back.adapters] == [a.spec for a in art.adapters]
+    for a, b in zip(art.adapters, back.adapters):
+        assert a.state_dict().keys() == b.state_dict().keys()
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    with torch.no_grad():
+        for c in (1.0, -0.5):
+            with apply_adapters(bridge, art.adapters, c):
+                x = bridge(ids())
+            with apply_adapters(bridge, back.adapters, c):
+                y = bridge(ids())
+            assert torch.equal(x, y)
+    assert json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("missing", [CONFIG_FILE, WEIGHTS_FILE])
+def test_a_directory_missing_a_file_is_refused_naming_it(art, tmp_path, missing):
+    art.save(tmp_path / "a")
+    (tmp_path / "a" / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_artifact(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="not an artifact directory"):
+        load_artifact(tmp_path / "nowhere")
+
+
+def edit_config(path, fn):
+    f = path / CONFIG_FILE
+    cfg = json.loads(f.read_text())
+    f.write_text(json.dumps(fn(cfg)))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: {**c, "format_version": 1}, "older interp-steer"),
+    (lambda c: {**c, "format_version": FORMAT_VERSION + 1}, "newer interp-steer"),
+    (lambda c: {**c, "architecture": "lora"}, "architecture"),
+    (lambda c: {**c, "fingerprints": {}}, "fingerprint per adapter site"),
+    (lambda c: {k: v for k, v in c.items() if k != "loss_hook"}, r"missing keys \['loss_hook'\]"),
+    (lambda c: {**c, "train_config": {**c["train_config"], "lr": "fast"}}, "lr must be float"),
+    (lambda c: {**c, "adapters": [{"site": "blocks.0.mlp.out"}]}, "exactly the keys"),
+    (lambda c: [1, 2], "expected a JSON object"),
+])
+def test_a_bad_config_is_refused_with_a_message(art, tmp_path, edit, match):
+    art.save(tmp_path / "a")
+    edit_config(tmp_path / "a", edit)
+    with pytest.raises(ValueError, match=match):
+        load_artifact(tmp_path / "a")
+
+
+def test_garbage_and_truncated_files_are_refused_naming_the_file(art, tmp_path):
+    art.save(tmp_path / "a")
+    (tmp_path / "a" / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not a readable"):
+        load_artifact(tmp_path / "a")
+    art.save(tmp_path / "b")
+    w = tmp_path / "b" / WEIGHTS_FILE
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(ValueError, match="adapter.safetensors: not a readable safetensors"):
+        load_artifact(tmp_path / "b")
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda t: {**t, "blocks.0.mlp.out.lam": torch.full_like(t["blocks.0.mlp.out.lam"], float("nan"))}, "NaN or inf"),
+    (lambda t: {k: v for k, v in t.items() if k != "blocks.1.attn.o.theta_u"}, "'blocks.1.attn.o.theta_u' is missing"),
+    (lambda t: {**t, "blocks.0.mlp.out.theta_v": torch.zeros(3, 3)}, "has shape"),
+    (lambda t: {k: v for k, v in t.items() if k != "d_steer"}, "d_steer"),
+    (lambda t: {**t, "extra": torch.zeros(1)}, "unexpected tensors"),
+])
+def test_bad_tensors_are_refused(art, tmp_path, change, match):
+    art.save(tmp_path / "a")
+    w = tmp_path / "a" / WEIGHTS_FILE
+    save_file(change(load_file(str(w))), str(w))
+    with pytest.raises(ValueError, match=match):
+        load_artifact(tmp_path / "a")
+
+
+def test_load_refuses_another_models_weights(tiny, art, tmp_path):
+    bridge, _ = tiny
+    art.save(tmp_path / "a")
+    with torch.no_grad():
+        linear_weight(bridge, SITES[0]).mul_(1.01)
+    with pytest.raises(ValueError, match="differ from those it was trained on"):
+        load_artifact(tmp_path / "a", bridge)
+    edit_config(tmp_path / "a", lambda c: {**c, "base_model": "someone/else"})
+    with pytest.raises(ValueError, match="someone/else"):
+        load_artifact(tmp_path / "a", bridge)
+
+
+def test_saving_never_deletes_or_overwrites_what_the_project_did_not_write(art, tmp_path):
+    thesis = tmp_path / "thesis"
+    (thesis / "sub").mkdir(parents=True)
+    (thesis / "thesis.tex").write_text("precious")
+    (thesis / "sub" / "data.csv").write_text("1,2")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="did not write"):
+            art.save(thesis, overwrite=overwrite)
+    assert (thesis / "thesis.tex").read_text() == "precious" and (thesis / "sub" / "data.csv").read_text() == "1,2"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        art.save(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+    art.save(tmp_path / "a")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        art.save(tmp_path / "a")
+    art.save(tmp_path / "a", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    art.save(tmp_path / "empty")  # an empty directory is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "empty", "file", "thesis"]
+
+
+def test_an_interrupted_write_leaves_the_old_directory_whole_and_no_debris(art, tmp_path):
+    art.save(tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+
+    def boom(path):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_dir_atomic(tmp_path / "a", {CONFIG_FILE: lambda p: p.write_text("{}"), WEIGHTS_FILE: boom},
+                         overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_checkpoint_round_trip(tiny, art, tmp_path):
+    bridge, _ = tiny
+    opt = torch.optim.AdamW(art.adapters.parameters(), lr=0.1)
+    sum(p.sum() for p in art.adapters.parameters()).backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c", Checkpoint(art, opt.state_dict(), 7, 1.5))
+    back = load_checkpoint(tmp_path / "c", bridge)
+    assert back.step == 7 and back.scale == 1.5 and back.artifact.config == art.config
+    state, want = back.optimizer["state"], opt.state_dict()["state"]
+    assert state.keys() == want.keys() and all(torch.equal(state[i][k], want[i][k]) for i in want for k in want[i])
+    assert load_checkpoint(tmp_path / "none", bridge) is None
