@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Literal, Sequence, no_type_check
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -156,7 +157,8 @@ class SVDAdapter(nn.Module):
 
 def _read_input(stash: dict[str, Tensor]) -> Callable:
     def hook(act: Tensor, hook) -> None:
-        stash["x"] = act.flatten(2) if act.ndim == 4 else act  # attn.o reads per-head z: batch pos (h d)
+        # attn.o reads per-head z (batch pos head d_head): the linear layer sees the heads concatenated
+        stash["x"] = einops.rearrange(act, "b p h d -> b p (h d)") if act.ndim == 4 else act
     return hook
 
 
@@ -167,7 +169,10 @@ def _add_delta(adapter: SVDAdapter, stash: dict[str, Tensor], c: float | Tensor)
         cc = cc.expand(x.shape[0]) if cc.ndim == 0 else cc
         if cc.shape != (x.shape[0],):
             raise ValueError(f"c must be a scalar or have one value per batch row ({x.shape[0]}), got {tuple(cc.shape)}")
-        return act + adapter.delta(x, cc).view(act.shape)
+        delta = adapter.delta(x, cc)
+        if act.ndim == 4:  # attn.q/k/v write per-head outputs
+            delta = einops.rearrange(delta, "b p (h d) -> b p h d", h=act.shape[2])
+        return act + delta
     return hook
 
 

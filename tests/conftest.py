@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny random model (seconds) and the real default model (``slow``, loaded once)."""
 
-import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,12 +23,31 @@ def _tiny_cached():
     return tiny_model(seed=0)
 
 
+@pytest.fixture(scope="session")
+def _tiny_state(_tiny_cached):
+    return {k: v.clone() for k, v in _tiny_cached[0].state_dict().items()}
+
+
+def _hooked_points(bridge) -> list[str]:
+    return sorted({name for name, h in bridge.hook_dict.items() if h.fwd_hooks or h.bwd_hooks})
+
+
 @pytest.fixture
-def tiny(_tiny_cached):
-    """A fresh deep copy of the tiny model per test, so a test cannot leak hooks or weights into another."""
+def tiny(_tiny_cached, _tiny_state):
+    """The tiny model, shared; after each test its weights are put back and no hook may be left on it.
+
+    (Cheaper than a deep copy per test, 0.17 s each, and stricter: a leaked hook fails the test that leaked it.)
+    """
     torch.manual_seed(0)
     bridge, tok = _tiny_cached
-    return copy.deepcopy(bridge), tok
+    yield bridge, tok
+    leaked = _hooked_points(bridge)
+    for name in leaked:
+        bridge.hook_dict[name].remove_hooks(including_permanent=True)
+    state = bridge.state_dict()
+    if any(not torch.equal(state[k], v) for k, v in _tiny_state.items()):
+        bridge.load_state_dict(_tiny_state)
+    assert not leaked, f"the test left hooks on the model at {leaked}"
 
 
 @pytest.fixture(scope="session")

@@ -151,3 +151,24 @@ def test_pairs_file_is_validated(tiny, tmp_path):
     f.write_text(json.dumps([{"chosen": "I love cheese", "rejected": "You really do hate every kind of cheese"}]))
     with pytest.raises(ValueError, match="differs by"):
         commands.load_pairs(tok, str(f))
+
+
+def test_train_then_eval_end_to_end_through_the_commands(tiny, tmp_path, monkeypatch, capsys):
+    """The command path on the tiny model: train writes a whole artifact with its run config, eval rebuilds the
+    training pairs from what the artifact records and writes its report, figures and run config; nothing else."""
+    monkeypatch.setattr(commands, "load_model", lambda name=None: tiny)
+    art = tmp_path / "a"
+    assert cli.main(["train", "--out", str(art), "--layers", "0,1", "--loss-layer", "2", "--rank", "4",
+                     "--steps", "2", "--batch-pairs", "2", "--n-pairs", "8", "--personas", "a happy,a sad"]) == 0
+    assert sorted(p.name for p in art.iterdir()) == ["adapter.safetensors", "config.json", "run_config.json"]
+    saved = json.loads((art / "run_config.json").read_text())
+    assert parse("train", "--config", str(art / "run_config.json")) == TrainRun.from_dict(saved["config"])
+    assert cli.main(["eval", str(art), "--methods", "adapter,mean_diff", "--n-dilemmas", "2", "--n-neutral", "2",
+                     "--n-mc", "1", "--bisect", "0"]) == 0
+    out = tmp_path / "a-eval"
+    assert {"report.json", "REPORT.md", "run_config.json", "figures"} == {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["iso_table"]) == {"adapter", "mean_diff"}
+    assert cli.main(["eval", str(art), "--methods", "adapter", "--n-dilemmas", "2", "--n-neutral", "2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # a second eval does not write over the first unasked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a-eval"]

@@ -8,7 +8,7 @@ import torch
 
 import interp_steer.train as train_mod
 from interp_steer.config import LossConfig, TrainConfig
-from interp_steer.data import persona_pairs
+from interp_steer.data import ContrastivePair, persona_pairs
 from interp_steer.io import SteeringArtifact, load_checkpoint
 from interp_steer.train import adapter_specs, train
 
@@ -18,6 +18,14 @@ TINY = dict(layers=(0, 1), loss_layer=2, rank=4, steps=4, batch_pairs=2, n_pairs
 
 def params(adapters):
     return torch.cat([p.detach().flatten() for p in adapters.parameters()])
+
+
+@pytest.fixture(scope="module")
+def straight(_tiny_cached):
+    """The uninterrupted TINY run that every interrupted-and-resumed run must reproduce (checkpoint_every does
+    not change the trajectory)."""
+    bridge, tok = _tiny_cached
+    return params(train(bridge, tok, persona_pairs(tok), TrainConfig(**TINY), progress=False).adapters)
 
 
 def test_config_validation_and_roundtrip():
@@ -57,13 +65,12 @@ def test_train_writes_a_loadable_adapter(tiny, tmp_path):
 
 
 def test_a_hard_interrupt_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_run(tiny, tmp_path,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch, straight):
     """An exception in the middle of a step (a second Ctrl-C, or a kill) saves nothing half-done: the periodic
     checkpoint (step 2) stays, and resuming from it gives the uninterrupted run."""
     bridge, tok = tiny
     pairs = persona_pairs(tok)
     cfg = TrainConfig(**TINY)
-    straight = train(bridge, tok, pairs, cfg, tmp_path / "a", progress=False)
 
     real_loss, calls = train_mod.steering_loss, {"n": 0}
 
@@ -80,7 +87,7 @@ def test_a_hard_interrupt_keeps_the_last_checkpoint_and_resume_matches_an_uninte
     monkeypatch.setattr(train_mod, "steering_loss", real_loss)
     resumed = train(bridge, tok, pairs, cfg, tmp_path / "b", resume=True, progress=False)
     assert [h["step"] for h in resumed.history] == [2, 3]
-    assert (params(resumed.adapters) - params(straight.adapters)).abs().max() <= 1e-6
+    assert (params(resumed.adapters) - straight).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="different TrainConfig"):
         monkeypatch.setattr(train_mod, "steering_loss", interrupting)
         calls["n"] = 0
@@ -110,13 +117,12 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_finishes_the_step_and_its_checkpoint_matches_its_weights(tiny, tmp_path):
+def test_ctrl_c_finishes_the_step_and_its_checkpoint_matches_its_weights(tiny, tmp_path, straight):
     """SIGINT right after an optimiser step: the checkpoint's step counter equals the steps in its weights, and
     resuming gives the uninterrupted run."""
     bridge, tok = tiny
     pairs = persona_pairs(tok)
     cfg = TrainConfig(**{**TINY, "checkpoint_every": 100})
-    straight = train(bridge, tok, pairs, cfg, progress=False)
     snapshots = {}
 
     def ctrl_c_after_step_1(step, adapters):
@@ -130,17 +136,16 @@ def test_ctrl_c_finishes_the_step_and_its_checkpoint_matches_its_weights(tiny, t
     assert ckpt.step == 2 and torch.equal(params(ckpt.artifact.adapters), snapshots[1])
     resumed = train(bridge, tok, pairs, cfg, tmp_path / "r", resume=True, progress=False)
     assert [h["step"] for h in resumed.history] == [2, 3]
-    assert (params(resumed.adapters) - params(straight.adapters)).abs().max() <= 1e-6
+    assert (params(resumed.adapters) - straight).abs().max() <= 1e-6
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
 
 
-def test_resume_falls_back_to_the_previous_checkpoint_when_a_swap_was_cut(tiny, tmp_path):
+def test_resume_falls_back_to_the_previous_checkpoint_when_a_swap_was_cut(tiny, tmp_path, straight):
     """A kill between the two renames of a checkpoint swap leaves only NAME.prev: resume uses it and matches an
     uninterrupted run; a finished run removes both."""
     bridge, tok = tiny
     pairs = persona_pairs(tok)
-    cfg = TrainConfig(**{**TINY, "steps": 5})
-    straight = train(bridge, tok, pairs, cfg, progress=False)
+    cfg = TrainConfig(**TINY)
 
     def stop_at_step_3(step, adapters):
         if step == 3:
@@ -151,8 +156,8 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_a_swap_was_cut(tiny, 
     (tmp_path / "s.ckpt").rename(tmp_path / "s.ckpt.prev")  # as if killed between the swap's two renames
     assert load_checkpoint(tmp_path / "s.ckpt", bridge).step == 2
     resumed = train(bridge, tok, pairs, cfg, tmp_path / "s", resume=True, progress=False)
-    assert [h["step"] for h in resumed.history] == [2, 3, 4]
-    assert (params(resumed.adapters) - params(straight.adapters)).abs().max() <= 1e-6
+    assert [h["step"] for h in resumed.history] == [2, 3]
+    assert (params(resumed.adapters) - straight).abs().max() <= 1e-6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
@@ -185,3 +190,11 @@ def test_real_short_training_separates_with_the_sign_of_c(real):
     assert held["-1"]["separation"] < held["0"]["separation"] - 0.1 * result.metrics["scale"]
     last = result.history[-3:]
     assert sum(h["coh"] for h in last) / len(last) < cfg.loss.margin
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_training(tiny):
+    bridge, tok = tiny
+    long = " ".join(["word"] * (bridge.cfg.n_ctx + 10))
+    pairs = [ContrastivePair(f"I love it. {long}", f"I hate it. {long}")] * 4
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        train(bridge, tok, pairs, TrainConfig(**TINY), progress=False)
