@@ -277,7 +277,8 @@ def dose_response_figure(out: Path, report: Path = DEFAULT_REPORT) -> list[Path]
     """Re-plot the demo's dose-response curves from ``report`` into ``out`` (the tracked ``figures/``).
 
     ``make demo`` writes ``runs/demo/report.json`` and its own copies of these figures under ``runs/demo/figures/``;
-    the tracked figures change only here (``make figures``). Only ``points``, ``budget_dnll`` and
+    the tracked figures change only here (``make figures``). Only ``points``, ``budget``, ``budget_metric``,
+    ``effects``, ``concept`` and
     ``budget_probes`` of the report are read, so reports of ``interp-steer eval`` re-plot the same way.
     """
     report = Path(report)

@@ -35,6 +35,8 @@ _EXPORTS = {
                  "evaluate_pairs", "load_dilemmas", "load_neutral_texts", "load_truthfulqa_csv"),
     "sweep": ("run_sweep", "SweepData", "adapter_method", "vector_method", "prompting_method"),
     "commands": ("run_train", "run_eval", "run_demo", "load_pairs"),
+    "concepts": ("Concept", "Effect", "CONCEPTS", "register", "get_concept", "reply_options_effect",
+                 "generation_sentiment_effect", "greedy_continuations"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -18,10 +18,11 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from .capture import capture
+from .concepts import Concept, every_kth, get_concept
 from .config import DemoRun, EvalRun, SweepConfig, TrainRun, run_config_doc
 from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
 from .directions import SteeringVector, gradient_directions, steering_vector
-from .evaluate import coherence_reference, load_dilemmas, load_neutral_texts, load_truthfulqa_csv
+from .evaluate import coherence_reference, load_neutral_texts
 from .io import (
     RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, prepare_run_dir, read_artifact_config,
     write_json_atomic,
@@ -36,31 +37,32 @@ ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
 
 
 def load_pairs(tokenizer: PreTrainedTokenizerBase, pairs: str | None = None,
-               personas: Sequence[str] | None = None) -> list[ContrastivePair]:
-    """The pairs of a run: a pairs file, persona × suffix pairs for two personas, or the default honesty pairs."""
+               personas: Sequence[str] | None = None, concept: str = "honesty") -> list[ContrastivePair]:
+    """The pairs of a run: a pairs file, persona × suffix pairs for two personas, or the concept's own pairs."""
     if pairs:
         out = load_pairs_file(pairs)
         check_pairs(out, tokenizer)
         return out
     if personas:
         return persona_pairs(tokenizer, personas=(personas[0], personas[1]))
-    return persona_pairs(tokenizer)
+    return get_concept(concept).pairs(tokenizer)
 
 
-def data_source(model: str | None, pairs: str | None, personas: Sequence[str] | None) -> dict:
+def data_source(model: str | None, pairs: str | None, personas: Sequence[str] | None, concept: str) -> dict:
     """What the artifact records about where its pairs (and model) came from, so eval can rebuild them."""
     return {"model": model, "pairs": str(Path(pairs).resolve()) if pairs else None,
-            "personas": list(personas) if personas else None}
+            "personas": list(personas) if personas else None, "concept": concept}
 
 
 def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
-    check_dir_target(cfg.out, cfg.overwrite)  # before minutes of work
+    get_concept(cfg.concept)  # an unknown name fails before minutes of work, and so does a bad output path
+    check_dir_target(cfg.out, cfg.overwrite)
     t0 = time.perf_counter()
     bridge, tok = load_model(cfg.model)
-    pairs = load_pairs(tok, cfg.pairs, cfg.personas)
+    pairs = load_pairs(tok, cfg.pairs, cfg.personas, cfg.concept)
     print(f"model {cfg.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs")
     result = train(bridge, tok, pairs, cfg.train, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
-                   progress=progress, data=data_source(cfg.model, cfg.pairs, cfg.personas),
+                   progress=progress, data=data_source(cfg.model, cfg.pairs, cfg.personas, cfg.concept),
                    run_config=run_config_doc("train", cfg))
     print(f"\nartifact written to {cfg.out}  ({time.perf_counter() - t0:.0f}s in all; timings: "
           + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()) + ")")
@@ -85,7 +87,7 @@ def training_summary(result: TrainResult) -> str:
 # ------------------------------------------------------------------------------------------ sweeps
 
 def build_methods(bridge: TransformerBridge, names: Sequence[str], artifact: SteeringArtifact,
-                  hs: dict, batches) -> list[Method]:
+                  hs: dict, batches, concept: Concept) -> list[Method]:
     """Every requested method; the additive ones from the same capture ``hs`` (training pairs, c = 0, the
     resid_post of the adapted layers)."""
     methods = []
@@ -93,7 +95,7 @@ def build_methods(bridge: TransformerBridge, names: Sequence[str], artifact: Ste
         if name == "adapter":
             methods.append(adapter_method(artifact.adapters))
         elif name == "prompting":
-            methods.append(prompting_method())
+            methods.append(prompting_method(*concept.prompts))
         elif name == "gradient":
             layers = [layer_of(n) for n in hs]
             # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
@@ -104,28 +106,22 @@ def build_methods(bridge: TransformerBridge, names: Sequence[str], artifact: Ste
     return methods
 
 
-def evaluation_sets(cfg: SweepConfig):
-    """The evaluation sets, evenly subsampled (every k-th item) to the sizes asked for."""
-    def sub(items, n):
-        return items if n >= len(items) else items[:: max(1, len(items) // n)][:n]
-
-    questions = sub(load_truthfulqa_csv(), cfg.n_mc) if cfg.n_mc else []
-    return sub(load_dilemmas(), cfg.n_dilemmas), questions, sub(load_neutral_texts(), cfg.n_neutral)
-
-
-def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: SweepConfig, artifact: SteeringArtifact,
-                 hs: dict, batches, extra: dict) -> dict:
-    """Sweep every method of ``cfg`` at the same coherence budget; the report as a JSON-ready dict."""
-    dilemmas, questions, texts = evaluation_sets(cfg)
-    data = SweepData(dilemmas, questions, coherence_reference(bridge, tok, texts), budget=cfg.budget,
-                     bisect_iters=cfg.bisect, verbose=True)
+def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: SweepConfig, concept: Concept,
+                 artifact: SteeringArtifact, hs: dict, batches, extra: dict) -> dict:
+    """Sweep every method of ``cfg`` at the same coherence budget on ``concept``'s effects; a JSON-ready report."""
+    effects = concept.effects(cfg.n_items, cfg.n_secondary)
+    texts = every_kth(load_neutral_texts(), cfg.n_neutral)
+    data = SweepData(effects, coherence_reference(bridge, tok, texts), budget=cfg.budget,
+                     budget_metric=cfg.budget_metric, bisect_iters=cfg.bisect, grid=cfg.grid, verbose=True)
     t = time.perf_counter()
-    methods = build_methods(bridge, cfg.methods, artifact, hs, batches)
+    methods = build_methods(bridge, cfg.methods, artifact, hs, batches, concept)
     build_s = time.perf_counter() - t
     results = run_sweep(bridge, tok, methods, data)
+    zero = results[0].points[[p.coeff for p in results[0].points].index(0.0)] if results else None
     return {
-        "budget_dnll": cfg.budget,
-        "data": {"dilemmas": len(dilemmas), "mc_questions": len(questions), "neutral_texts": len(texts)},
+        "concept": concept.name, "budget": cfg.budget, "budget_metric": cfg.budget_metric,
+        "effects": [{"name": e.name, "unit": e.unit} for e in effects],
+        "data": {"items": {k: len(v) for k, v in zero.items.items()} if zero else {}, "neutral_texts": len(texts)},
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "timings_s": {"build_methods": build_s, **{r.name: r.seconds for r in results}},
         "iso_table": {r.name: r.iso for r in results},
@@ -144,17 +140,19 @@ def _finish(report: dict, out: Path, t0: float) -> dict:
 
 
 def run_demo(cfg: DemoRun) -> dict:
-    """Train on the default honesty pairs, sweep every method, write ``cfg.out``: the artifact (``adapter/``),
+    """Train on the concept's pairs, sweep every method, write ``cfg.out``: the artifact (``adapter/``),
     ``report.json``, ``REPORT.md``, ``figures/`` and ``run_config.json``."""
+    concept = get_concept(cfg.concept)
     out = prepare_run_dir(cfg.out, cfg.overwrite)
     check_dir_target(out / ARTIFACT_DIR, cfg.overwrite)
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("demo", cfg))
     t0 = time.perf_counter()
     bridge, tok = load_model(cfg.model)
-    result = train(bridge, tok, persona_pairs(tok), cfg.train, out / ARTIFACT_DIR, overwrite=cfg.overwrite,
-                   data=data_source(cfg.model, None, None))
+    result = train(bridge, tok, concept.pairs(tok), cfg.train, out / ARTIFACT_DIR, overwrite=cfg.overwrite,
+                   data=data_source(cfg.model, None, None, concept.name))
     train_s = time.perf_counter() - t0
-    report = sweep_report(bridge, tok, cfg.sweep, result.artifact, result.reference_states, result.train_batches,
+    report = sweep_report(bridge, tok, cfg.sweep, concept, result.artifact, result.reference_states,
+                          result.train_batches,
                           {"train": {"seconds": train_s, "loss_hook": result.loss_hook,
                                      "held_out": result.metrics["held_out"], "config": cfg.train.to_dict()}})
     report = _finish(report, out, t0)
@@ -165,9 +163,10 @@ def run_demo(cfg: DemoRun) -> dict:
 def run_eval(cfg: EvalRun) -> dict:
     """Sweep a saved artifact (and baselines built from its training pairs) at equal coherence."""
     read_artifact_config(cfg.artifact)  # a bad artifact path fails before the model loads
+    recorded = load_artifact(cfg.artifact).data
+    concept = get_concept(cfg.concept or recorded.get("concept") or "honesty")
     out = prepare_run_dir(cfg.out_dir, cfg.overwrite)
     t0 = time.perf_counter()
-    recorded = load_artifact(cfg.artifact).data
     model = cfg.model if cfg.model is not None else recorded.get("model")
     bridge, tok = load_model(model)
     artifact = load_artifact(cfg.artifact, bridge)
@@ -176,9 +175,9 @@ def run_eval(cfg: EvalRun) -> dict:
         pairs_file, personas = recorded.get("pairs"), recorded.get("personas")
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("eval", cfg))
     tc = artifact.config
-    train_pairs, _ = select_pairs(load_pairs(tok, pairs_file, personas), tc.n_pairs, tc.held_out, tc.seed)
+    train_pairs, _ = select_pairs(load_pairs(tok, pairs_file, personas, concept.name), tc.n_pairs, tc.held_out, tc.seed)
     batches = list(pair_batches(train_pairs, tok, tc.batch_pairs))  # the baselines see the adapter's training pairs
     names = [resid_post(site_layer(a.site)) for a in artifact.adapters]
     hs = capture(bridge, batches, names) if any(m != "adapter" for m in cfg.sweep.methods) else {}
-    report = sweep_report(bridge, tok, cfg.sweep, artifact, hs, batches, {"artifact": str(cfg.artifact)})
+    report = sweep_report(bridge, tok, cfg.sweep, concept, artifact, hs, batches, {"artifact": str(cfg.artifact)})
     return _finish(report, out, t0)

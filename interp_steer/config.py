@@ -26,6 +26,7 @@ from .names import SITES
 Objective = Literal["shift", "separation"]
 Scale = Literal["exp", "add"]
 Site = Literal["mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "attn.o"]
+BudgetMetric = Literal["kl", "dnll"]
 MethodName = Literal["adapter", "pca_diff", "pca_center", "mean_diff", "gradient", "random", "prompting"]
 METHODS: tuple[str, ...] = get_args(MethodName)
 assert get_args(Site) == SITES
@@ -235,6 +236,7 @@ class TrainRun(Config):
     model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
     pairs: str | None = field(default=None, metadata={"help": "JSON list of {chosen, rejected} (none: honesty)"})
     personas: tuple[str, ...] | None = field(default=None, metadata={"help": "two personas, e.g. 'a happy,a sad'"})
+    concept: str = field(default="honesty", metadata={"help": "whose pairs to train on, without pairs/personas"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT.ckpt if it exists"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing artifact at OUT"})
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -251,23 +253,27 @@ class TrainRun(Config):
 @no_type_check
 @dataclass(frozen=True)
 class SweepConfig(Config):
-    """What the equal-coherence sweep measures, and on how many items (evaluate.py, sweep.py)."""
+    """What the equal-coherence sweep measures, and on how many items (concepts.py, sweep.py)."""
 
     methods: tuple[MethodName, ...] = field(default=METHODS, metadata={"help": f"subset of {','.join(METHODS)}"})
-    budget: float = field(default=0.1, metadata={"help": "ΔNLL budget on neutral text, nat/token"})
-    # default subsample keeps `make demo` within ~15 min on 2 CPU cores; pass larger values for papers
-    n_dilemmas: int = field(default=34, metadata={"help": "labelled dilemmas, every k-th (of 68)"})
+    budget_metric: BudgetMetric = field(default="kl", metadata={"help": "coherence measure the budget is on"})
+    budget: float = field(default=0.1, metadata={"help": "coherence budget on neutral text, nat/token"})
+    # default subsample keeps `make demo` affordable on 2 CPU cores; pass larger values for papers
+    n_items: int = field(default=34, metadata={"help": "items of the primary effect (e.g. dilemmas)"})
+    n_secondary: int = field(default=8, metadata={"help": "items of the secondary effect (MC, prompts; 0: skip)"})
     n_neutral: int = field(default=16, metadata={"help": "neutral texts for coherence (of 45)"})
-    n_mc: int = field(default=8, metadata={"help": "TruthfulQA-format questions (of 36; 0: skip)"})
     bisect: int = field(default=3, metadata={"help": "bisection steps of the budget search"})
+    grid: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.25, 1.5, 2.0),
+                                    metadata={"help": "extra dose points, as fractions of the budget crossing"})
 
     def __post_init__(self):
         self._check_types()
         _require(len(self.methods) > 0 and len(set(self.methods)) == len(self.methods),
                  f"methods must be distinct and at least one of {','.join(METHODS)}, got {self.methods}")
         _require(self.budget > 0, f"budget must be > 0 nat/token, got {self.budget}")
-        _positive_ints(self, "n_dilemmas", "n_neutral")
-        _positive_ints(self, "n_mc", "bisect", minimum=0)
+        _positive_ints(self, "n_items", "n_neutral")
+        _positive_ints(self, "n_secondary", "bisect", minimum=0)
+        _require(all(f > 0 for f in self.grid), f"grid fractions must be > 0, got {self.grid}")
 
 
 @no_type_check
@@ -282,6 +288,7 @@ class EvalRun(Config):
     pairs: str | None = field(default=None, metadata={"help": "the pairs file (none: what the artifact records)"})
     personas: tuple[str, ...] | None = field(default=None, metadata={"help": "the personas (none: the artifact's)"})
     overwrite: bool = field(default=False, metadata={"help": "write over an earlier report in OUT"})
+    concept: str | None = field(default=None, metadata={"help": "whose effects to measure (none: the artifact's)"})
     sweep: SweepConfig = field(default_factory=lambda: SweepConfig(methods=("adapter",)))
 
     def __post_init__(self):
@@ -304,6 +311,7 @@ class DemoRun(Config):
     out: str = field(default="runs/demo", metadata={"help": "run directory (artifact, report, figures)"})
     model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
     overwrite: bool = field(default=False, metadata={"help": "write over an earlier demo in OUT"})
+    concept: str = field(default="honesty", metadata={"help": "what to steer: its pairs and effects"})
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 

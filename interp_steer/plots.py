@@ -52,9 +52,13 @@ def _color(name: str) -> str:
 
 
 def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
-    """Honesty against coefficient (one panel per method) and honesty against ΔNLL (all methods)."""
+    """The primary effect against the coefficient (one panel per method, coherence on a second axis) and against
+    the budgeted coherence measure (all methods)."""
     points: dict[str, Sequence[dict]] = report["points"]
-    budget = report["budget_dnll"]
+    budget, metric = report["budget"], report["budget_metric"]
+    cost_key, cost_label = ("kl_mean", "KL (nat/tok)") if metric == "kl" else ("dnll", "ΔNLL (nat/tok)")
+    effect = report["effects"][0]
+    label = f"{effect['name']} ({effect['unit']})"
     names = list(points)
     paths = []
 
@@ -65,18 +69,18 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
         for ax, name in zip(axes.flat, names):
             pts = points[name]
             c = [p["coeff"] for p in pts]
-            ax.plot(c, [p["honesty"] for p in pts], "o-", color=_color(name))
+            ax.plot(c, [p["effects"][effect["name"]] for p in pts], "o-", color=_color(name))
             ax2 = ax.twinx()
-            # ΔNLL is also known at the budget-search probes (no effect measured there)
-            coh = sorted({p["coeff"]: p["dnll"] for p in [*pts, *report.get("budget_probes", {}).get(name, [])]}.items())
+            # coherence is also known at the budget-search probes (no effect measured there)
+            coh = sorted({p["coeff"]: p[cost_key] for p in [*pts, *report.get("budget_probes", {}).get(name, [])]}.items())
             ax2.plot([k for k, _ in coh], [v for _, v in coh], "s:", color="#555555", markersize=2)
             ax2.axhline(budget, color="#555555", lw=0.6, ls="--")
-            ax2.set_ylabel("ΔNLL (nat/tok)", fontsize=6, color="#555555")
+            ax2.set_ylabel(cost_label, fontsize=6, color="#555555")
             ax2.tick_params(labelsize=6, colors="#555555")
             ax2.grid(False)
             ax.set_title(name)
             ax.set_xlabel("coefficient c" + (" (RMS units)" if name not in ("adapter", "prompting") else ""))
-            ax.set_ylabel("honesty (nat)")
+            ax.set_ylabel(label)
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
         paths += save(fig, directory, "dose_response_coefficient")
@@ -84,14 +88,13 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
         fig, ax = figure(height=2.4, width=COLUMN_WIDTH * 1.25)
         for name in names:
             pts = sorted(points[name], key=lambda p: p["coeff"])
-            x = [p["dnll"] for p in pts]
-            y = [p["honesty"] for p in pts]
-            ax.plot(x, y, "o-", color=_color(name), label=name)
+            ax.plot([p[cost_key] for p in pts], [p["effects"][effect["name"]] for p in pts], "o-", color=_color(name),
+                    label=name)
         ax.axvline(budget, color="k", lw=0.7, ls="--")
         ax.text(budget, ax.get_ylim()[1], f" budget {budget}", fontsize=6, va="top")
-        ax.set_xlabel("ΔNLL on neutral text (nat/token)")
-        ax.set_ylabel("forced-choice honesty (nat)")
-        right = max([p["dnll"] for pts in points.values() for p in pts] + [budget])
+        ax.set_xlabel(f"{cost_label.split(' ')[0]} on neutral text (nat/token)")
+        ax.set_ylabel(f"{report['concept']}: {label}")
+        right = max([p[cost_key] for pts in points.values() for p in pts] + [budget])
         ax.set_xlim(left=min(-0.01, ax.get_xlim()[0]), right=1.25 * right)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         paths += save(fig, directory, "dose_response_coherence")

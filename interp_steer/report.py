@@ -1,4 +1,5 @@
-"""The report of a sweep: ``report.json`` (every number), ``REPORT.md`` (the iso-coherence table) and figures."""
+"""The report of a sweep: ``report.json`` (every number), ``REPORT.md`` (the iso-coherence table, which
+differences are significant) and the dose-response figures."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from .io import write_json_atomic, write_text_atomic
 from .plots import dose_response_figures
 
 FIGURES_DIR = "figures"  # inside the run's own directory: the tracked figures/ change only via `make figures`
+ADDITIVE = ("pca_diff", "pca_center", "mean_diff", "gradient")
+Z95 = 1.959963984540054
 
 
 def write_outputs(report: dict, out: Path) -> list[Path]:
     """``report.json``, ``REPORT.md`` and the dose-response figures (``out/figures``), each atomically."""
+    report["comparisons"] = comparisons(report)
     write_json_atomic(out / "report.json", report)
     paths = dose_response_figures(report, out / FIGURES_DIR)
     write_text_atomic(out / "REPORT.md", markdown_report(report, [p for p in paths if p.suffix == ".png"], out))
@@ -25,30 +31,92 @@ def _f(x, spec=".3f"):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Mean of a − b over the items defined in both, its standard error and 95 % CI (paired over items)."""
+    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    d = (x - y)[torch.isfinite(x) & torch.isfinite(y)]
+    if len(d) < 2:
+        return {"diff": math.nan, "se": math.nan, "ci95": [math.nan, math.nan], "n": len(d), "significant": False}
+    m, se = d.mean().item(), (d.std(unbiased=True) / math.sqrt(len(d))).item()
+    lo, hi = m - Z95 * se, m + Z95 * se
+    return {"diff": m, "se": se, "ci95": [lo, hi], "n": len(d), "significant": lo > 0 or hi < 0}
+
+
+def comparisons(report: dict) -> dict:
+    """Per method and direction, at the budget: its primary Δ against the random direction's and against the best
+    additive baseline's (the one with the largest Δ that way), paired over items. In the '−' direction a
+    larger effect is a more negative Δ, so differences are signed to be positive when the method steers further."""
+    iso = report["iso_table"]
+    primary = report["effects"][0]["name"] if report.get("effects") else None
+    out: dict = {}
+    for side, sign in (("plus", 1.0), ("minus", -1.0)):
+        def deltas(name):
+            return iso[name][side]["effects"].get(primary, {}).get("item_deltas")
+
+        def steer(name):
+            return [sign * v for v in deltas(name)]
+
+        additive = [n for n in ADDITIVE if n in iso and deltas(n) is not None]
+        best = max(additive, key=lambda n: sign * iso[n][side]["effects"][primary]["delta"], default=None)
+        out[side] = {"best_additive": best}
+        for name in iso:
+            if deltas(name) is None:
+                continue
+            row = {}
+            if "random" in iso and name != "random":
+                row["vs_random"] = paired_difference(steer(name), steer("random"))
+            if best is not None and name != best:
+                row["vs_best_additive"] = paired_difference(steer(name), steer(best))
+            out[side][name] = row
+    return out
+
+
 def iso_table_markdown(report: dict) -> str:
-    b = report["budget_dnll"]
-    lines = [f"| method | dir | coeff at ΔNLL={b} | Δ honesty ± SE (nat) | honest-answer acc | MC1 | budget reached | monotonic (ρ) | symmetry |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    b, metric = report["budget"], report["budget_metric"]
+    effects = [e["name"] for e in report["effects"]]
+    primary = effects[0]
+    head = (f"| method | dir | coeff at {metric.upper()}={b} | Δ {primary} [95% CI] | "
+            + " | ".join(f"Δ {e}" for e in effects[1:]) + (" | " if effects[1:] else "")
+            + "KL | ΔNLL | budget reached | vs random | vs best additive | monotonic (ρ) | symmetry |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    comps = report.get("comparisons", {})
     for name, iso in report["iso_table"].items():
         for side, sign in (("plus", "+"), ("minus", "−")):
             s = iso[side]
-            lines.append(f"| {name} | {sign} | {_f(s['coeff'], '.3g')} | {_f(s['delta_honesty'], '+.3f')}"
-                         f"{' ± ' + _f(s['delta_honesty_se'], '.3f') if 'delta_honesty_se' in s else ''} | "
-                         f"{_f(s.get('accuracy'), '.2f')} | {_f(s.get('mc1'), '.2f')} | {'yes' if s['budget_reached'] else 'no'} | "
-                         f"{_f(iso['monotonicity'], '.2f') if side == 'plus' else ''} | {_f(iso['symmetry'], '.2f') if side == 'plus' else ''} |")
+            pe = s["effects"][primary]
+            ci = pe.get("ci95", [math.nan, math.nan])
+            rest = [f"{_f(s['effects'][e]['delta'], '+.3f')}" for e in effects[1:]]
+            comp = comps.get(side, {}).get(name, {})
+
+            def verdict(key):
+                c = comp.get(key)
+                if not c:
+                    return ""
+                return f"{_f(c['diff'], '+.3f')}{' *' if c['significant'] else ''}"
+
+            lines.append(" | ".join([
+                f"| {name}", sign, _f(s["coeff"], ".3g"),
+                f"{_f(pe.get('delta_paired', pe['delta']), '+.3f')} [{_f(ci[0], '+.3f')}, {_f(ci[1], '+.3f')}]",
+                *rest, _f(s["kl_mean"], ".3f"), _f(s["dnll"], "+.3f"), "yes" if s["budget_reached"] else "no",
+                verdict("vs_random"), verdict("vs_best_additive"),
+                _f(iso["monotonicity"], ".2f") if side == "plus" else "",
+                _f(iso["symmetry"], ".2f") if side == "plus" else ""]) + " |")
     return "\n".join(lines)
 
 
 def markdown_report(report: dict, figures: Sequence[Path], out: Path) -> str:
+    e0 = report["effects"][0]
     parts = [
-        "# interp-steer: steering at equal coherence",
+        f"# interp-steer: steering {report['concept']} at equal coherence",
         "",
-        f"Effect: forced-choice honesty score (log P(honest answer) − log P(other), nat; mean over "
-        f"{report['data']['dilemmas']} labelled dilemmas), relative to the base model (c = 0), interpolated at the "
-        f"coefficient where the mean per-token ΔNLL on {report['data']['neutral_texts']} neutral texts reaches the "
-        f"budget of {report['budget_dnll']} nat/token. '+' should raise honesty, '−' lower it. SE: paired standard "
-        "error over dilemmas (each dilemma's own Δ, interpolated the same way). 'budget reached: no' means the "
-        "method never spent the budget within its coefficient range; its last point is shown.",
+        f"Primary effect: `{e0['name']}` ({e0['unit']}; mean over items), relative to the base model (c = 0), "
+        f"interpolated at the coefficient where the mean per-token {report['budget_metric'].upper()} on "
+        f"{report['data']['neutral_texts']} neutral texts reaches the budget of {report['budget']} nat/token "
+        f"(items: {report['data']['items']}). '+' should raise the concept, '−' lower it. CI: paired 95 % interval "
+        "over items (each item's own Δ, interpolated the same way). 'vs random' / 'vs best additive': how much "
+        "further this method steers that way than the random direction / the best additive baseline "
+        "(PCA, mean-difference, gradient), paired over items; * marks a 95 % CI excluding zero. 'budget reached: "
+        "no' means the method never spent the budget within its coefficient range; its last point is shown.",
         "",
         iso_table_markdown(report),
         "",

@@ -1,10 +1,13 @@
-"""Every method on one footing: a coefficient sweep, then the effect each reaches at one coherence budget.
+"""Every method on one footing: a dose-response sweep, then the effect each reaches at one coherence budget.
 
 A method maps a coefficient c to a way of running the model: hooks (adapter, additive vectors) or a system
-prompt (prompting). For each method and sign, the sweep first brackets the coefficient where the neutral-text
-ΔNLL meets the budget (doubling or halving, then bisection: coherence is cheap to measure), then measures the
-effect (forced-choice honesty, TruthfulQA-format MC) at both ends of the bracket. ``evaluate.iso_coherence``
-interpolates the effect at the budget. Methods are compared there, never at equal coefficient.
+prompt (prompting). Coherence is **KL(reference ‖ steered)** per token on neutral text (``budget_metric="kl"``,
+the default: ΔNLL can go negative while a model drifts, so it is reported beside, never budgeted on alone).
+For each method and sign the sweep brackets the coefficient c* where the metric meets the budget (doubling or
+halving, then bisection; coherence is cheap), then measures the concept's effects on a grid around c*
+(``grid``: fractions of c*, ≥ 7 per direction by default) and at both ends of the bracket. The effect at the
+budget is interpolated between the two bracket ends, per item as well as in the mean, which gives a paired
+95 % confidence interval over items. Methods are compared there, never at equal coefficient.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -20,14 +23,13 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from .adapter import apply_adapters
+from .concepts import Effect
 from .directions import SteeringVector
-from .evaluate import (
-    CoherenceReference, Dilemma, MCQuestion, Steer, coherence, forced_choice, iso_coherence, monotonicity,
-    truthfulqa_mc,
-)
+from .evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
 
-HONEST_PROMPT = "Be honest."
-DISHONEST_PROMPT = "Be dishonest."
+BudgetMetric = Literal["kl", "dnll"]
+DEFAULT_GRID = (0.25, 0.5, 0.75, 1.25, 1.5, 2.0)  # × c*, beside the bracket ends: 8 points per direction
+Z95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,9 @@ def vector_method(name: str, vec: SteeringVector) -> Method:
     return Method(name, lambda c: vec.scaled(c).apply if c != 0 else None, c_init=0.05, c_max=4.0)
 
 
-def prompting_method(honest: str = HONEST_PROMPT, dishonest: str = DISHONEST_PROMPT) -> Method:
-    """c = +1: system prompt ``honest``; c = −1: ``dishonest``; c = 0: the template's default."""
-    return Method("prompting", lambda c: None, lambda c: honest if c > 0 else dishonest if c < 0 else None,
+def prompting_method(plus: str = "Be honest.", minus: str = "Be dishonest.") -> Method:
+    """c = +1: system prompt ``plus``; c = −1: ``minus``; c = 0: the template's default."""
+    return Method("prompting", lambda c: None, lambda c: plus if c > 0 else minus if c < 0 else None,
                   fixed=(-1.0, 1.0))
 
 
@@ -65,25 +67,28 @@ class Point:
     dnll: float
     kl_mean: float
     kl_p95: float
-    honesty: float | None = None
-    accuracy: float | None = None
-    choice_mass: float | None = None
-    n_kept: int | None = None
-    mc1: float | None = None
-    mc_margin: float | None = None
-    item_honesty: list[float] | None = None  # per dilemma; NaN where unlabelled or dropped (choice mass)
+    effects: dict[str, float] = field(default_factory=dict)        # mean over defined items, per effect
+    items: dict[str, list[float]] = field(default_factory=dict)    # per item, per effect (NaN: undefined)
+
+    def cost(self, metric: BudgetMetric) -> float:
+        return self.kl_mean if metric == "kl" else self.dnll
 
 
 @dataclass
 class SweepData:
     """What every point is measured on (the same for every method)."""
 
-    dilemmas: Sequence[Dilemma]
-    questions: Sequence[MCQuestion]
+    effects: Sequence[Effect]
     coherence_ref: CoherenceReference
     budget: float = 0.1
+    budget_metric: BudgetMetric = "kl"
     bisect_iters: int = 4
+    grid: tuple[float, ...] = DEFAULT_GRID
     verbose: bool = False  # one line per measured point
+
+    @property
+    def primary(self) -> str:
+        return self.effects[0].name
 
 
 def measure(bridge, tok, method: Method, c: float, data: SweepData, effect: bool = True) -> Point:
@@ -92,29 +97,28 @@ def measure(bridge, tok, method: Method, c: float, data: SweepData, effect: bool
     coh = coherence(bridge, tok, steer, reference=data.coherence_ref, system=system)
     p = Point(method.name, c, coh.dnll, coh.kl_mean, coh.kl_p95)
     if effect:
-        fc = forced_choice(bridge, tok, steer, data.dilemmas, system=system)
-        p.honesty, p.accuracy, p.choice_mass, p.n_kept = fc.honesty, fc.accuracy, fc.choice_mass, fc.n_kept
-        p.item_honesty = torch.where(fc.kept, fc.honesty_scores, torch.nan).tolist()
-        if data.questions:
-            mc = truthfulqa_mc(bridge, tok, steer, data.questions, system=system)
-            p.mc1, p.mc_margin = mc.mc1, mc.margin
+        for e in data.effects:
+            items = e.measure(bridge, tok, steer, system).double()
+            ok = items[torch.isfinite(items)]
+            p.effects[e.name] = ok.mean().item() if len(ok) else math.nan
+            p.items[e.name] = items.tolist()
     if data.verbose:
-        tqdm.write(f"  {method.name:>10s} c={c:+.4g}  dNLL={p.dnll:+.4f}  KL={p.kl_mean:.4f}"
-                   + (f"  honesty={p.honesty:+.3f}  mc1={p.mc1}" if effect else "  (budget search)")
-                   + f"  [{time.perf_counter() - t:.1f}s]")
+        shown = "  ".join(f"{k}={v:+.3f}" for k, v in p.effects.items()) if effect else "(budget search)"
+        tqdm.write(f"  {method.name:>10s} c={c:+.4g}  KL={p.kl_mean:.4f}  dNLL={p.dnll:+.4f}  {shown}"
+                   f"  [{time.perf_counter() - t:.1f}s]")
     return p
 
 
 def budget_bracket(bridge, tok, method: Method, sign: float, data: SweepData, probes: list[Point]
                    ) -> tuple[float, float | None]:
-    """(lo, hi): |c| with ΔNLL ≤ budget at lo and > budget at hi (hi None: never crossed up to c_max).
+    """(lo, hi): |c| with cost ≤ budget at lo and > budget at hi (hi None: never crossed up to c_max).
 
     From c_init, double while within budget, or halve while over it, then bisect ``data.bisect_iters`` times.
     """
     def over(c: float) -> bool:
         p = measure(bridge, tok, method, sign * c, data, effect=False)
         probes.append(p)
-        return p.dnll > data.budget
+        return p.cost(data.budget_metric) > data.budget
 
     lo, hi, c = 0.0, None, method.c_init
     if over(c):
@@ -141,6 +145,15 @@ def budget_bracket(bridge, tok, method: Method, sign: float, data: SweepData, pr
     return lo, hi
 
 
+def dose_grid(lo: float, hi: float | None, grid: Sequence[float]) -> list[float]:
+    """|c| values to measure the effect at: the bracket ends and ``grid`` fractions of the crossing c* ≈ hi
+    (of lo where the budget was never reached), deduplicated, positive, sorted."""
+    anchor = hi if hi is not None else lo
+    values = {x for x in (lo, hi) if x}
+    values |= {anchor * f for f in grid if anchor * f > 0}
+    return sorted(values)
+
+
 @dataclass
 class MethodResult:
     name: str
@@ -151,8 +164,7 @@ class MethodResult:
 
 
 def sweep_method(bridge, tok, method: Method, data: SweepData, zero: Point) -> MethodResult:
-    """Effects at lo and hi of each direction's budget bracket (ΔNLL ≤ budget at lo, > budget at hi) and at
-    c = 0: the budget crossing is interpolated between two measured points at most 1/2^bisect_iters apart."""
+    """The method's dose-response in both directions around its budget crossing (``dose_grid``) and at c = 0."""
     t = time.perf_counter()
     probes: list[Point] = []
     if method.fixed:
@@ -161,49 +173,53 @@ def sweep_method(bridge, tok, method: Method, data: SweepData, zero: Point) -> M
         coeffs = []
         for sign in (1.0, -1.0):
             lo, hi = budget_bracket(bridge, tok, method, sign, data, probes)
-            grid = [x for x in (lo, hi) if x]  # lo = 0 when even the smallest probe was over budget
-            coeffs += [sign * x for x in grid]
+            coeffs += [sign * x for x in dose_grid(lo, hi, data.grid)]
     points = [zero] + [measure(bridge, tok, method, c, data) for c in sorted(coeffs)]
     points = sorted(points, key=lambda p: p.coeff)
     points = [Point(**{**asdict(p), "method": method.name}) for p in points]
     res = MethodResult(method.name, points, probes, seconds=time.perf_counter() - t)
-    res.iso = iso_summary(points, data.budget)
+    res.iso = iso_summary(points, data.budget, data.budget_metric, data.primary)
     return res
 
 
-def iso_summary(points: Sequence[Point], budget: float) -> dict:
-    """The iso-coherence row of one method: effect reached at the budget in each direction, and shape."""
+def iso_summary(points: Sequence[Point], budget: float, budget_metric: BudgetMetric, primary: str) -> dict:
+    """The iso-coherence row of one method: every effect at the budget in each direction, its change from
+    c = 0 with a paired 95 % CI over items, and the shape of the primary effect's curve."""
     c = [p.coeff for p in points]
-    iso = iso_coherence(c, [p.honesty for p in points], [p.dnll for p in points], budget)
-    out = {"budget": budget, "honesty_at_0": iso.effect_zero, "symmetry": iso.symmetry,
-           "monotonicity": monotonicity(c, [p.honesty for p in points])}
+    cost = [p.cost(budget_metric) for p in points]
+    iso = iso_coherence(c, [p.effects[primary] for p in points], cost, budget)
+    out: dict = {"budget": budget, "budget_metric": budget_metric, "effect": primary,
+                 "at_zero": {k: v for k, v in points[c.index(0.0)].effects.items()}, "symmetry": iso.symmetry,
+                 "monotonicity": monotonicity(c, [p.effects[primary] for p in points])}
     for side, ip in (("plus", iso.plus), ("minus", iso.minus)):
-        out[side] = {"coeff": ip.coeff, "honesty": ip.effect, "delta_honesty": ip.effect - iso.effect_zero,
-                     "budget_reached": ip.crossed}
-        # the secondary metrics at the same coefficient, interpolated the same way
-        for key in ("mc1", "accuracy"):
-            vals = [getattr(p, key) for p in points]
-            if all(v is not None for v in vals):
-                out[side][key] = _interp(c, vals, ip.coeff)
-        out[side].update(paired_error(points, ip.coeff))
+        s: dict = {"coeff": ip.coeff, "budget_reached": ip.crossed, "effects": {}}
+        for e in points[0].effects:
+            s["effects"][e] = paired_delta(points, ip.coeff, e)
+        for key in ("kl_mean", "dnll"):
+            s[key] = _interp(c, [getattr(p, key) for p in points], ip.coeff)
+        out[side] = s
     return out
 
 
-def paired_error(points: Sequence[Point], coeff: float) -> dict:
-    """Standard error of Δ honesty at ``coeff``: per dilemma, interpolate its score like the mean, subtract
-    its c = 0 score, then std/√n over the dilemmas kept at every point (a paired comparison)."""
-    if any(p.item_honesty is None for p in points):
-        return {}
+def paired_delta(points: Sequence[Point], coeff: float, effect: str) -> dict:
+    """Δ effect at ``coeff`` against c = 0: per item, interpolate its score like the mean and subtract its
+    c = 0 score; mean, standard error and 95 % CI over the items defined at every point (a paired comparison)."""
     c = [p.coeff for p in points]
-    items = torch.tensor([p.item_honesty for p in points], dtype=torch.float64)  # point × item
+    items = torch.tensor([p.items[effect] for p in points], dtype=torch.float64)  # point × item
     zero = items[c.index(0.0)]
     ok = torch.isfinite(items).all(0)
     deltas = torch.tensor([_interp(c, items[:, i].tolist(), coeff) for i in range(items.shape[1])],
                           dtype=torch.float64) - zero
     d = deltas[ok & torch.isfinite(deltas)]
+    mean = _interp(c, [p.effects[effect] for p in points], coeff) - points[c.index(0.0)].effects[effect]
     if len(d) < 2:
-        return {"delta_honesty_se": math.nan, "n_items": len(d)}
-    return {"delta_honesty_se": (d.std(unbiased=True) / math.sqrt(len(d))).item(), "n_items": len(d)}
+        return {"value": _interp(c, [p.effects[effect] for p in points], coeff), "delta": mean, "se": math.nan,
+                "ci95": [math.nan, math.nan], "n_items": len(d)}
+    paired, se = d.mean().item(), (d.std(unbiased=True) / math.sqrt(len(d))).item()
+    return {"value": _interp(c, [p.effects[effect] for p in points], coeff), "delta": mean, "delta_paired": paired,
+            "se": se, "ci95": [paired - Z95 * se, paired + Z95 * se], "n_items": len(d),
+            # per item (NaN where undefined at some point): lets two methods be compared item by item
+            "item_deltas": torch.where(ok, deltas, torch.nan).tolist()}
 
 
 def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:

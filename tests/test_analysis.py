@@ -270,8 +270,11 @@ def test_dose_response_needs_the_demo_report_and_replots_it(tmp_path, capsys):
     missing = tmp_path / "none.json"
     assert F.main(["dose_response", "--out", str(tmp_path), "--report", str(missing)]) == 2
     assert "make demo" in capsys.readouterr().err
-    pts = [{"coeff": c, "honesty": 0.1 * c, "dnll": 0.05 * abs(c)} for c in (-1.0, 0.0, 1.0)]
-    (tmp_path / "report.json").write_text(json.dumps({"budget_dnll": 0.1, "points": {"adapter": pts, "pca_diff": pts}}))
+    pts = [{"coeff": c, "effects": {"honesty": 0.1 * c}, "dnll": 0.05 * abs(c), "kl_mean": 0.06 * abs(c)}
+           for c in (-1.0, 0.0, 1.0)]
+    (tmp_path / "report.json").write_text(json.dumps({
+        "concept": "honesty", "budget": 0.1, "budget_metric": "kl", "effects": [{"name": "honesty", "unit": "nat"}],
+        "points": {"adapter": pts, "pca_diff": pts}}))
     assert F.main(["dose_response", "--out", str(tmp_path), "--report", str(tmp_path / "report.json")]) == 0
     assert (tmp_path / "dose_response_coherence.svg").is_file()
     assert (tmp_path / "dose_response_coefficient.png").is_file()

@@ -68,9 +68,13 @@ BAD_OPTIONS = [  # (argv, what the message must name)
     (["train", "--pairs", "/no/such/pairs.json"], "is not a file"),
     (["demo", "--budget", "0"], "budget must be > 0"),
     (["demo", "--budget", "inf"], "expected a finite number"),
-    (["demo", "--n-dilemmas", "0"], "n_dilemmas must be >= 1"),
+    (["demo", "--n-items", "0"], "n_items must be >= 1"),
     (["demo", "--n-neutral", "0"], "n_neutral must be >= 1"),
-    (["demo", "--n-mc", "-1"], "n_mc must be >= 0"),
+    (["demo", "--n-secondary", "-1"], "n_secondary must be >= 0"),
+    (["demo", "--budget-metric", "nll"], "expected one of kl, dnll"),
+    (["demo", "--grid", "0.5,-1"], "grid fractions must be > 0"),
+    (["demo", "--concept", "nope"], "unknown concept 'nope'"),
+    (["train", "--concept", "nope"], "unknown concept 'nope'"),
     (["demo", "--methods", "adapter,nope"], "expected one of adapter"),
     (["demo", "--methods", "adapter,adapter"], "methods must be distinct"),
     (["eval"], "give the artifact directory"),
@@ -159,16 +163,18 @@ def test_train_then_eval_end_to_end_through_the_commands(tiny, tmp_path, monkeyp
     monkeypatch.setattr(commands, "load_model", lambda name=None: tiny)
     art = tmp_path / "a"
     assert cli.main(["train", "--out", str(art), "--layers", "0,1", "--loss-layer", "2", "--rank", "4",
-                     "--steps", "2", "--batch-pairs", "2", "--n-pairs", "8", "--personas", "a happy,a sad"]) == 0
+                     "--steps", "2", "--batch-pairs", "2", "--n-pairs", "8", "--concept", "sentiment"]) == 0
     assert sorted(p.name for p in art.iterdir()) == ["adapter.safetensors", "config.json", "run_config.json"]
     saved = json.loads((art / "run_config.json").read_text())
     assert parse("train", "--config", str(art / "run_config.json")) == TrainRun.from_dict(saved["config"])
-    assert cli.main(["eval", str(art), "--methods", "adapter,mean_diff", "--n-dilemmas", "2", "--n-neutral", "2",
-                     "--n-mc", "1", "--bisect", "0"]) == 0
+    assert cli.main(["eval", str(art), "--methods", "adapter,mean_diff", "--n-items", "2", "--n-neutral", "2",
+                     "--n-secondary", "0", "--bisect", "0", "--grid", "0.5", "--budget-metric", "dnll"]) == 0
     out = tmp_path / "a-eval"
     assert {"report.json", "REPORT.md", "run_config.json", "figures"} == {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert set(report["iso_table"]) == {"adapter", "mean_diff"}
-    assert cli.main(["eval", str(art), "--methods", "adapter", "--n-dilemmas", "2", "--n-neutral", "2"]) == 2
+    assert report["concept"] == "sentiment"  # recorded by train (--personas given: the concept's name still is)
+    assert report["effects"] == [{"name": "logodds", "unit": "nat/token"}]
+    assert cli.main(["eval", str(art), "--methods", "adapter", "--n-items", "2", "--n-neutral", "2"]) == 2
     assert "--overwrite" in capsys.readouterr().err  # a second eval does not write over the first unasked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a-eval"]

@@ -3,16 +3,21 @@
 import json
 
 import pytest
+import torch
 
 from interp_steer.adapter import AdapterSpec, make_adapters
 from interp_steer.capture import capture
 from interp_steer.names import resid_names
 from interp_steer.data import pair_batches, persona_pairs
 from interp_steer.directions import steering_vector
-from interp_steer.evaluate import coherence_reference, load_dilemmas, load_neutral_texts, load_truthfulqa_csv
-from interp_steer.report import write_outputs
+import math
+
+from interp_steer.concepts import get_concept
+from interp_steer.evaluate import coherence_reference, load_neutral_texts
+from interp_steer.report import comparisons, paired_difference, write_outputs
 from interp_steer.sweep import (
-    Method, SweepData, adapter_method, budget_bracket, iso_summary, prompting_method, run_sweep, vector_method,
+    Method, Point, SweepData, adapter_method, budget_bracket, dose_grid, iso_summary, paired_delta, prompting_method,
+    run_sweep, vector_method,
 )
 
 
@@ -20,8 +25,8 @@ from interp_steer.sweep import (
 def setup(tiny):
     bridge, tok = tiny
     # small on purpose: the tiny model's 49k-vocab unembedding dominates its cost
-    data = SweepData(load_dilemmas()[:2], load_truthfulqa_csv()[:1],
-                     coherence_reference(bridge, tok, load_neutral_texts()[:2]), budget=0.05, bisect_iters=1)
+    data = SweepData(get_concept("honesty").effects(2, 1), coherence_reference(bridge, tok, load_neutral_texts()[:2]),
+                     budget=0.05, budget_metric="dnll", bisect_iters=1, grid=(0.5,))
     return bridge, tok, data
 
 
@@ -57,7 +62,12 @@ def test_run_sweep_and_outputs(setup, tmp_path):
         assert any(p.coeff > 0 for p in r.points) and any(p.coeff < 0 for p in r.points)
         assert set(r.iso) >= {"plus", "minus", "symmetry", "monotonicity"}
     assert [p.coeff for p in results[2].points] == [-1.0, 0.0, 1.0]
-    report = {"budget_dnll": data.budget, "data": {"dilemmas": 2, "mc_questions": 1, "neutral_texts": 2},
+    for r in results[:2]:  # per direction: the bracket end(s) and the grid point, and c = 0 once
+        per_side = 2 + all(r.iso[s]["budget_reached"] for s in ("plus", "minus"))
+        assert len(r.points) == 1 + 2 * per_side, [p.coeff for p in r.points]
+    report = {"concept": "honesty", "budget": data.budget, "budget_metric": data.budget_metric,
+              "effects": [{"name": e.name, "unit": e.unit} for e in data.effects],
+              "data": {"items": {"honesty": 2, "mc_margin": 1}, "neutral_texts": 2},
               "timings_s": {}, "iso_table": {r.name: r.iso for r in results},
               "points": {r.name: [p.__dict__ for p in r.points] for r in results}}
     (tmp_path / "out").mkdir()
@@ -71,29 +81,47 @@ def test_run_sweep_and_outputs(setup, tmp_path):
         "dose_response_coherence.png", "dose_response_coherence.svg"}
 
 
+def synthetic(items_by_c: dict[float, list[float]], cost=lambda c: c * c) -> list[Point]:
+    return [Point("m", c, dnll=cost(c), kl_mean=cost(c), kl_p95=0.0,
+                  effects={"e": float(torch.tensor(v).nanmean())}, items={"e": v}) for c, v in items_by_c.items()]
+
+
 def test_iso_summary_on_synthetic_points():
-    from interp_steer.sweep import Point
-
-    pts = [Point("m", c, dnll=c * c, kl_mean=0.0, kl_p95=0.0, honesty=2 * c, accuracy=0.5 + c / 10, mc1=0.5)
-           for c in (-1.0, -0.5, 0.0, 0.5, 1.0)]
-    iso = iso_summary(pts, budget=0.25)
-    assert iso["plus"]["coeff"] == pytest.approx(0.5) and iso["plus"]["delta_honesty"] == pytest.approx(1.0)
-    assert iso["minus"]["coeff"] == pytest.approx(-0.5) and iso["minus"]["delta_honesty"] == pytest.approx(-1.0)
-    assert iso["plus"]["accuracy"] == pytest.approx(0.55) and iso["symmetry"] == pytest.approx(1.0)
-    assert iso["monotonicity"] == pytest.approx(1.0)
+    pts = synthetic({c: [2 * c, 2 * c + 0.1, 2 * c - 0.1] for c in (-1.0, -0.5, 0.0, 0.5, 1.0)})
+    iso = iso_summary(pts, 0.25, "kl", "e")
+    assert iso["plus"]["coeff"] == pytest.approx(0.5) and iso["plus"]["effects"]["e"]["delta"] == pytest.approx(1.0)
+    assert iso["minus"]["coeff"] == pytest.approx(-0.5) and iso["minus"]["effects"]["e"]["delta"] == pytest.approx(-1.0)
+    assert iso["plus"]["kl_mean"] == pytest.approx(0.25) and iso["symmetry"] == pytest.approx(1.0)
+    assert iso["monotonicity"] == pytest.approx(1.0) and iso["budget_metric"] == "kl"
 
 
-def test_paired_error_matches_a_hand_computation():
-    import math
-
-    from interp_steer.sweep import Point, paired_error
-
+def test_paired_delta_matches_a_hand_computation():
     nan = float("nan")
-    items = {0.0: [0.1, 0.2, -0.1, nan], 1.0: [0.5, 0.2, 0.3, 0.4], 2.0: [0.9, 0.4, 0.5, 0.6]}
-    pts = [Point("m", c, dnll=0.0, kl_mean=0.0, kl_p95=0.0, item_honesty=v) for c, v in items.items()]
-    out = paired_error(pts, 1.5)  # halfway between c = 1 and c = 2; item 4 has no c = 0 score: left out
+    pts = synthetic({0.0: [0.1, 0.2, -0.1, nan], 1.0: [0.5, 0.2, 0.3, 0.4], 2.0: [0.9, 0.4, 0.5, 0.6]})
+    out = paired_delta(pts, 1.5, "e")  # halfway between c = 1 and c = 2; item 4 has no c = 0 score: left out
     deltas = [(0.7 - 0.1), (0.3 - 0.2), (0.4 + 0.1)]
     mean = sum(deltas) / 3
     se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / 2) / math.sqrt(3)
-    assert out["n_items"] == 3 and out["delta_honesty_se"] == pytest.approx(se, rel=1e-9)
-    assert paired_error([Point("m", 0.0, 0.0, 0.0, 0.0)], 0.0) == {}
+    assert out["n_items"] == 3 and out["se"] == pytest.approx(se, rel=1e-9)
+    assert out["delta_paired"] == pytest.approx(mean) and out["ci95"][0] == pytest.approx(mean - 1.959964 * se, rel=1e-6)
+    assert out["item_deltas"][:3] == pytest.approx(deltas) and math.isnan(out["item_deltas"][3])
+
+
+def test_dose_grid_measures_at_least_seven_points_per_direction_around_the_crossing():
+    g = dose_grid(0.875, 1.0, (0.25, 0.5, 0.75, 1.25, 1.5, 2.0))
+    assert g == pytest.approx([0.25, 0.5, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0])
+    assert dose_grid(4.0, None, (0.5,)) == [2.0, 4.0]  # never crossed: around the last point
+    assert dose_grid(0.0, 0.01, (0.5,)) == [0.005, 0.01]  # even the smallest probe was over budget
+
+
+def test_paired_difference_and_comparisons_flag_only_real_differences():
+    big = paired_difference([1.0, 1.1, 0.9, 1.2], [0.0, 0.1, -0.1, 0.05])
+    assert big["significant"] and big["diff"] == pytest.approx(1.0375)
+    assert not paired_difference([0.1, -0.1, 0.2, -0.2], [0.0, 0.0, 0.0, 0.0])["significant"]
+    iso = {name: {side: {"effects": {"e": {"delta": sum(v) / 4, "item_deltas": v}}} for side in ("plus", "minus")}
+           for name, v in {"adapter": [1.0, 1.1, 0.9, 1.2], "random": [0.0, 0.1, -0.1, 0.05],
+                           "mean_diff": [0.5, 0.6, 0.4, 0.5]}.items()}
+    comp = comparisons({"iso_table": iso, "effects": [{"name": "e"}]})
+    assert comp["plus"]["best_additive"] == "mean_diff"
+    assert comp["plus"]["adapter"]["vs_random"]["significant"] and comp["plus"]["adapter"]["vs_best_additive"]["diff"] > 0
+    assert comp["minus"]["adapter"]["vs_random"]["diff"] < 0  # '−' counts steering further down as positive
