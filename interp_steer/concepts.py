@@ -29,8 +29,10 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
-from .data import ContrastivePair, load_json, persona_pairs, render_chat, tokenize
-from .evaluate import Steer, _steered, answer_scores, forced_choice, load_dilemmas, load_truthfulqa_csv, truthfulqa_mc
+from .data import ContrastivePair, load_json, persona_pairs
+from .evaluate import (
+    Steer, answer_scores, forced_choice, greedy_continuations, load_dilemmas, load_truthfulqa_csv, truthfulqa_mc,
+)
 
 Measure = Callable[[TransformerBridge, PreTrainedTokenizerBase, "Steer | None", "str | None"], Tensor]
 
@@ -117,23 +119,6 @@ def generation_sentiment_effect(prompts: Sequence[str], max_new_tokens: int = 32
         return torch.tensor([analyzer.polarity_scores(t)["compound"] for t in texts])
 
     return Effect("vader", "compound", measure)
-
-
-@torch.inference_mode()
-def greedy_continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, steer: Steer | None,
-                         prompts: Sequence[str], system: str | None = None, max_new_tokens: int = 32,
-                         batch_size: int = 20) -> list[str]:
-    """Greedy replies to each prompt (chat template, left-padded batches, KV cache), steered by ``steer``."""
-    heads = [render_chat(tokenizer, p, system=system) for p in prompts]
-    out: list[str] = []
-    with _steered(bridge, steer):
-        for i in range(0, len(heads), batch_size):
-            batch = tokenize(heads[i: i + batch_size], tokenizer)
-            ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                                  do_sample=False, use_past_kv_cache=True, stop_at_eos=True, return_type="tokens",
-                                  verbose=False)
-            out += tokenizer.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- concepts

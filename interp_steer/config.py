@@ -170,10 +170,17 @@ class LossConfig(Config):
     power: int = field(default=2, metadata={"help": "exponent of the coherence hinge"})
     w_mono: float = field(default=1.0, metadata={"help": "weight of the monotonic hinge s(−1) < s(0) < s(+1)"})
     mono_margin: float = field(default=0.0, metadata={"help": "margin of the monotonic hinge"})
+    # the coherence term on the pair prompts alone does not bind (its cost shows up on other text): this holds
+    # KL(reference ‖ steered) on generic text at the budget, per direction, with a Lagrange multiplier
+    kl_budget: float | None = field(default=None, metadata={
+        "help": "KL per token on generic text that c = ±1 may spend (none: off)"})
+    kl_dual_lr: float = field(default=1.0, metadata={"help": "dual-ascent step of the KL multipliers"})
 
     def __post_init__(self):
         self._check_types()
         _positive_ints(self, "power")
+        _require(self.kl_budget is None or self.kl_budget > 0, f"kl_budget must be > 0 or none, got {self.kl_budget}")
+        _require(self.kl_dual_lr > 0, f"kl_dual_lr must be > 0, got {self.kl_dual_lr}")
         for n in ("margin", "w_coherence", "w_mono", "mono_margin"):
             _require(getattr(self, n) >= 0, f"{n} must be >= 0, got {getattr(self, n)}")
 
@@ -207,6 +214,8 @@ class TrainConfig(Config):
     checkpoint_every: int = field(default=16, metadata={"help": "steps between checkpoints"})
     eval_coeffs: tuple[float, ...] = field(default=(-1.0, 0.0, 1.0),
                                            metadata={"help": "coefficients of the held-out evaluation"})
+    kl_texts: int = field(default=32, metadata={"help": "generic texts for the KL constraint (loss.kl_budget)"})
+    kl_batch: int = field(default=4, metadata={"help": "generic texts per step (×2 for c = ±1)"})
 
     def __post_init__(self):
         self._check_types()
@@ -214,7 +223,7 @@ class TrainConfig(Config):
         for v in (*self.layers, self.loss_layer):
             _require((isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 < v < 1),
                      f"layer {v!r}: use an int block index >= 0 or a float depth fraction in (0, 1)")
-        _positive_ints(self, "rank", "steps", "batch_pairs", "checkpoint_every")
+        _positive_ints(self, "rank", "steps", "batch_pairs", "checkpoint_every", "kl_texts", "kl_batch")
         _positive_ints(self, "seed", minimum=0)
         _require(self.n_pairs is None or self.n_pairs >= 2, f"n_pairs must be >= 2 or none, got {self.n_pairs}")
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")

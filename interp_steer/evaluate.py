@@ -60,7 +60,7 @@ class _Record:
                 if not isinstance(v := getattr(self, f.name), (Tensor, tuple))}
 
 
-def _reply_batch(tokenizer: PreTrainedTokenizerBase, heads: Sequence[str], replies: Sequence[str]
+def reply_batch(tokenizer: PreTrainedTokenizerBase, heads: Sequence[str], replies: Sequence[str]
                  ) -> tuple[Batch, Float[Tensor, "batch pos_1"]]:
     """Right-padded ``head + reply`` rows and the mask of the positions that predict a reply token."""
     starts = []
@@ -162,7 +162,7 @@ def answer_scores(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
     out = []
     with torch.inference_mode(), _steered(bridge, steer):
         for s in _chunks(len(heads), batch_size):
-            batch, mask = _reply_batch(tokenizer, heads[s], answers[s])
+            batch, mask = reply_batch(tokenizer, heads[s], answers[s])
             logp = token_logprobs(_logits(bridge, batch), batch.input_ids)
             out.append((logp * mask).sum(-1) / mask.sum(-1))
     return torch.cat(out).clone()
@@ -185,6 +185,25 @@ def truthfulqa_mc(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
     b = torch.stack([s[i] for i in starts[:-1]])
     w = torch.stack([s[i + 1 : j].max() for i, j in zip(starts[:-1], starts[1:])])
     return MCResult((b > w).float().mean().item(), (b - w).mean().item(), len(items), b, w)
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+@torch.inference_mode()
+def greedy_continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, steer: Steer | None,
+                         prompts: Sequence[str], system: str | None = None, max_new_tokens: int = 32,
+                         batch_size: int = 20) -> list[str]:
+    """Greedy replies to each prompt (chat template, left-padded batches, KV cache), steered by ``steer``."""
+    heads = [render_chat(tokenizer, p, system=system) for p in prompts]
+    out: list[str] = []
+    with _steered(bridge, steer):
+        for i in range(0, len(heads), batch_size):
+            batch = tokenize(heads[i: i + batch_size], tokenizer)
+            ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                                  do_sample=False, use_past_kv_cache=True, stop_at_eos=True, return_type="tokens",
+                                  verbose=False)
+            out += tokenizer.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ coherence
@@ -217,7 +236,7 @@ def _coherence_pass(bridge, tokenizer, steer, texts, system, batch_size) -> list
     out = []
     with torch.inference_mode(), _steered(bridge, steer):
         for s in _chunks(len(texts), batch_size):
-            batch, mask = _reply_batch(tokenizer, heads[s], texts[s])
+            batch, mask = reply_batch(tokenizer, heads[s], texts[s])
             logits, m = _logits(bridge, batch), mask.bool()
             out.append((logits[:, :-1].float().log_softmax(-1)[m], token_logprobs(logits, batch.input_ids)[m],
                         batch.input_ids[:, 1:][m]))

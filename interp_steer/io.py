@@ -410,13 +410,14 @@ class Checkpoint:
     optimizer: dict          # torch optimizer state_dict
     step: int
     scale: float
+    duals: list[float] = field(default_factory=list)  # the KL constraint's multipliers (c = +1, c = −1)
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """The artifact's files plus the optimiser state, swapped into place at once (``write_dir_atomic``)."""
     state = ckpt.optimizer
     opt_tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in state["state"].items() for k, v in s.items()}
-    trainer = {"step": ckpt.step, "scale": ckpt.scale, "param_groups": state["param_groups"]}
+    trainer = {"step": ckpt.step, "scale": ckpt.scale, "duals": ckpt.duals, "param_groups": state["param_groups"]}
     writers = artifact_writers(ckpt.artifact)
     writers[OPTIMIZER_FILE] = lambda p: save_file(opt_tensors, str(p))
     writers[TRAINER_FILE] = lambda p: p.write_text(json.dumps(json_safe(trainer), indent=2) + "\n")
@@ -438,7 +439,7 @@ def load_checkpoint(path: str | Path, bridge: TransformerBridge) -> Checkpoint |
         i, name = k.split(".", 1)
         state.setdefault(int(i), {})[name] = v
     return Checkpoint(art, {"state": state, "param_groups": trainer["param_groups"]}, trainer["step"],
-                      float(trainer["scale"]))
+                      float(trainer["scale"]), [float(x) for x in trainer.get("duals", [])])
 
 
 def remove_checkpoint(path: str | Path) -> None:

@@ -59,6 +59,22 @@ def coherence_penalty(logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Ten
     return (excess * mask).sum() / mask.sum().clamp(min=1)
 
 
+def token_kl(logp_ref: Float[Tensor, "tok vocab"], logp_pi: Float[Tensor, "tok vocab"]) -> Float[Tensor, "tok"]:
+    """KL_t(ref ‖ π) = Σ_v p_ref(v) (log p_ref(v) − log p_π(v)), one value per token (nat)."""
+    return (logp_ref.exp() * (logp_ref - logp_pi)).sum(-1)
+
+
+def kl_lagrangian(kl: Float[Tensor, ""], budget: float, lam: float) -> Float[Tensor, ""]:
+    """λ · (KL / budget − 1): with λ ≥ 0 raised by dual ascent while KL > budget (and lowered, not below 0,
+    while KL < budget), the steered model is held at the budget instead of merely penalised for drifting."""
+    return lam * (kl / budget - 1)
+
+
+def dual_step(lam: float, kl: float, budget: float, lr: float) -> float:
+    """λ ← max(0, λ + lr · (KL / budget − 1)): projected gradient ascent on the multiplier."""
+    return max(0.0, lam + lr * (kl / budget - 1))
+
+
 def delta_nll(logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Tensor, "batch pos_1"],
               mask: Float[Tensor, "batch pos_1"]) -> Float[Tensor, ""]:
     """Mean per-token ΔNLL = mean(logp_ref − logp_pi) over real tokens (nat/token; > 0 is worse)."""

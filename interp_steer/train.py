@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
@@ -28,13 +29,13 @@ from transformers import PreTrainedTokenizerBase
 from .adapter import AdapterSpec, apply_adapters, make_adapters
 from .capture import Reference, forward_last, reference_pass
 from .config import TrainConfig
-from .data import Batch, ContrastivePair, check_lengths, pair_batches, select_pairs
+from .data import Batch, ContrastivePair, check_lengths, load_json, pair_batches, render_chat, select_pairs
 from .directions import dhs_svd_direction
-from .evaluate import evaluate_pairs
+from .evaluate import evaluate_pairs, greedy_continuations, reply_batch
 from .io import (
     Checkpoint, SteeringArtifact, check_dir_target, load_checkpoint, remove_checkpoint, save_artifact, save_checkpoint,
 )
-from .loss import steering_loss, token_logprobs, token_mask
+from .loss import dual_step, kl_lagrangian, steering_loss, token_kl, token_logprobs, token_mask
 from .names import resid_post, site_layer, site_name
 
 
@@ -83,6 +84,56 @@ class TrainResult:
     @property
     def metrics(self) -> dict:
         return self.artifact.metrics
+
+
+@dataclass
+class GenericText:
+    """Where the KL constraint is measured in training: the base model's own greedy replies to generic requests
+    (``datasets/coherence_prompts.json``, disjoint from every evaluation text), and the reference's next-token
+    log-probs at the positions that predict reply tokens, cached once (float16: 0.1 MB per token)."""
+
+    batches: list[Batch]
+    masks: list[Float[Tensor, "_batch _pos_1"]]
+    ref_logp: list[Float[Tensor, "_tok vocab"]]
+
+
+@torch.no_grad()
+def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, n_texts: int, batch_size: int,
+                 max_new_tokens: int = 32) -> GenericText:
+    prompts = load_json("coherence_prompts.json")["prompts"][:n_texts]
+    replies = greedy_continuations(bridge, tokenizer, None, prompts, max_new_tokens=max_new_tokens)
+    heads, texts = [], []
+    for p, r in zip(prompts, replies):
+        head = render_chat(tokenizer, p)
+        try:
+            reply_batch(tokenizer, [head], [r])  # a reply must tokenize on its own boundary to be scored
+        except ValueError:
+            continue
+        heads.append(head)
+        texts.append(r)
+    if not texts:
+        raise ValueError("no usable generic text for the KL constraint (every base-model reply was empty)")
+    out = GenericText([], [], [])
+    for i in range(0, len(texts), batch_size):
+        batch, mask = reply_batch(tokenizer, heads[i: i + batch_size], texts[i: i + batch_size])
+        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        out.batches.append(batch)
+        out.masks.append(mask)
+        out.ref_logp.append(logits[:, :-1][mask.bool()].float().log_softmax(-1).half())
+    return out
+
+
+def kl_both_ways(bridge: TransformerBridge, adapters, text: GenericText, j: int) -> tuple[Tensor, Tensor]:
+    """Mean per-token KL(reference ‖ steered) on generic batch ``j`` at c = +1 and at c = −1 (one forward)."""
+    batch, c = text.batches[j].doubled()
+    with apply_adapters(bridge, adapters, c):
+        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    mask = text.masks[j].bool()
+    n = int(mask.sum())
+    logp = logits[:, :-1][torch.cat([mask, mask])].float().log_softmax(-1)
+    ref = text.ref_logp[j].float()
+    kl = token_kl(torch.cat([ref, ref]), logp)
+    return kl[:n].mean(), kl[n:].mean()
 
 
 class _DeferredInterrupt:
@@ -146,6 +197,13 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     d_steer = dhs_svd_direction(torch.cat(ref.hs))
     scale = pair_scale(ref, d_steer)
 
+    generic = None
+    if cfg.loss.kl_budget is not None:
+        t = time.perf_counter()
+        generic = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch)
+        timings["generic_text_s"] = time.perf_counter() - t
+    duals = [0.0, 0.0]  # λ for c = +1 and c = −1
+
     adapters = make_adapters(bridge, specs, seed=cfg.seed, init_scale=cfg.init_scale)
     opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -156,12 +214,13 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                 raise ValueError(f"checkpoint {ckpt_path} was written with a different TrainConfig; resume with the "
                                  "same config, or start a new output directory")
             adapters, d_steer, scale, start = found.artifact.adapters, found.artifact.d_steer, found.scale, found.step
+            duals = list(found.duals) or duals
             opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             opt.load_state_dict(found.optimizer)
 
     def checkpoint(step: int) -> None:
         art = SteeringArtifact.build(bridge, adapters, d_steer, hook, cfg, {"step": step}, data)
-        save_checkpoint(ckpt_path, Checkpoint(art, opt.state_dict(), step, scale))  # type: ignore[arg-type]
+        save_checkpoint(ckpt_path, Checkpoint(art, opt.state_dict(), step, scale, list(duals)))  # type: ignore[arg-type]
 
     history: list[dict] = []
     fwd_s = bwd_s = 0.0
@@ -177,6 +236,12 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             del logits
             loss, parts = steering_loss(hs[hook], torch.cat([ref.hs[j]] * 2), c, d_steer, logp,
                                         torch.cat([ref.logp[j]] * 2), token_mask(batch.attention_mask), cfg.loss, scale)
+            if generic is not None:
+                kl_plus, kl_minus = kl_both_ways(bridge, adapters, generic, step % len(generic.batches))
+                budget = cfg.loss.kl_budget
+                loss = loss + kl_lagrangian(kl_plus, budget, duals[0]) + kl_lagrangian(kl_minus, budget, duals[1])
+                parts.update(kl_plus=kl_plus.item(), kl_minus=kl_minus.item(), lam_plus=duals[0], lam_minus=duals[1])
+                parts["loss"] = loss.item()
             t1 = time.perf_counter()
             if not math.isfinite(parts["loss"]):
                 last = ckpt_path if ckpt_path is not None and load_checkpoint(ckpt_path, bridge) else None
@@ -187,6 +252,9 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.grad_clip)
             opt.step()
+            if generic is not None:
+                duals = [dual_step(lam, parts[k], cfg.loss.kl_budget, cfg.loss.kl_dual_lr)  # type: ignore[arg-type]
+                         for lam, k in zip(duals, ("kl_plus", "kl_minus"))]
             fwd_s += t1 - t
             bwd_s += time.perf_counter() - t1
             history.append({"step": step, **parts})

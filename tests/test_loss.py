@@ -9,7 +9,7 @@ from interp_steer.config import LossConfig
 
 from interp_steer.loss import (
     coherence_penalty, delta_nll, monotonic_hinge, noref_loss, projection_scores, separation_objective,
-    shift_objective, steering_loss, token_logprobs, token_mask,
+    dual_step, kl_lagrangian, shift_objective, steering_loss, token_kl, token_logprobs, token_mask,
 )
 
 
@@ -128,3 +128,17 @@ def test_noref_loss_matches_loop(states):
     assert noref_loss(hs_pi, hs_ref, logp, d).item() == pytest.approx(-sep + 1e4 * coh, rel=1e-4)
     norm = sum((hs_pi[i] - hs_ref[i]).norm().item() for i in range(8)) / 8
     assert noref_loss(hs_pi, hs_ref, logp).item() == pytest.approx(-norm + 1e4 * coh, rel=1e-4)
+
+
+def test_token_kl_matches_a_loop_and_the_lagrangian_holds_the_budget():
+    g = torch.Generator().manual_seed(5)
+    ref = torch.randn(3, 7, generator=g).log_softmax(-1)
+    pi = torch.randn(3, 7, generator=g).log_softmax(-1)
+    kl = token_kl(ref, pi)
+    for t in range(3):
+        assert kl[t].item() == pytest.approx(sum(math.exp(ref[t, v]) * (ref[t, v] - pi[t, v]) for v in range(7)).item(),
+                                             rel=1e-5)
+    assert token_kl(ref, ref).abs().max() <= 1e-6 and (kl > 0).all()
+    assert kl_lagrangian(torch.tensor(0.2), 0.1, 3.0).item() == pytest.approx(3.0)  # λ (KL/budget − 1)
+    assert dual_step(1.0, 0.2, 0.1, 0.5) == pytest.approx(1.5)    # over budget: λ rises
+    assert dual_step(0.2, 0.0, 0.1, 0.5) == 0.0                   # under budget: falls, never below 0

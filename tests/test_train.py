@@ -198,3 +198,28 @@ def test_a_prompt_longer_than_the_context_is_refused_before_training(tiny):
     pairs = [ContrastivePair(f"I love it. {long}", f"I hate it. {long}")] * 4
     with pytest.raises(ValueError, match="longer than the model's context"):
         train(bridge, tok, pairs, TrainConfig(**TINY), progress=False)
+
+
+def test_the_kl_constraint_measures_generic_text_raises_its_multipliers_and_resumes_exactly(tiny, tmp_path):
+    """With loss.kl_budget set, every step measures KL(reference ‖ steered) on the base model's own replies to
+    generic requests at c = ±1; a budget far below the drift raises both multipliers; they are checkpointed, so
+    an interrupted run resumes to the uninterrupted one."""
+    bridge, tok = tiny
+    pairs = persona_pairs(tok)
+    cfg = TrainConfig(**{**TINY, "kl_texts": 4, "kl_batch": 2}, loss=LossConfig(kl_budget=1e-7, kl_dual_lr=0.5))
+    straight = train(bridge, tok, pairs, cfg, progress=False)
+    h = straight.history
+    assert all(x["kl_plus"] > 0 and x["kl_minus"] > 0 for x in h)
+    assert h[0]["lam_plus"] == 0.0 and h[-1]["lam_plus"] > 0 and h[-1]["lam_minus"] > 0
+    assert straight.timings["generic_text_s"] > 0
+
+    def stop_at_step_3(step, adapters):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(bridge, tok, pairs, cfg, tmp_path / "k", progress=False, callback=stop_at_step_3)
+    ckpt = load_checkpoint(tmp_path / "k.ckpt", bridge)
+    assert ckpt.duals == [h[2]["lam_plus"], h[2]["lam_minus"]]  # the multipliers of step 2, as written after it
+    resumed = train(bridge, tok, pairs, cfg, tmp_path / "k", resume=True, progress=False)
+    assert (params(resumed.adapters) - params(straight.adapters)).abs().max() <= 1e-6
