@@ -278,3 +278,42 @@ def test_dose_response_needs_the_demo_report_and_replots_it(tmp_path, capsys):
     assert F.main(["dose_response", "--out", str(tmp_path), "--report", str(tmp_path / "report.json")]) == 0
     assert (tmp_path / "dose_response_coherence.svg").is_file()
     assert (tmp_path / "dose_response_coefficient.png").is_file()
+
+
+def _report(rows: dict, zero: float = 0.1) -> dict:
+    def iso(deltas):
+        side = lambda s: {"coeff": s, "budget_reached": True,  # noqa: E731
+                          "effects": {"e": {"delta": sum(deltas) / len(deltas), "item_deltas": [s * d for d in deltas],
+                                            "ci95": [0.0, 1.0]}}}
+        return {"at_zero": {"e": zero}, "plus": side(1.0), "minus": side(-1.0)}
+    return {"concept": "c", "budget": 0.1, "budget_metric": "kl", "effects": [{"name": "e", "unit": "u"}],
+            "data": {"items": {"e": 3}}, "iso_table": {k: iso(v) for k, v in rows.items()}}
+
+
+def test_iso_table_joins_comparable_reports_and_refuses_the_rest(tmp_path, capsys):
+    from analysis import iso_table
+
+    (tmp_path / "a.json").write_text(json.dumps(_report({"pca_diff": [0.1, 0.2, 0.3], "random": [0.0, 0.0, 0.1]})))
+    (tmp_path / "b.json").write_text(json.dumps(_report({"adapter": [1.0, 1.1, 1.2]})))
+    assert iso_table.main([str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:adapter=learned"]) == 0
+    out = capsys.readouterr().out
+    assert "| learned | + |" in out and "| learned | − |" in out and "+0.900 [" in out and " *" in out
+    (tmp_path / "c.json").write_text(json.dumps(_report({"adapter": [1.0, 1.0, 1.0]}, zero=0.2)))
+    assert iso_table.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
+    assert "base model's effects differ" in capsys.readouterr().err
+
+
+def test_iso_table_groups_training_seeds_with_a_t_interval(tmp_path, capsys):
+    from analysis import iso_table
+
+    (tmp_path / "a.json").write_text(json.dumps(_report({"pca_diff": [0.1, 0.2, 0.3]})))
+    for k, shift in enumerate((0.9, 1.0, 1.1)):
+        (tmp_path / f"s{k}.json").write_text(json.dumps(_report({"adapter": [shift, shift + 0.1, shift + 0.2]})))
+    specs = [str(tmp_path / "a.json")] + [f"{tmp_path / f's{k}.json'}:adapter=learned@{k}" for k in range(3)]
+    first, rows = iso_table.load_rows(specs)
+    groups = iso_table.seed_groups(rows, "e")
+    g = groups["learned (3 seeds)"]["plus"]["effects"]["e"]
+    assert g["delta"] == pytest.approx(1.1) and g["seed_deltas"] == pytest.approx([1.0, 1.1, 1.2])
+    assert g["ci95"][1] - g["delta"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
+    assert g["item_deltas"] == pytest.approx([1.0, 1.1, 1.2])
+    assert iso_table.main(specs) == 0 and "| learned (3 seeds) | + | +1.100" in capsys.readouterr().out

@@ -12,8 +12,9 @@ from interp_steer.data import ContrastivePair, persona_pairs
 from interp_steer.io import SteeringArtifact, load_checkpoint
 from interp_steer.train import adapter_specs, train
 
+# the KL constraint (on by default) has its own test; elsewhere it would only cost time on the tiny model
 TINY = dict(layers=(0, 1), loss_layer=2, rank=4, steps=4, batch_pairs=2, n_pairs=12, checkpoint_every=2,
-            eval_coeffs=(-1.0, 0.0, 1.0), held_out=0.25)
+            eval_coeffs=(-1.0, 0.0, 1.0), held_out=0.25, loss=LossConfig(kl_budget=None))
 
 
 def params(adapters):
@@ -165,7 +166,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_a_swap_was_cut(tiny, 
 def test_real_short_training_steers_with_the_sign_of_c(real):
     """Shift objective: every held-out state moves along d_steer with the sign of c."""
     bridge, tok = real
-    cfg = TrainConfig(loss=LossConfig(objective="shift"), steps=10, n_pairs=96, held_out=0.25, eval_coeffs=(-1.0, 0.0, 1.0))
+    cfg = TrainConfig(loss=LossConfig(objective="shift", kl_budget=None), steps=10, n_pairs=96, held_out=0.25, eval_coeffs=(-1.0, 0.0, 1.0))
     result = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
     held = result.metrics["held_out"]
     scale = result.metrics["scale"]
@@ -183,7 +184,7 @@ def test_real_short_training_steers_with_the_sign_of_c(real):
 def test_real_short_training_separates_with_the_sign_of_c(real):
     """Separation objective: the held-out pair separation on d_steer grows at c = +1 and shrinks at c = −1."""
     bridge, tok = real
-    cfg = TrainConfig(loss=LossConfig(objective="separation"), steps=10, n_pairs=96, held_out=0.25)
+    cfg = TrainConfig(loss=LossConfig(objective="separation", kl_budget=None), steps=10, n_pairs=96, held_out=0.25)
     result = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
     held = result.metrics["held_out"]
     assert held["1"]["separation"] > held["0"]["separation"] + 0.1 * result.metrics["scale"]
@@ -206,7 +207,7 @@ def test_the_kl_constraint_measures_generic_text_raises_its_multipliers_and_resu
     an interrupted run resumes to the uninterrupted one."""
     bridge, tok = tiny
     pairs = persona_pairs(tok)
-    cfg = TrainConfig(**{**TINY, "kl_texts": 4, "kl_batch": 2}, loss=LossConfig(kl_budget=1e-7, kl_dual_lr=0.5))
+    cfg = TrainConfig(**{**TINY, "kl_texts": 4, "kl_batch": 2, "loss": LossConfig(kl_budget=1e-7, kl_dual_lr=0.5)})
     straight = train(bridge, tok, pairs, cfg, progress=False)
     h = straight.history
     assert all(x["kl_plus"] > 0 and x["kl_minus"] > 0 for x in h)

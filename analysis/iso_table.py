@@ -1,0 +1,125 @@
+"""One iso-coherence table from several sweep reports (``report.json`` of ``interp-steer demo`` / ``eval``).
+
+Rows labelled ``name@seed`` (e.g. ``adapter=shift+KL@1``) are training seeds of one method: they are also shown
+as one row ``name (k seeds)`` whose Δ is the mean over seeds with a t-interval over seeds, and whose comparison
+with the reference uses the per-item deltas averaged over seeds.
+
+Rows from different reports are comparable when their sweeps share the concept, the effect items, the neutral
+texts and the budget (the c = 0 point is then identical, which this checks). Every row's primary Δ at the
+budget is compared, paired over items, with a reference row (by default the best additive baseline found):
+
+    python -m analysis.iso_table runs/sentiment/report.json runs/sent_shift_kl-eval/report.json:adapter=shift+KL
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from interp_steer.report import ADDITIVE, paired_difference
+
+
+def load_rows(specs: list[str]) -> tuple[dict, dict[str, dict]]:
+    """``path[:method=label,...]`` -> (first report, {label: iso row}); checks the reports are comparable."""
+    first, rows = None, {}
+    for spec in specs:
+        path, _, renames = spec.partition(":")
+        report = json.loads(Path(path).read_text())
+        names = dict(r.split("=", 1) for r in renames.split(",") if r) if renames else {}
+        if first is None:
+            first = report
+        else:
+            for key in ("concept", "budget", "budget_metric", "effects", "data"):
+                if report.get(key) != first.get(key):
+                    raise ValueError(f"{path}: {key} differs from {specs[0]}'s; the rows would not be comparable")
+            z0 = next(iter(first["iso_table"].values()))["at_zero"]
+            z1 = next(iter(report["iso_table"].values()))["at_zero"]
+            if any(not math.isclose(z0[k], z1[k], rel_tol=1e-9, abs_tol=1e-12) for k in z0):
+                raise ValueError(f"{path}: the base model's effects differ from {specs[0]}'s ({z1} vs {z0})")
+        for name, iso in report["iso_table"].items():
+            if not names or name in names:
+                rows[names.get(name, name)] = iso
+    assert first is not None
+    return first, rows
+
+
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
+    """``name (k seeds)`` rows from ``name@seed`` rows: per side, the mean Δ over seeds with a t-interval over
+    seeds, and per-item deltas averaged over seeds (for paired comparisons)."""
+    groups: dict[str, list[str]] = {}
+    for label in rows:
+        if "@" in label:
+            groups.setdefault(label.split("@")[0], []).append(label)
+    out = {}
+    for name, labels in groups.items():
+        if len(labels) < 2:
+            continue
+        row: dict = {"at_zero": rows[labels[0]]["at_zero"], "seeds": len(labels)}
+        for side in ("plus", "minus"):
+            effects = [rows[lb][side]["effects"][primary] for lb in labels]
+            deltas = [e.get("delta_paired", e["delta"]) for e in effects]
+            m = sum(deltas) / len(deltas)
+            sd = math.sqrt(sum((d - m) ** 2 for d in deltas) / (len(deltas) - 1))
+            half = T95.get(len(deltas), 1.96) * sd / math.sqrt(len(deltas))
+            items = [sum(vals) / len(vals) for vals in zip(*(e["item_deltas"] for e in effects))]
+            others = {x: {"delta": sum(rows[lb][side]["effects"][x]["delta"] for lb in labels) / len(labels)}
+                      for x in rows[labels[0]][side]["effects"] if x != primary}
+            row[side] = {"coeff": math.nan, "budget_reached": all(rows[lb][side]["budget_reached"] for lb in labels),
+                         "effects": {primary: {"delta": m, "ci95": [m - half, m + half], "item_deltas": items,
+                                               "seed_deltas": deltas}, **others}}
+        out[f"{name} ({len(labels)} seeds)"] = row
+    return out
+
+
+def table(first: dict, rows: dict[str, dict], reference: str | None) -> str:
+    effects = [e["name"] for e in first["effects"]]
+    primary = effects[0]
+    rows = {**rows, **seed_groups(rows, primary)}
+    out = ["CI: paired over items; for a seeds row, a t-interval over seeds.", "",
+           f"{first['concept']}: Δ at {first['budget_metric'].upper()} = {first['budget']} nat/token; "
+           f"base model: " + ", ".join(f"{k} {v:+.3f}" for k, v in next(iter(rows.values()))["at_zero"].items()), "",
+           f"| method | dir | Δ {primary} [95% CI] | " + " | ".join(f"Δ {e}" for e in effects[1:])
+           + f" | coeff | vs {reference or 'best additive'} (paired) |",
+           "|---|---|---|" + "---|" * len(effects[1:]) + "---|---|"]
+    for side, sign in (("plus", 1.0), ("minus", -1.0)):
+        ref = reference or max((n for n in rows if n in ADDITIVE),
+                               key=lambda n: sign * rows[n][side]["effects"][primary]["delta"], default=None)
+        for name, iso in rows.items():
+            e = iso[side]["effects"][primary]
+            ci = e.get("ci95", [math.nan, math.nan])
+            comp = ""
+            if ref is not None and name != ref:
+                d = paired_difference([sign * x for x in e["item_deltas"]],
+                                      [sign * x for x in rows[ref][side]["effects"][primary]["item_deltas"]])
+                comp = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{' *' if d['significant'] else ''}"
+            reached = "" if iso[side]["budget_reached"] else " (budget not reached)"
+            out.append(f"| {name} | {'+' if sign > 0 else '−'} | {e.get('delta_paired', e['delta']):+.3f} "
+                       f"[{ci[0]:+.3f}, {ci[1]:+.3f}] | "
+                       + " | ".join(f"{iso[side]['effects'][x]['delta']:+.3f}" for x in effects[1:])
+                       + f" | {'–' if math.isnan(iso[side]['coeff']) else format(iso[side]['coeff'], '.3g')}"
+                       f"{reached} | {comp} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.iso_table", description=__doc__.splitlines()[0])
+    p.add_argument("reports", nargs="+", help="report.json[:method=label,...] (only the named methods, renamed)")
+    p.add_argument("--reference", default=None, help="row to compare with (default: the best additive baseline)")
+    args = p.parse_args(argv)
+    try:
+        first, rows = load_rows(args.reports)
+        print(table(first, rows, args.reference))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
