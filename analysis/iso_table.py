@@ -28,7 +28,8 @@ def load_rows(specs: list[str]) -> tuple[dict, dict[str, dict]]:
     for spec in specs:
         path, _, renames = spec.partition(":")
         report = json.loads(Path(path).read_text())
-        names = dict(r.split("=", 1) for r in renames.split(",") if r) if renames else {}
+        names = dict((r.split("=", 1) * 2)[:2] if "=" not in r else r.split("=", 1)
+                     for r in renames.split(",") if r) if renames else {}
         if first is None:
             first = report
         else:
@@ -109,7 +110,8 @@ def table(first: dict, rows: dict[str, dict], reference: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.iso_table", description=__doc__.splitlines()[0])
-    p.add_argument("reports", nargs="+", help="report.json[:method=label,...] (only the named methods, renamed)")
+    p.add_argument("reports", nargs="+",
+                   help="report.json[:method[=label],...] (only the named methods, optionally renamed)")
     p.add_argument("--reference", default=None, help="row to compare with (default: the best additive baseline)")
     args = p.parse_args(argv)
     try:

@@ -29,11 +29,13 @@ class StudyConfig:
     seed: int = 0
     objective: Literal["shift", "separation"] | None = None  # None: LossConfig's default (the package's choice)
     model: str | None = None     # None: the packaged SmolLM2-135M-Instruct
+    kl_budget: float | None = 0.1  # the KL constraint on generic text (LossConfig's default); None: off
 
     def train_config(self):
         from interp_steer.config import LossConfig, TrainConfig
 
-        loss = LossConfig() if self.objective is None else LossConfig(objective=self.objective)
+        loss = LossConfig(kl_budget=self.kl_budget) if self.objective is None else \
+            LossConfig(objective=self.objective, kl_budget=self.kl_budget)
         return TrainConfig(layers=self.layers, loss_layer=self.loss_layer, rank=self.rank, steps=self.steps,
                            n_pairs=self.pairs, seed=self.seed, checkpoint_every=10**9, loss=loss)
 

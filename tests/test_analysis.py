@@ -153,7 +153,7 @@ def test_subspace_tracker_snapshots_during_training(tiny):
     bridge, tok = tiny
     tracker = P.SubspaceTracker(every=2, k=2)
     cfg = TrainConfig(layers=(0, 1), loss_layer=2, rank=4, steps=4, batch_pairs=2, n_pairs=10, held_out=0.2,
-                      eval_coeffs=(0.0,))
+                      eval_coeffs=(0.0,), loss=LossConfig(kl_budget=None))
     result = train(bridge, tok, persona_pairs(tok), cfg, progress=False, callback=tracker)
     assert tracker.steps == [2, 4] and set(tracker.bases) == {"blocks.0.mlp.out", "blocks.1.mlp.out"}
     hs = D.capture_layers(bridge, result.train_batches, [0, 1])
@@ -236,7 +236,7 @@ def test_study_on_the_tiny_model_feeds_every_model_figure(tiny, tmp_path):
     from interp_steer.io import write_json_atomic
 
     study = Study(StudyConfig(pairs=20, steps=2, loss_layer=2, layers=(0, 1), rank=4, k=2, grad_pairs=4,
-                              snapshot_every=1, objective="shift"))
+                              snapshot_every=1, objective="shift", kl_budget=None))
     study.__dict__["model"] = tiny
     for key in ("dhs_report", "layer_map", "pca_vs_learned"):
         getattr(study, key)  # `trained` checks the study's split against train()'s batches

@@ -207,7 +207,7 @@ def test_the_kl_constraint_measures_generic_text_raises_its_multipliers_and_resu
     an interrupted run resumes to the uninterrupted one."""
     bridge, tok = tiny
     pairs = persona_pairs(tok)
-    cfg = TrainConfig(**{**TINY, "kl_texts": 4, "kl_batch": 2, "loss": LossConfig(kl_budget=1e-7, kl_dual_lr=0.5)})
+    cfg = TrainConfig(**{**TINY, "kl_texts": 2, "kl_batch": 2, "loss": LossConfig(kl_budget=1e-7, kl_dual_lr=0.5)})
     straight = train(bridge, tok, pairs, cfg, progress=False)
     h = straight.history
     assert all(x["kl_plus"] > 0 and x["kl_minus"] > 0 for x in h)
