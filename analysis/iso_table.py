@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+import scipy.stats
+
 from interp_steer.report import ADDITIVE, paired_difference
 
 
@@ -47,8 +49,6 @@ def load_rows(specs: list[str]) -> tuple[dict, dict[str, dict]]:
     return first, rows
 
 
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-
 
 def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
     """``name (k seeds)`` rows from ``name@seed`` rows: per side, the mean Δ over seeds with a t-interval over
@@ -67,7 +67,7 @@ def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
             deltas = [e.get("delta_paired", e["delta"]) for e in effects]
             m = sum(deltas) / len(deltas)
             sd = math.sqrt(sum((d - m) ** 2 for d in deltas) / (len(deltas) - 1))
-            half = T95.get(len(deltas), 1.96) * sd / math.sqrt(len(deltas))
+            half = scipy.stats.t.ppf(0.975, len(deltas) - 1) * sd / math.sqrt(len(deltas))
             items = [sum(vals) / len(vals) for vals in zip(*(e["item_deltas"] for e in effects))]
             others = {x: {"delta": sum(rows[lb][side]["effects"][x]["delta"] for lb in labels) / len(labels)}
                       for x in rows[labels[0]][side]["effects"] if x != primary}

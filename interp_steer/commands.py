@@ -24,8 +24,7 @@ from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, p
 from .directions import SteeringVector, gradient_directions, steering_vector
 from .evaluate import coherence_reference, load_neutral_texts
 from .io import (
-    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, prepare_run_dir, read_artifact_config,
-    write_json_atomic,
+    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, prepare_run_dir, write_json_atomic,
 )
 from .models import load_model
 from .names import layer_of, resid_post, site_layer
@@ -162,14 +161,14 @@ def run_demo(cfg: DemoRun) -> dict:
 
 def run_eval(cfg: EvalRun) -> dict:
     """Sweep a saved artifact (and baselines built from its training pairs) at equal coherence."""
-    read_artifact_config(cfg.artifact)  # a bad artifact path fails before the model loads
-    recorded = load_artifact(cfg.artifact).data
+    artifact = load_artifact(cfg.artifact)  # a bad artifact fails before the model loads; checked against it below
+    recorded = artifact.data
     concept = get_concept(cfg.concept or recorded.get("concept") or "honesty")
     out = prepare_run_dir(cfg.out_dir, cfg.overwrite)
     t0 = time.perf_counter()
     model = cfg.model if cfg.model is not None else recorded.get("model")
     bridge, tok = load_model(model)
-    artifact = load_artifact(cfg.artifact, bridge)
+    artifact.check_model(bridge, where=f"artifact {cfg.artifact}")
     pairs_file, personas = cfg.pairs, cfg.personas
     if pairs_file is None and personas is None:
         pairs_file, personas = recorded.get("pairs"), recorded.get("personas")

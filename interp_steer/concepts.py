@@ -19,12 +19,10 @@ A new concept takes a few lines::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
@@ -154,11 +152,3 @@ def get_concept(name: str) -> Concept:
     if name not in CONCEPTS:
         raise ValueError(f"unknown concept {name!r}; registered: {', '.join(sorted(CONCEPTS))}")
     return CONCEPTS[name]
-
-
-def summarize(items: Float[Tensor, "n"]) -> dict[str, float]:
-    """Mean over defined items, the fraction of them above zero, and how many there are."""
-    ok = items[torch.isfinite(items)]
-    n = int(ok.numel())
-    return {"mean": ok.float().mean().item() if n else math.nan,
-            "frac_positive": (ok > 0).float().mean().item() if n else math.nan, "n": n}

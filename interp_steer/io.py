@@ -70,9 +70,14 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def json_text(obj: Any, indent: int = 2) -> str:
+    """Strict JSON (``json_safe``: NaN/inf as null), one trailing newline."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: Path, obj: Any, indent: int = 2) -> None:
-    """Strict JSON (``json_safe``), atomically."""
-    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n"
+    """Strict JSON, atomically."""
+    text = json_text(obj, indent)
     _atomic(Path(path), lambda p: p.write_text(text))
 
 
@@ -260,6 +265,9 @@ class SteeringArtifact:
         if self.base_model != model_name(bridge):
             raise ValueError(f"{where} was trained on {self.base_model!r}, this model is {model_name(bridge)!r}; "
                              "load the model it was trained on (--model)")
+        if self.d_steer.shape != (bridge.cfg.d_model,):
+            raise ValueError(f"{where}: d_steer has {tuple(self.d_steer.shape)} entries, this model's d_model is "
+                             f"{bridge.cfg.d_model}")
         for a in self.adapters:
             W = linear_weight(bridge, a.site)
             if (W.shape[0], W.shape[1]) != (a.U.shape[0], a.V.shape[0]):
@@ -286,10 +294,10 @@ class SteeringArtifact:
 
 def artifact_writers(artifact: SteeringArtifact) -> dict[str, Callable[[Path], None]]:
     tensors = {k: v.detach().contiguous().cpu() for k, v in artifact.tensors().items()}
-    config = json_safe(artifact.config_json())
+    config = json_text(artifact.config_json())
     return {
         WEIGHTS_FILE: lambda p: save_file(tensors, str(p), metadata={"format_version": str(FORMAT_VERSION)}),
-        CONFIG_FILE: lambda p: p.write_text(json.dumps(config, indent=2, allow_nan=False) + "\n"),
+        CONFIG_FILE: lambda p: p.write_text(config),
     }
 
 
@@ -298,7 +306,8 @@ def save_artifact(path: str | Path, artifact: SteeringArtifact, *, overwrite: bo
     """Write the artifact directory at once (see module docstring); ``run_config`` goes beside it."""
     writers = artifact_writers(artifact)
     if run_config is not None:
-        writers[RUN_CONFIG_FILE] = lambda p: p.write_text(json.dumps(json_safe(run_config), indent=2) + "\n")
+        text = json_text(run_config)
+        writers[RUN_CONFIG_FILE] = lambda p: p.write_text(text)
     return write_dir_atomic(path, writers, overwrite)
 
 
@@ -361,9 +370,8 @@ def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> 
     tensors = read_tensors(path / WEIGHTS_FILE)
     adapters = nn.ModuleList(_adapter_from(spec, tensors, path / WEIGHTS_FILE) for spec in specs)
     d_steer = tensors.pop("d_steer", None)
-    if d_steer is None or d_steer.ndim != 1 or d_steer.shape[0] != adapters[0].U.shape[0] \
-            or not torch.isfinite(d_steer).all():
-        raise ValueError(f"{path / WEIGHTS_FILE}: 'd_steer' missing, not a finite vector of d_model entries")
+    if d_steer is None or d_steer.ndim != 1 or not torch.isfinite(d_steer).all():
+        raise ValueError(f"{path / WEIGHTS_FILE}: 'd_steer' missing, or not a finite vector")
     extra = sorted(set(tensors) - {f"{s.site}.{k}" for s, a in zip(specs, adapters) for k in a.state_dict()})
     if extra:
         raise ValueError(f"{path / WEIGHTS_FILE}: unexpected tensors {extra[:5]}")
@@ -420,7 +428,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     trainer = {"step": ckpt.step, "scale": ckpt.scale, "duals": ckpt.duals, "param_groups": state["param_groups"]}
     writers = artifact_writers(ckpt.artifact)
     writers[OPTIMIZER_FILE] = lambda p: save_file(opt_tensors, str(p))
-    writers[TRAINER_FILE] = lambda p: p.write_text(json.dumps(json_safe(trainer), indent=2) + "\n")
+    trainer_text = json_text(trainer)
+    writers[TRAINER_FILE] = lambda p: p.write_text(trainer_text)
     return write_dir_atomic(path, writers, overwrite=True)
 
 

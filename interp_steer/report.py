@@ -31,14 +31,20 @@ def _f(x, spec=".3f"):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def mean_ci(d: torch.Tensor) -> tuple[float, float, list[float]]:
+    """Mean, standard error and normal 95 % CI of the finite values of ``d`` (NaN for fewer than two)."""
+    d = d[torch.isfinite(d)].double()
+    if len(d) < 2:
+        return math.nan, math.nan, [math.nan, math.nan]
+    m, se = d.mean().item(), (d.std(unbiased=True) / math.sqrt(len(d))).item()
+    return m, se, [m - Z95 * se, m + Z95 * se]
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     """Mean of a − b over the items defined in both, its standard error and 95 % CI (paired over items)."""
     x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     d = (x - y)[torch.isfinite(x) & torch.isfinite(y)]
-    if len(d) < 2:
-        return {"diff": math.nan, "se": math.nan, "ci95": [math.nan, math.nan], "n": len(d), "significant": False}
-    m, se = d.mean().item(), (d.std(unbiased=True) / math.sqrt(len(d))).item()
-    lo, hi = m - Z95 * se, m + Z95 * se
+    m, se, (lo, hi) = mean_ci(d)
     return {"diff": m, "se": se, "ci95": [lo, hi], "n": len(d), "significant": lo > 0 or hi < 0}
 
 

@@ -26,10 +26,10 @@ from .adapter import apply_adapters
 from .concepts import Effect
 from .directions import SteeringVector
 from .evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
+from .report import mean_ci
 
 BudgetMetric = Literal["kl", "dnll"]
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.25, 1.5, 2.0)  # × c*, beside the bracket ends: 8 points per direction
-Z95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -211,14 +211,10 @@ def paired_delta(points: Sequence[Point], coeff: float, effect: str) -> dict:
     deltas = torch.tensor([_interp(c, items[:, i].tolist(), coeff) for i in range(items.shape[1])],
                           dtype=torch.float64) - zero
     d = deltas[ok & torch.isfinite(deltas)]
-    mean = _interp(c, [p.effects[effect] for p in points], coeff) - points[c.index(0.0)].effects[effect]
-    if len(d) < 2:
-        return {"value": _interp(c, [p.effects[effect] for p in points], coeff), "delta": mean, "se": math.nan,
-                "ci95": [math.nan, math.nan], "n_items": len(d)}
-    paired, se = d.mean().item(), (d.std(unbiased=True) / math.sqrt(len(d))).item()
-    return {"value": _interp(c, [p.effects[effect] for p in points], coeff), "delta": mean, "delta_paired": paired,
-            "se": se, "ci95": [paired - Z95 * se, paired + Z95 * se], "n_items": len(d),
-            # per item (NaN where undefined at some point): lets two methods be compared item by item
+    value = _interp(c, [p.effects[effect] for p in points], coeff)
+    paired, se, ci = mean_ci(d)
+    return {"value": value, "delta": value - points[c.index(0.0)].effects[effect], "delta_paired": paired,
+            "se": se, "ci95": ci, "n_items": len(d),
             "item_deltas": torch.where(ok, deltas, torch.nan).tolist()}
 
 

@@ -33,7 +33,8 @@ from .data import Batch, ContrastivePair, check_lengths, load_json, pair_batches
 from .directions import dhs_svd_direction
 from .evaluate import evaluate_pairs, greedy_continuations, reply_batch
 from .io import (
-    Checkpoint, SteeringArtifact, check_dir_target, load_checkpoint, remove_checkpoint, save_artifact, save_checkpoint,
+    CHECKPOINT_FILES, Checkpoint, SteeringArtifact, check_dir_target, load_checkpoint, remove_checkpoint, resolve_dir,
+    save_artifact, save_checkpoint,
 )
 from .loss import dual_step, kl_lagrangian, steering_loss, token_kl, token_logprobs, token_mask
 from .names import resid_post, site_layer, site_name
@@ -244,7 +245,7 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                 parts["loss"] = loss.item()
             t1 = time.perf_counter()
             if not math.isfinite(parts["loss"]):
-                last = ckpt_path if ckpt_path is not None and load_checkpoint(ckpt_path, bridge) else None
+                last = resolve_dir(ckpt_path, CHECKPOINT_FILES) if ckpt_path is not None else None
                 raise FloatingPointError(
                     f"loss is {parts['loss']} at step {step} ({parts}); training stopped. The last good checkpoint "
                     f"is {last or 'none (no checkpoint yet)'}; lower lr or raise w_coherence.")

@@ -5,7 +5,7 @@ import torch
 
 from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
 from interp_steer.concepts import (
-    CONCEPTS, Concept, get_concept, greedy_continuations, register, reply_options_effect, summarize,
+    CONCEPTS, Concept, get_concept, greedy_continuations, register, reply_options_effect,
 )
 from interp_steer.data import render_chat
 from interp_steer.evaluate import answer_scores
@@ -31,7 +31,7 @@ def test_reply_log_odds_match_a_hand_computation(tiny):
     assert scores.shape == (4,)
     s = answer_scores(bridge, tok, None, ["How was it?"] * 2, ["Great.", "Awful."])
     assert scores[0].item() == pytest.approx((s[0] - s[1]).item(), abs=1e-5)
-    assert len(get_concept("sentiment").effects(200, 0)[0].measure.__closure__) > 0  # binds its items
+    assert get_concept("sentiment").effects(6, 0)[0].measure(bridge, tok, None, None).shape == (6,)  # n items
 
 
 def test_greedy_continuations_batched_equal_unbatched_and_c_zero_is_the_base_model(tiny):
@@ -58,8 +58,3 @@ def test_a_users_concept_takes_a_few_lines_and_is_registered(tiny):
         assert render_chat(tok, "Hi?", system="Be formal.") != render_chat(tok, "Hi?")
     finally:
         CONCEPTS.pop("formality")
-
-
-def test_summarize_ignores_undefined_items():
-    s = summarize(torch.tensor([1.0, -1.0, 3.0, float("nan")]))
-    assert s == {"mean": pytest.approx(1.0), "frac_positive": pytest.approx(2 / 3), "n": 3}

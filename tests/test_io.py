@@ -173,3 +173,17 @@ def test_checkpoint_round_trip(tiny, art, tmp_path):
     state, want = back.optimizer["state"], opt.state_dict()["state"]
     assert state.keys() == want.keys() and all(torch.equal(state[i][k], want[i][k]) for i in want for k in want[i])
     assert load_checkpoint(tmp_path / "none", bridge) is None
+
+
+def test_d_steer_lives_in_the_stream_whatever_the_first_site_writes(tiny, tmp_path):
+    """An artifact whose first adapter writes d_mlp features (mlp.in) still round-trips; a d_steer of the wrong
+    size is refused against the model."""
+    bridge, _ = tiny
+    adapters = make_adapters(bridge, [AdapterSpec("blocks.0.mlp.in", rank=4)], init_scale=0.3)
+    art = SteeringArtifact.build(bridge, adapters, torch.ones(bridge.cfg.d_model), "blocks.2.hook_resid_post",
+                                 TrainConfig(site="mlp.in", layers=(0,), loss_layer=2, rank=4))
+    art.save(tmp_path / "a")
+    assert torch.equal(SteeringArtifact.load(tmp_path / "a", bridge).d_steer, art.d_steer)
+    art.d_steer = torch.ones(3)
+    with pytest.raises(ValueError, match="d_model is 64"):
+        art.check_model(bridge)
