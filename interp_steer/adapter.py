@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, Literal, Sequence, no_type_check
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence, no_type_check
 
 import einops
 import torch
@@ -62,6 +62,21 @@ def linear_weight(bridge: TransformerBridge, site: str) -> Float[Tensor, "d_out 
     return linear.weight
 
 
+def aligned_triplets(U: Float[Tensor, "d_out k"], d: Float[Tensor, "d"], r: int) -> Tensor:
+    """Indices of the ``r`` output singular vectors most aligned with ``d`` (largest ``|u_iᵀ d|``), in
+    singular-value order.
+
+    An adapter changes its site's output only inside span(U_r); the top-r triplets by singular value hold about
+    as much of a concept direction as a random subspace, the r most aligned about twice as much (NOTES.md).
+    """
+    if d.shape != (U.shape[0],):
+        raise ValueError(f"alignment direction has shape {tuple(d.shape)}; this site writes {U.shape[0]} features")
+    if not torch.isfinite(d).all() or d.norm() == 0:
+        raise ValueError("alignment direction must be finite and non-zero")
+    score = (U.T @ d.to(U.dtype)).abs()
+    return score.topk(r).indices.sort().values
+
+
 def skew(p: Float[Tensor, "rank rank"]) -> Float[Tensor, "rank rank"]:
     """θ = triu(p, 1) − triu(p, 1)ᵀ: a skew-symmetric matrix from a free parameter."""
     upper = torch.triu(p, diagonal=1)
@@ -100,13 +115,16 @@ class SVDAdapter(nn.Module):
         self.theta_u = nn.Parameter(init_scale * torch.randn(r, r, generator=g, dtype=U.dtype)) if spec.rotate_u else None
 
     @classmethod
-    def from_weight(cls, spec: AdapterSpec, W: Float[Tensor, "d_out d_in"], **kw) -> "SVDAdapter":
-        """Decompose ``W = U diag(S) Vᵀ + W_res`` (top ``spec.rank``) in float64 for accuracy."""
+    def from_weight(cls, spec: AdapterSpec, W: Float[Tensor, "d_out d_in"], *,
+                    align: Float[Tensor, "d"] | None = None, **kw) -> "SVDAdapter":
+        """Decompose ``W = U diag(S) Vᵀ + W_res`` in float64 for accuracy, keeping ``spec.rank`` triplets: the
+        largest singular values, or with ``align`` the triplets whose output vectors ``u_i`` are most aligned
+        with it (largest ``|u_iᵀ d|``; see ``aligned_triplets``). Either way ``W_res`` is the rest of ``W``."""
         if spec.rank > min(W.shape):
             raise ValueError(f"rank {spec.rank} exceeds min{tuple(W.shape)} of site {spec.site}")
         U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
-        r = spec.rank
-        return cls(spec, U[:, :r].to(W.dtype), S[:r].to(W.dtype), Vh[:r].T.to(W.dtype), **kw)
+        keep = torch.arange(spec.rank) if align is None else aligned_triplets(U, align, spec.rank)
+        return cls(spec, U[:, keep].to(W.dtype), S[keep].to(W.dtype), Vh[keep].T.to(W.dtype), **kw)
 
     @classmethod
     def from_bridge(cls, bridge: TransformerBridge, spec: AdapterSpec, **kw) -> "SVDAdapter":
@@ -208,12 +226,18 @@ def merged_weights(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c:
                 W.copy_(orig)
 
 
-def make_adapters(bridge: TransformerBridge, specs: Sequence[AdapterSpec], seed: int = 0, init_scale: float = 1e-2
-                  ) -> nn.ModuleList:
-    """One adapter per spec (sites must be unique), seeded per site."""
+def make_adapters(bridge: TransformerBridge, specs: Sequence[AdapterSpec], seed: int = 0, init_scale: float = 1e-2,
+                  align: Mapping[str, Tensor] | None = None) -> nn.ModuleList:
+    """One adapter per spec (sites must be unique), seeded per site; ``align[site]``, where given, picks that
+    site's triplets by alignment with a direction in its output space instead of by singular value."""
     sites = [s.site for s in specs]
     if len(set(sites)) != len(sites):
         raise ValueError(f"duplicate sites: {sites}")
+    align = dict(align or {})
+    unknown = sorted(set(align) - set(sites))
+    if unknown:
+        raise ValueError(f"alignment directions given for sites without an adapter: {unknown}")
     return nn.ModuleList(
-        SVDAdapter.from_bridge(bridge, s, seed=seed + i, init_scale=init_scale) for i, s in enumerate(specs)
+        SVDAdapter.from_bridge(bridge, s, seed=seed + i, init_scale=init_scale, align=align.get(s.site))
+        for i, s in enumerate(specs)
     )

@@ -21,10 +21,11 @@ from pathlib import Path
 from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin, no_type_check
 
-from .names import SITES
+from .names import RESID_WRITERS, SITES
 
 Objective = Literal["shift", "separation"]
 Scale = Literal["exp", "add"]
+Triplets = Literal["top", "aligned"]
 Site = Literal["mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "attn.o"]
 BudgetMetric = Literal["kl", "dnll"]
 MethodName = Literal["adapter", "pca_diff", "pca_center", "mean_diff", "gradient", "random", "prompting"]
@@ -196,6 +197,9 @@ class TrainConfig(Config):
         metadata={"help": "adapted blocks: ints are indices, floats in (0, 1) depth fractions"})
     site: Site = field(default="mlp.out", metadata={"help": "the linear layer adapted in each block"})
     rank: int = field(default=32, metadata={"help": "singular triplets rotated per site"})
+    triplets: Triplets = field(default="top", metadata={
+        "help": "which triplets: the largest singular values, or those whose output vectors are most aligned "
+                "with the pairs' mean difference at that block (mlp.out/attn.o only)"})
     loss_layer: int | float = field(default=0.75, metadata={"help": "block whose resid_post the objective reads"})
     loss: LossConfig = field(default_factory=LossConfig)
     steps: int = field(default=48, metadata={"help": "optimiser steps"})
@@ -220,6 +224,9 @@ class TrainConfig(Config):
     def __post_init__(self):
         self._check_types()
         _require(len(self.layers) > 0, "layers must name at least one block")
+        _require(self.triplets == "top" or self.site in RESID_WRITERS,
+                 f"triplets='aligned' needs a site that writes the residual stream ({', '.join(RESID_WRITERS)}); "
+                 f"{self.site!r} does not")
         for v in (*self.layers, self.loss_layer):
             _require((isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 < v < 1),
                      f"layer {v!r}: use an int block index >= 0 or a float depth fraction in (0, 1)")
@@ -352,4 +359,4 @@ def run_config_doc(command: str, cfg: Config) -> dict:
 
 
 __all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "METHODS",
-           "Objective", "Scale", "Site", "MethodName", "load_run_config", "run_config_doc", "COMMANDS"]
+           "Objective", "Scale", "Site", "Triplets", "MethodName", "load_run_config", "run_config_doc", "COMMANDS"]

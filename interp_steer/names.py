@@ -10,6 +10,7 @@ import re
 from typing import Iterable
 
 SITES = ("mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "attn.o")  # linear layers per block
+RESID_WRITERS = ("mlp.out", "attn.o")  # sites whose output is added to the residual stream
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _SITE = re.compile(r"^blocks\.\d+\.(" + "|".join(re.escape(s) for s in SITES) + r")$")
 

@@ -30,7 +30,7 @@ from .adapter import AdapterSpec, apply_adapters, make_adapters
 from .capture import Reference, forward_last, reference_pass
 from .config import TrainConfig
 from .data import Batch, ContrastivePair, check_lengths, load_json, pair_batches, render_chat, select_pairs
-from .directions import dhs_svd_direction
+from .directions import dhs_svd_direction, mean_diff_direction
 from .evaluate import evaluate_pairs, greedy_continuations, reply_batch
 from .io import (
     CHECKPOINT_FILES, Checkpoint, SteeringArtifact, check_dir_target, load_checkpoint, remove_checkpoint, resolve_dir,
@@ -205,7 +205,10 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
         timings["generic_text_s"] = time.perf_counter() - t
     duals = [0.0, 0.0]  # λ for c = +1 and c = −1
 
-    adapters = make_adapters(bridge, specs, seed=cfg.seed, init_scale=cfg.init_scale)
+    align = None
+    if cfg.triplets == "aligned":  # each site's triplets by alignment with the pairs' mean difference there
+        align = {s.site: mean_diff_direction(ref.extra[resid_post(site_layer(s.site))]) for s in specs}
+    adapters = make_adapters(bridge, specs, seed=cfg.seed, init_scale=cfg.init_scale, align=align)
     opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume and ckpt_path is not None:

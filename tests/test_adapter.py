@@ -64,6 +64,28 @@ def test_rank_r_residual_holds_exactly_the_discarded_singular_values(tiny):
             assert (a.V.double().T @ a.V.double() - eye).abs().max() <= 1e-5
 
 
+def test_aligned_triplets_are_the_most_aligned_and_leave_the_rest_of_w_as_residual(tiny):
+    """With ``align = d`` the kept triplets maximise |u_iᵀ d| (a direction built from low triplets picks them),
+    stay in singular-value order, and W_res = W − U_r S_r V_rᵀ still holds the rest: c = 0 merges to W."""
+    bridge, _ = tiny
+    site = "blocks.1.mlp.out"
+    W = linear_weight(bridge, site).detach()
+    U, S, _ = torch.linalg.svd(W.double(), full_matrices=False)
+    d = (U[:, 40] - 0.5 * U[:, 50] + 0.2 * U[:, 3]).float()  # lies in triplets 3, 40 and 50
+    a = SVDAdapter.from_weight(AdapterSpec(site, rank=3), W, align=d)
+    assert torch.allclose(a.S.double(), S[[3, 40, 50]].float().double(), rtol=1e-5)
+    assert (a.U.T @ a.U - torch.eye(3)).abs().max() <= 1e-5
+    assert (a.U @ (a.U.T @ d) - d).norm() <= 1e-4 * d.norm()  # the adapter's output space holds all of d
+    top = SVDAdapter.from_weight(AdapterSpec(site, rank=3), W)
+    assert (top.U @ (top.U.T @ d)).norm() < 0.25 * d.norm()  # the top-3 by singular value hold almost none
+    assert torch.allclose(a.merge(W, 0.0), W, atol=1e-6)
+    for bad in (torch.zeros(64), torch.ones(5), torch.full((64,), float("nan"))):
+        with pytest.raises(ValueError, match="alignment direction"):
+            SVDAdapter.from_weight(AdapterSpec(site, rank=3), W, align=bad)
+    with pytest.raises(ValueError, match="sites without an adapter"):
+        make_adapters(bridge, [AdapterSpec(site, rank=3)], align={"blocks.0.mlp.out": d})
+
+
 def test_delta_matches_a_dense_reference(tiny):
     """Δy from the hooks equals x (W(c) − W)ᵀ with W(c) written straight from the equation."""
     bridge, _ = tiny

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 import interp_steer.train as train_mod
+from interp_steer.adapter import linear_weight
 from interp_steer.config import LossConfig, TrainConfig
 from interp_steer.data import ContrastivePair, persona_pairs
+from interp_steer.directions import mean_diff_direction
 from interp_steer.io import SteeringArtifact, load_checkpoint
+from interp_steer.names import resid_post, site_layer
 from interp_steer.train import adapter_specs, train
 
 # the KL constraint (on by default) has its own test; elsewhere it would only cost time on the tiny model
@@ -63,6 +66,20 @@ def test_train_writes_a_loadable_adapter(tiny, tmp_path):
     train(bridge, tok, pairs, TrainConfig(**{**TINY, "steps": 2}), tmp_path / "run", overwrite=True, progress=False)
     assert SteeringArtifact.load(tmp_path / "run").config.steps == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary or .prev directory left
+
+
+def test_aligned_triplets_take_each_sites_triplets_from_the_pairs_mean_difference(tiny):
+    bridge, tok = tiny
+    cfg = TrainConfig(**{**TINY, "steps": 1, "triplets": "aligned"})
+    result = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
+    for a in result.adapters:
+        d = mean_diff_direction(result.reference_states[resid_post(site_layer(a.site))])
+        W = linear_weight(bridge, a.site).detach()
+        U = torch.linalg.svd(W.double(), full_matrices=False).U
+        best = (U.T @ d.double()).abs().topk(a.spec.rank).values.sort().values
+        assert torch.allclose((a.U.double().T @ d.double()).abs().sort().values, best, atol=1e-5)
+    with pytest.raises(ValueError, match="writes the residual stream"):
+        TrainConfig(site="mlp.in", triplets="aligned")
 
 
 def test_a_hard_interrupt_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_run(tiny, tmp_path,
