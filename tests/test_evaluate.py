@@ -145,6 +145,20 @@ def write_tqa(path, rows, header=("Type", "Question", "Best Answer", "Correct An
     return path
 
 
+def test_logits_at_equals_the_full_logits_there_and_composes_with_a_steer(tiny):
+    bridge, tok = tiny
+    batch = ev.tokenize(["a short one", "a somewhat longer text to pad against", "mid length text"], tok)
+    rows, pos = torch.tensor([0, 1, 1, 2]), torch.tensor([1, 0, 5, 2])
+    adapters = make_adapters(bridge, [AdapterSpec("blocks.1.mlp.out", rank=4)], init_scale=0.5)
+    with torch.no_grad(), apply_adapters(bridge, adapters, 1.5):
+        full = ev._logits(bridge, batch)
+        some = ev.logits_at(bridge, batch, rows, pos)
+    assert some.shape == (4, full.shape[-1])
+    assert (some - full[rows, pos]).abs().max() <= 1e-5
+    assert (full - bridge(batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids)).abs().max() > 1e-3  # the steer was on inside
+
+
 def test_truthfulqa_mc_matches_hand_computation(tiny, tmp_path):
     bridge, tok = tiny
     path = write_tqa(tmp_path / "tqa.csv", [
