@@ -1,7 +1,7 @@
 """One command per figure: ``python -m analysis.figures NAME [--out figures] [--pairs N] [--steps N]``.
 
 NAME is one of ``loss_geometry`` (a diagram, no model), ``dhs_spectra``, ``layer_map``, ``pca_vs_learned`` (train a
-small adapter on the default model, then analyse it), ``dose_response`` (re-plot ``runs/demo/report.json``), or
+small adapter on the default model, then analyse it), ``dose_response`` (re-plot ``runs/demo/sentiment/report.json``), or
 ``all``. Every figure is written as PNG and SVG with ``interp_steer.plots``; the numbers behind the model figures
 go to ``--summary`` (default ``runs/analysis/summary.json``).
 
@@ -30,7 +30,7 @@ from interp_steer.plots import COLORS, figure, plt, save
 from .study import Study, StudyConfig
 
 FIGURES = ("loss_geometry", "dhs_spectra", "layer_map", "pca_vs_learned", "dose_response")
-DEFAULT_REPORT = Path("runs/demo/report.json")
+DEFAULT_REPORT = Path("runs/demo/sentiment/report.json")
 DEFAULT_SUMMARY = Path("runs/analysis/summary.json")
 
 
@@ -276,10 +276,9 @@ def pca_vs_learned_figure(data: dict, out: Path) -> list[Path]:
 def dose_response_figure(out: Path, report: Path = DEFAULT_REPORT) -> list[Path]:
     """Re-plot the demo's dose-response curves from ``report`` into ``out`` (the tracked ``figures/``).
 
-    ``make demo`` writes ``runs/demo/report.json`` and its own copies of these figures under ``runs/demo/figures/``;
-    the tracked figures change only here (``make figures``). Only ``points``, ``budget``, ``budget_metric``,
-    ``effects``, ``concept`` and
-    ``budget_probes`` of the report are read, so reports of ``interp-steer eval`` re-plot the same way.
+    ``make demo`` writes ``runs/demo/CONCEPT/report.json`` and its own copies of these figures under
+    ``runs/demo/CONCEPT/figures/``; the tracked figures change only here (``make figures``). Reports of
+    ``interp-steer eval`` re-plot the same way.
     """
     report = Path(report)
     if not report.is_file():

@@ -19,9 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-import scipy.stats
-
-from interp_steer.report import ADDITIVE, paired_difference
+from interp_steer.report import ADDITIVE, paired_difference, seed_groups
 
 
 def load_rows(specs: list[str]) -> tuple[dict, dict[str, dict]]:
@@ -47,35 +45,6 @@ def load_rows(specs: list[str]) -> tuple[dict, dict[str, dict]]:
                 rows[names.get(name, name)] = iso
     assert first is not None
     return first, rows
-
-
-
-def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
-    """``name (k seeds)`` rows from ``name@seed`` rows: per side, the mean Δ over seeds with a t-interval over
-    seeds, and per-item deltas averaged over seeds (for paired comparisons)."""
-    groups: dict[str, list[str]] = {}
-    for label in rows:
-        if "@" in label:
-            groups.setdefault(label.split("@")[0], []).append(label)
-    out = {}
-    for name, labels in groups.items():
-        if len(labels) < 2:
-            continue
-        row: dict = {"at_zero": rows[labels[0]]["at_zero"], "seeds": len(labels)}
-        for side in ("plus", "minus"):
-            effects = [rows[lb][side]["effects"][primary] for lb in labels]
-            deltas = [e.get("delta_paired", e["delta"]) for e in effects]
-            m = sum(deltas) / len(deltas)
-            sd = math.sqrt(sum((d - m) ** 2 for d in deltas) / (len(deltas) - 1))
-            half = scipy.stats.t.ppf(0.975, len(deltas) - 1) * sd / math.sqrt(len(deltas))
-            items = [sum(vals) / len(vals) for vals in zip(*(e["item_deltas"] for e in effects))]
-            others = {x: {"delta": sum(rows[lb][side]["effects"][x]["delta"] for lb in labels) / len(labels)}
-                      for x in rows[labels[0]][side]["effects"] if x != primary}
-            row[side] = {"coeff": math.nan, "budget_reached": all(rows[lb][side]["budget_reached"] for lb in labels),
-                         "effects": {primary: {"delta": m, "ci95": [m - half, m + half], "item_deltas": items,
-                                               "seed_deltas": deltas}, **others}}
-        out[f"{name} ({len(labels)} seeds)"] = row
-    return out
 
 
 def table(first: dict, rows: dict[str, dict], reference: str | None) -> str:

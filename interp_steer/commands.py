@@ -7,6 +7,7 @@ did not write. The CLI (cli.py) only parses into these configs.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from dataclasses import asdict
@@ -25,10 +26,11 @@ from .directions import SteeringVector, gradient_directions, steering_vector
 from .evaluate import coherence_reference, load_neutral_texts
 from .io import (
     RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, prepare_run_dir, write_json_atomic,
+    write_text_atomic,
 )
 from .models import load_model
 from .names import layer_of, resid_post, site_layer
-from .report import iso_table_markdown, write_outputs
+from .report import demo_index, iso_table_markdown, write_outputs
 from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
 from .train import TrainResult, train
 
@@ -85,20 +87,22 @@ def training_summary(result: TrainResult) -> str:
 
 # ------------------------------------------------------------------------------------------ sweeps
 
-def build_methods(bridge: TransformerBridge, names: Sequence[str], artifact: SteeringArtifact,
+def build_methods(bridge: TransformerBridge, names: Sequence[str], artifacts: dict[str, SteeringArtifact],
                   hs: dict, batches, concept: Concept) -> list[Method]:
-    """Every requested method; the additive ones from the same capture ``hs`` (training pairs, c = 0, the
+    """Every requested method; ``"adapter"`` gives one method per artifact (its label, e.g. ``adapter@1`` for
+    a training seed); the additive ones come from the same capture ``hs`` (training pairs, c = 0, the
     resid_post of the adapted layers)."""
+    first = next(iter(artifacts.values()))
     methods = []
     for name in names:
         if name == "adapter":
-            methods.append(adapter_method(artifact.adapters))
+            methods += [adapter_method(a.adapters, label) for label, a in artifacts.items()]
         elif name == "prompting":
             methods.append(prompting_method(*concept.prompts))
         elif name == "gradient":
             layers = [layer_of(n) for n in hs]
             # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
-            dirs = gradient_directions(bridge, batches[:4], layers, artifact.loss_hook, artifact.d_steer)
+            dirs = gradient_directions(bridge, batches[:4], layers, first.loss_hook, first.d_steer)
             methods.append(vector_method("gradient", SteeringVector(dirs, steering_vector(hs, "mean_diff").scales)))
         else:
             methods.append(vector_method(name, steering_vector(hs, name)))
@@ -106,14 +110,14 @@ def build_methods(bridge: TransformerBridge, names: Sequence[str], artifact: Ste
 
 
 def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: SweepConfig, concept: Concept,
-                 artifact: SteeringArtifact, hs: dict, batches, extra: dict) -> dict:
+                 artifacts: dict[str, SteeringArtifact], hs: dict, batches, extra: dict) -> dict:
     """Sweep every method of ``cfg`` at the same coherence budget on ``concept``'s effects; a JSON-ready report."""
     effects = concept.effects(cfg.n_items, cfg.n_secondary)
     texts = every_kth(load_neutral_texts(), cfg.n_neutral)
     data = SweepData(effects, coherence_reference(bridge, tok, texts), budget=cfg.budget,
                      budget_metric=cfg.budget_metric, bisect_iters=cfg.bisect, grid=cfg.grid, verbose=True)
     t = time.perf_counter()
-    methods = build_methods(bridge, cfg.methods, artifact, hs, batches, concept)
+    methods = build_methods(bridge, cfg.methods, artifacts, hs, batches, concept)
     build_s = time.perf_counter() - t
     results = run_sweep(bridge, tok, methods, data)
     zero = results[0].points[[p.coeff for p in results[0].points].index(0.0)] if results else None
@@ -139,24 +143,41 @@ def _finish(report: dict, out: Path, t0: float) -> dict:
 
 
 def run_demo(cfg: DemoRun) -> dict:
-    """Train on the concept's pairs, sweep every method, write ``cfg.out``: the artifact (``adapter/``),
-    ``report.json``, ``REPORT.md``, ``figures/`` and ``run_config.json``."""
-    concept = get_concept(cfg.concept)
+    """Per concept: train one adapter per seed (``CONCEPT/adapter-s{seed}``), sweep every method at equal
+    coherence and write ``CONCEPT/report.json``, ``REPORT.md`` and ``figures/``; then ``REPORT.md`` (every
+    concept's table) and ``run_config.json`` in ``cfg.out``. Several seeds appear as ``adapter@seed`` rows and
+    one ``adapter (k seeds)`` row with a t-interval over seeds."""
+    concepts = [get_concept(c) for c in cfg.concepts]  # an unknown name fails before any work
     out = prepare_run_dir(cfg.out, cfg.overwrite)
-    check_dir_target(out / ARTIFACT_DIR, cfg.overwrite)
+    for c in concepts:
+        for seed in cfg.seeds:
+            check_dir_target(out / c.name / f"{ARTIFACT_DIR}-s{seed}", cfg.overwrite)
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("demo", cfg))
     t0 = time.perf_counter()
     bridge, tok = load_model(cfg.model)
-    result = train(bridge, tok, concept.pairs(tok), cfg.train, out / ARTIFACT_DIR, overwrite=cfg.overwrite,
-                   data=data_source(cfg.model, None, None, concept.name))
-    train_s = time.perf_counter() - t0
-    report = sweep_report(bridge, tok, cfg.sweep, concept, result.artifact, result.reference_states,
-                          result.train_batches,
-                          {"train": {"seconds": train_s, "loss_hook": result.loss_hook,
-                                     "held_out": result.metrics["held_out"], "config": cfg.train.to_dict()}})
-    report = _finish(report, out, t0)
-    print(f"\ndemo finished in {report['timings_s']['total']:.0f}s")
-    return report
+    reports = {}
+    for concept in concepts:
+        t1 = time.perf_counter()
+        cdir = prepare_run_dir(out / concept.name, cfg.overwrite)
+        pairs = concept.pairs(tok)
+        artifacts, first, train_info = {}, None, {}
+        for seed in cfg.seeds:
+            tcfg = dataclasses.replace(cfg.train, seed=seed)
+            result = train(bridge, tok, pairs, tcfg, cdir / f"{ARTIFACT_DIR}-s{seed}", overwrite=cfg.overwrite,
+                           data=data_source(cfg.model, None, None, concept.name))
+            label = "adapter" if len(cfg.seeds) == 1 else f"adapter@{seed}"
+            artifacts[label] = result.artifact
+            first = first or result
+            train_info[label] = {"seconds": result.timings.get("train_s"), "held_out": result.metrics["held_out"]}
+        train_s = time.perf_counter() - t1
+        report = sweep_report(bridge, tok, cfg.sweep, concept, artifacts, first.reference_states, first.train_batches,
+                              {"train": {"seconds": train_s, "loss_hook": first.loss_hook, "seeds": list(cfg.seeds),
+                                         "runs": train_info, "config": cfg.train.to_dict()}})
+        reports[concept.name] = _finish(report, cdir, t1)
+    total = time.perf_counter() - t0
+    write_text_atomic(out / "REPORT.md", demo_index(reports, total))
+    print(f"\nwrote {out / 'REPORT.md'}\ndemo finished in {total:.0f}s")
+    return reports
 
 
 def run_eval(cfg: EvalRun) -> dict:
@@ -178,5 +199,6 @@ def run_eval(cfg: EvalRun) -> dict:
     batches = list(pair_batches(train_pairs, tok, tc.batch_pairs))  # the baselines see the adapter's training pairs
     names = [resid_post(site_layer(a.site)) for a in artifact.adapters]
     hs = capture(bridge, batches, names) if any(m != "adapter" for m in cfg.sweep.methods) else {}
-    report = sweep_report(bridge, tok, cfg.sweep, concept, artifact, hs, batches, {"artifact": str(cfg.artifact)})
+    report = sweep_report(bridge, tok, cfg.sweep, concept, {"adapter": artifact}, hs, batches,
+                          {"artifact": str(cfg.artifact)})
     return _finish(report, out, t0)

@@ -322,12 +322,16 @@ class EvalRun(Config):
 @no_type_check
 @dataclass(frozen=True)
 class DemoRun(Config):
-    """``interp-steer demo``: train on the honesty pairs, sweep every method, write the report and figures."""
+    """``interp-steer demo``: per concept, train the adapter (one artifact per seed), sweep every method at equal
+    coherence, write its report and figures; an index ``REPORT.md`` over the concepts."""
 
-    out: str = field(default="runs/demo", metadata={"help": "run directory (artifact, report, figures)"})
+    out: str = field(default="runs/demo", metadata={"help": "run directory (one sub-directory per concept)"})
     model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
     overwrite: bool = field(default=False, metadata={"help": "write over an earlier demo in OUT"})
-    concept: str = field(default="honesty", metadata={"help": "what to steer: its pairs and effects"})
+    concepts: tuple[str, ...] = field(default=("honesty", "sentiment"),
+                                      metadata={"help": "what to steer, each with its own pairs and effects"})
+    seeds: tuple[int, ...] = field(default=(0,), metadata={
+        "help": "training seeds of the adapter (>= 3 for a CI over seeds; each seed is a training run)"})
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -335,6 +339,10 @@ class DemoRun(Config):
         self._check_types()
         _require(bool(self.out.strip()), "out must be a directory path")
         _model_name(self.model)
+        _require(len(self.concepts) > 0 and len(set(self.concepts)) == len(self.concepts),
+                 f"concepts must be distinct and at least one, got {self.concepts}")
+        _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+                 f"seeds must be distinct integers >= 0, at least one, got {self.seeds}")
 
 
 COMMANDS: dict[str, type] = {"train": TrainRun, "eval": EvalRun, "demo": DemoRun}

@@ -5,6 +5,7 @@ Every figure is written as PNG and SVG, each to a temporary name first and then 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -48,7 +49,24 @@ def save(fig, directory: str | Path, name: str) -> list[Path]:
 
 
 def _color(name: str) -> str:
-    return COLORS.get(name, "#333333")
+    return COLORS.get(name.split("@")[0].split(" (")[0], "#333333")
+
+
+def _paired_band(pts: Sequence[dict], effect: str) -> tuple[list[float], list[float]]:
+    """Per point, the 95 % half-width of the mean item change from c = 0 (paired over items: the band is
+    zero at c = 0 and shows how well the change, not the level, is known)."""
+    if not all("items" in p for p in pts):  # a report without per-item scores: no band
+        return [p["effects"][effect] for p in pts], [math.nan] * len(pts)
+    zero = next(p for p in pts if p["coeff"] == 0.0)["items"][effect]
+    half, value = [], []
+    for p in pts:
+        d = [a - b for a, b in zip(p["items"][effect], zero) if math.isfinite(a) and math.isfinite(b)]
+        n = len(d)
+        m = sum(d) / n if n else math.nan
+        sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1)) if n > 1 else math.nan
+        half.append(1.959963984540054 * sd / math.sqrt(n) if n > 1 else math.nan)
+        value.append(p["effects"][effect])
+    return value, half
 
 
 def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
@@ -88,8 +106,17 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
         fig, ax = figure(height=2.4, width=COLUMN_WIDTH * 1.25)
         for name in names:
             pts = sorted(points[name], key=lambda p: p["coeff"])
-            ax.plot([p[cost_key] for p in pts], [p["effects"][effect["name"]] for p in pts], "o-", color=_color(name),
-                    label=name)
+            x = [p[cost_key] for p in pts]
+            y, half = _paired_band(pts, effect["name"])
+            # two branches (c < 0 and c > 0) meet at c = 0, where KL is 0: draw each so the band follows it
+            for branch in ([p for p in pts if p["coeff"] <= 0], [p for p in pts if p["coeff"] >= 0]):
+                idx = [pts.index(p) for p in branch]
+                ax.fill_between([x[i] for i in idx], [y[i] - half[i] for i in idx], [y[i] + half[i] for i in idx],
+                                color=_color(name), alpha=0.15, lw=0)
+            ax.plot([x[i] for i in range(len(pts)) if pts[i]["coeff"] <= 0],
+                    [y[i] for i in range(len(pts)) if pts[i]["coeff"] <= 0], "v-", color=_color(name), label=name)
+            ax.plot([x[i] for i in range(len(pts)) if pts[i]["coeff"] >= 0],
+                    [y[i] for i in range(len(pts)) if pts[i]["coeff"] >= 0], "^-", color=_color(name))
         ax.axvline(budget, color="k", lw=0.7, ls="--")
         ax.text(budget, ax.get_ylim()[1], f" budget {budget}", fontsize=6, va="top")
         ax.set_xlabel(f"{cost_label.split(' ')[0]} on neutral text (nat/token)")
@@ -98,4 +125,20 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
         ax.set_xlim(left=min(-0.01, ax.get_xlim()[0]), right=1.25 * right)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         paths += save(fig, directory, "dose_response_coherence")
+
+        rows = report.get("iso_table", {})
+        if not rows:
+            return paths
+        fig, ax = figure(height=0.22 * len(rows) + 0.9, width=COLUMN_WIDTH * 1.25)
+        for i, (name, iso) in enumerate(rows.items()):
+            for side, dy, marker in (("plus", 0.12, "^"), ("minus", -0.12, "v")):
+                e = iso[side]["effects"][effect["name"]]
+                d, (lo, hi) = e.get("delta_paired", e["delta"]), e.get("ci95", [math.nan, math.nan])
+                ax.errorbar([d], [i + dy], xerr=[[d - lo], [hi - d]], fmt=marker, color=_color(name),
+                            mfc="white" if not iso[side]["budget_reached"] else _color(name), capsize=1.5, lw=0.8)
+        ax.axvline(0, color="k", lw=0.6)
+        ax.set_yticks(range(len(rows)), list(rows))
+        ax.invert_yaxis()
+        ax.set_xlabel(f"Δ {effect['name']} at {metric.upper()} = {budget} (95 % CI; ▲ c > 0, ▼ c < 0)")
+        paths += save(fig, directory, "effect_at_budget")
     return paths

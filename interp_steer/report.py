@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import scipy.stats
 import torch
 
 from .io import write_json_atomic, write_text_atomic
@@ -19,7 +20,11 @@ Z95 = 1.959963984540054
 
 
 def write_outputs(report: dict, out: Path) -> list[Path]:
-    """``report.json``, ``REPORT.md`` and the dose-response figures (``out/figures``), each atomically."""
+    """``report.json``, ``REPORT.md`` and the dose-response figures (``out/figures``), each atomically.
+    ``name@seed`` rows of the iso table also get their ``name (k seeds)`` row (``seed_groups``)."""
+    primary = report["effects"][0]["name"]
+    report["iso_table"] = {k: v for k, v in report["iso_table"].items() if "seeds" not in v}
+    report["iso_table"].update(seed_groups(report["iso_table"], primary))
     report["comparisons"] = comparisons(report)
     write_json_atomic(out / "report.json", report)
     paths = dose_response_figures(report, out / FIGURES_DIR)
@@ -46,6 +51,53 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     d = (x - y)[torch.isfinite(x) & torch.isfinite(y)]
     m, se, (lo, hi) = mean_ci(d)
     return {"diff": m, "se": se, "ci95": [lo, hi], "n": len(d), "significant": lo > 0 or hi < 0}
+
+
+def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
+    """``name (k seeds)`` rows from ``name@seed`` rows (k >= 2): per side, the mean Δ over seeds with a
+    t-interval over seeds (the seeds are the replicates; items are shared), the per-item deltas averaged over
+    seeds (for paired comparisons with other rows), and the other columns averaged over seeds."""
+    groups: dict[str, list[str]] = {}
+    for label in rows:
+        if "@" in label:
+            groups.setdefault(label.split("@")[0], []).append(label)
+    out = {}
+    for name, labels in groups.items():
+        if len(labels) < 2:
+            continue
+        k = len(labels)
+        # a report read back from JSON has None where a value was NaN
+        mean = lambda xs: sum(math.nan if x is None else x for x in xs) / len(xs)  # noqa: E731
+        row: dict = {"at_zero": rows[labels[0]]["at_zero"], "seeds": k,
+                     "monotonicity": mean([rows[lb].get("monotonicity") for lb in labels]),
+                     "symmetry": mean([rows[lb].get("symmetry") for lb in labels])}
+        for side in ("plus", "minus"):
+            effects = [rows[lb][side]["effects"][primary] for lb in labels]
+            deltas = [math.nan if (d := e.get("delta_paired", e["delta"])) is None else d for e in effects]
+            m = mean(deltas)
+            sd = math.sqrt(sum((d - m) ** 2 for d in deltas) / (k - 1))
+            half = float(scipy.stats.t.ppf(0.975, k - 1)) * sd / math.sqrt(k)
+            items = [mean(v) for v in zip(*(e.get("item_deltas") or [] for e in effects))]
+            others = {x: {"delta": mean([rows[lb][side]["effects"][x]["delta"] for lb in labels])}
+                      for x in rows[labels[0]][side]["effects"] if x != primary}
+            row[side] = {"coeff": math.nan, "budget_reached": all(rows[lb][side]["budget_reached"] for lb in labels),
+                         "kl_mean": mean([rows[lb][side].get("kl_mean") for lb in labels]),
+                         "dnll": mean([rows[lb][side].get("dnll") for lb in labels]),
+                         "effects": {primary: {"delta": m, "ci95": [m - half, m + half], "item_deltas": items,
+                                               "seed_deltas": deltas}, **others}}
+        out[f"{name} ({k} seeds)"] = row
+    return out
+
+
+def demo_index(reports: dict[str, dict], seconds: float) -> str:
+    """The demo's ``REPORT.md``: every concept's iso-coherence table, linking to its own report."""
+    parts = ["# interp-steer demo: every method at equal coherence, per concept", "",
+             f"{seconds:.0f} s in all. Each concept's own REPORT.md has the figures, training and timings.", ""]
+    for name, report in reports.items():
+        base = ", ".join(f"{k} {v:+.3f}" for k, v in next(iter(report["iso_table"].values()))["at_zero"].items())
+        parts += [f"## [{name}]({name}/REPORT.md)", "", f"Base model: {base}; items: {report['data']['items']}.",
+                  "", iso_table_markdown(report), ""]
+    return "\n".join(parts)
 
 
 def comparisons(report: dict) -> dict:

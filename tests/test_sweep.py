@@ -14,7 +14,7 @@ import math
 
 from interp_steer.concepts import get_concept
 from interp_steer.evaluate import coherence_reference, load_neutral_texts
-from interp_steer.report import comparisons, paired_difference, write_outputs
+from interp_steer.report import comparisons, paired_difference, seed_groups, write_outputs
 from interp_steer.sweep import (
     Method, Point, SweepData, adapter_method, budget_bracket, dose_grid, iso_summary, paired_delta, prompting_method,
     run_sweep, vector_method,
@@ -70,15 +70,21 @@ def test_run_sweep_and_outputs(setup, tmp_path):
               "data": {"items": {"honesty": 2, "mc_margin": 1}, "neutral_texts": 2},
               "timings_s": {}, "iso_table": {r.name: r.iso for r in results},
               "points": {r.name: [p.__dict__ for p in r.points] for r in results}}
+    # two rows standing in for two training seeds of one method: they get a "(2 seeds)" row
+    report["iso_table"].update({"m@0": results[0].iso, "m@1": results[1].iso})
     (tmp_path / "out").mkdir()
     paths = write_outputs(report, tmp_path / "out")
     loaded = json.loads((tmp_path / "out" / "report.json").read_text())  # strict JSON: no NaN
-    assert set(loaded["iso_table"]) == {"adapter", "pca_diff", "prompting"}
+    assert set(loaded["iso_table"]) == {"adapter", "pca_diff", "prompting", "m@0", "m@1", "m (2 seeds)"}
+    assert loaded["iso_table"]["m (2 seeds)"]["seeds"] == 2
     md = (tmp_path / "out" / "REPORT.md").read_text()
-    assert "| adapter | + |" in md and "](figures/dose_response_coherence.png)" in md  # links that resolve
+    assert "| adapter | + |" in md and "| m (2 seeds) | − |" in md
+    assert "](figures/dose_response_coherence.png)" in md and "](figures/effect_at_budget.png)" in md
     assert {p.name for p in paths if p.parent == tmp_path / "out" / "figures"} == {
-        "dose_response_coefficient.png", "dose_response_coefficient.svg",
-        "dose_response_coherence.png", "dose_response_coherence.svg"}
+        f"{n}.{ext}" for n in ("dose_response_coefficient", "dose_response_coherence", "effect_at_budget")
+        for ext in ("png", "svg")}
+    write_outputs(report, tmp_path / "out")  # writing again recomputes the group rows instead of grouping them
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["iso_table"] == loaded["iso_table"]
 
 
 def synthetic(items_by_c: dict[float, list[float]], cost=lambda c: c * c) -> list[Point]:
@@ -112,6 +118,28 @@ def test_dose_grid_measures_at_least_seven_points_per_direction_around_the_cross
     assert g == pytest.approx([0.25, 0.5, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0])
     assert dose_grid(4.0, None, (0.5,)) == [2.0, 4.0]  # never crossed: around the last point
     assert dose_grid(0.0, 0.01, (0.5,)) == [0.005, 0.01]  # even the smallest probe was over budget
+
+
+def test_seed_rows_get_a_mean_row_with_a_t_interval_over_seeds_and_item_means():
+    def row(deltas):
+        side = {"coeff": 1.0, "budget_reached": True, "kl_mean": 0.1, "dnll": 0.01,
+                "effects": {"e": {"delta": sum(deltas) / 3, "delta_paired": sum(deltas) / 3, "item_deltas": deltas},
+                            "f": {"delta": 0.5}}}
+        return {"at_zero": {"e": 0.0}, "monotonicity": 1.0, "symmetry": 0.5, "plus": side, "minus": side}
+
+    seeds = {"a@0": [1.0, 2.0, 3.0], "a@1": [2.0, 2.0, 2.0], "a@2": [0.0, 3.0, 6.0], "b": [0.0, 0.0, 0.0]}
+    groups = seed_groups({k: row(v) for k, v in seeds.items()}, "e")
+    assert list(groups) == ["a (3 seeds)"]
+    g = groups["a (3 seeds)"]["plus"]
+    means = [2.0, 2.0, 3.0]  # per seed
+    sd = math.sqrt(sum((m - 7 / 3) ** 2 for m in means) / 2)
+    assert g["effects"]["e"]["delta"] == pytest.approx(7 / 3) and g["effects"]["e"]["seed_deltas"] == means
+    assert g["effects"]["e"]["ci95"][1] == pytest.approx(7 / 3 + 4.302652729911275 * sd / math.sqrt(3))  # t(.975, 2)
+    assert g["effects"]["e"]["item_deltas"] == pytest.approx([1.0, 7 / 3, 11 / 3])
+    assert g["effects"]["f"]["delta"] == 0.5 and g["kl_mean"] == pytest.approx(0.1) and math.isnan(g["coeff"])
+    comp = comparisons({"iso_table": {**{k: row(v) for k, v in seeds.items()}, "mean_diff": row([1.0, 1.0, 1.0]),
+                                      **groups}, "effects": [{"name": "e"}]})
+    assert comp["plus"]["a (3 seeds)"]["vs_best_additive"]["diff"] == pytest.approx(7 / 3 - 1)
 
 
 def test_paired_difference_and_comparisons_flag_only_real_differences():
