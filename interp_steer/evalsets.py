@@ -35,7 +35,7 @@ class Dilemma:
 
 
 def load_dilemmas(path: str | Path | None = None) -> list[Dilemma]:
-    """Dilemmas from JSON ``[{id, dilemma, honest_answer}]`` (default: the packaged 68 honesty dilemmas)."""
+    """Dilemmas from JSON ``[{id, dilemma, honest_answer}]`` (default: the packaged 220 honesty dilemmas)."""
     items = load_json("honesty_dilemmas.json") if path is None else json.loads(Path(path).read_text("utf-8"))
     for i, d in enumerate(items):
         if missing := [k for k in ("id", "dilemma", "honest_answer") if k not in d]:
