@@ -26,7 +26,7 @@ from .evaluate import coherence_reference, load_neutral_texts
 from .io import (
     RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, prepare_run_dir, write_json_atomic,
 )
-from .models import load_model
+from .models import load_model, model_device
 from .names import layer_of, resid_post, site_layer
 from .report import iso_table_markdown, write_outputs
 from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
@@ -57,7 +57,7 @@ def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
     get_concept(cfg.concept)  # an unknown name fails before minutes of work, and so does a bad output path
     check_dir_target(cfg.out, cfg.overwrite)
     t0 = time.perf_counter()
-    bridge, tok = load_model(cfg.model)
+    bridge, tok = load_model(cfg.model, cfg.device, cfg.dtype)
     pairs = load_pairs(tok, cfg.pairs, cfg.personas, cfg.concept)
     print(f"model {cfg.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs")
     result = train(bridge, tok, pairs, cfg.train, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
@@ -146,7 +146,7 @@ def run_demo(cfg: DemoRun) -> dict:
     check_dir_target(out / ARTIFACT_DIR, cfg.overwrite)
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("demo", cfg))
     t0 = time.perf_counter()
-    bridge, tok = load_model(cfg.model)
+    bridge, tok = load_model(cfg.model, cfg.device, cfg.dtype)
     result = train(bridge, tok, concept.pairs(tok), cfg.train, out / ARTIFACT_DIR, overwrite=cfg.overwrite,
                    data=data_source(cfg.model, None, None, concept.name))
     train_s = time.perf_counter() - t0
@@ -167,15 +167,16 @@ def run_eval(cfg: EvalRun) -> dict:
     out = prepare_run_dir(cfg.out_dir, cfg.overwrite)
     t0 = time.perf_counter()
     model = cfg.model if cfg.model is not None else recorded.get("model")
-    bridge, tok = load_model(model)
+    bridge, tok = load_model(model, cfg.device, cfg.dtype)
     artifact.check_model(bridge, where=f"artifact {cfg.artifact}")
+    artifact = artifact.to(model_device(bridge))
     pairs_file, personas = cfg.pairs, cfg.personas
     if pairs_file is None and personas is None:
         pairs_file, personas = recorded.get("pairs"), recorded.get("personas")
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("eval", cfg))
     tc = artifact.config
     train_pairs, _ = select_pairs(load_pairs(tok, pairs_file, personas, concept.name), tc.n_pairs, tc.held_out, tc.seed)
-    batches = list(pair_batches(train_pairs, tok, tc.batch_pairs))  # the baselines see the adapter's training pairs
+    batches = list(pair_batches(train_pairs, tok, tc.batch_pairs, device=model_device(bridge)))  # the baselines see the adapter's training pairs
     names = [resid_post(site_layer(a.site)) for a in artifact.adapters]
     hs = capture(bridge, batches, names) if any(m != "adapter" for m in cfg.sweep.methods) else {}
     report = sweep_report(bridge, tok, cfg.sweep, concept, artifact, hs, batches, {"artifact": str(cfg.artifact)})
