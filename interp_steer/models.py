@@ -248,8 +248,12 @@ def _tiny_config(family: str, vocab: int, pad: int, n_layers: int):
         return tf.LlamaForCausalLM, tf.LlamaConfig(**llama_like)
     if family == "qwen2":
         return tf.Qwen2ForCausalLM, tf.Qwen2Config(**llama_like)
-    if family == "gemma3":  # sliding window 4 < the test prompts' length, so local attention really masks
-        return tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(head_dim=16, sliding_window=4, **llama_like)
+    if family == "gemma3":
+        # local (sliding window 4, shorter than test prompts: the window really masks) and global layers alternate;
+        # with local layers only, a difference early in a prompt never reaches its last token
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        return tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(head_dim=16, sliding_window=4, layer_types=layer_types,
+                                                         **llama_like)
     if family == "gpt2":
         return tf.GPT2LMHeadModel, tf.GPT2Config(n_embd=64, n_layer=n_layers, n_head=4, n_positions=256,
                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)

@@ -200,6 +200,10 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     timings["reference_s"] = time.perf_counter() - t0
     d_steer = dhs_svd_direction(torch.cat(ref.hs))
     scale = pair_scale(ref, d_steer)
+    if not scale > 0:  # 0 (or NaN): the objective's unit would divide by it and the first step would be NaN
+        raise ValueError(f"the chosen and rejected prompts have the same last-token states at {hook}: nothing to "
+                         "steer along. Do the pairs differ inside what the last token can attend to (a sliding "
+                         "attention window, a context limit)?")
 
     generic = None
     if cfg.loss.kl_budget is not None:
