@@ -26,7 +26,7 @@ from .evaluate import coherence_reference, load_neutral_texts
 from .io import (
     RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, prepare_run_dir, write_json_atomic,
 )
-from .models import load_model, model_device
+from .models import load_model, model_device, resolve_device, resolve_dtype
 from .names import layer_of, resid_post, site_layer
 from .report import iso_table_markdown, write_outputs
 from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
@@ -53,7 +53,13 @@ def data_source(model: str | None, pairs: str | None, personas: Sequence[str] | 
             "personas": list(personas) if personas else None, "concept": concept}
 
 
+def check_device(cfg: TrainRun | EvalRun | DemoRun) -> None:
+    """Refuse a device this machine lacks, or a dtype it cannot run, before anything is written or loaded."""
+    resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+
+
 def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
+    check_device(cfg)
     get_concept(cfg.concept)  # an unknown name fails before minutes of work, and so does a bad output path
     check_dir_target(cfg.out, cfg.overwrite)
     t0 = time.perf_counter()
@@ -141,6 +147,7 @@ def _finish(report: dict, out: Path, t0: float) -> dict:
 def run_demo(cfg: DemoRun) -> dict:
     """Train on the concept's pairs, sweep every method, write ``cfg.out``: the artifact (``adapter/``),
     ``report.json``, ``REPORT.md``, ``figures/`` and ``run_config.json``."""
+    check_device(cfg)
     concept = get_concept(cfg.concept)
     out = prepare_run_dir(cfg.out, cfg.overwrite)
     check_dir_target(out / ARTIFACT_DIR, cfg.overwrite)
@@ -161,6 +168,7 @@ def run_demo(cfg: DemoRun) -> dict:
 
 def run_eval(cfg: EvalRun) -> dict:
     """Sweep a saved artifact (and baselines built from its training pairs) at equal coherence."""
+    check_device(cfg)
     artifact = load_artifact(cfg.artifact)  # a bad artifact fails before the model loads; checked against it below
     recorded = artifact.data
     concept = get_concept(cfg.concept or recorded.get("concept") or "honesty")

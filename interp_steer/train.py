@@ -198,7 +198,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     resid = [resid_post(site_layer(s.site)) for s in specs]
     ref = reference_pass(bridge, batches, hook, progress, extra=resid)
     timings["reference_s"] = time.perf_counter() - t0
-    d_steer = dhs_svd_direction(torch.cat(ref.hs))
+    # the direction's float64 SVD on the CPU (MPS has no float64), then d_steer lives on the model's device
+    d_steer = dhs_svd_direction(torch.cat(ref.hs).cpu()).to(dev)
     scale = pair_scale(ref, d_steer)
     if not scale > 0:  # 0 (or NaN): the objective's unit would divide by it and the first step would be NaN
         raise ValueError(f"the chosen and rejected prompts have the same last-token states at {hook}: nothing to "

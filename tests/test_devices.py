@@ -137,3 +137,22 @@ def test_a_bfloat16_model_trains(bf16, tmp_path):
     assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert all(p.dtype == torch.float32 for p in result.adapters.parameters())
     assert set(result.metrics["held_out"]) == {"-1", "1"}
+
+
+def test_the_commands_refuse_a_missing_device_before_writing_anything(tmp_path, monkeypatch, capsys):
+    from interp_steer import cli, commands
+
+    missing = [d for d in ("cuda", "mps") if d not in available_devices()]
+    if not missing:
+        pytest.skip("this machine has both cuda and mps")
+
+    def refuse(*a, **kw):
+        raise AssertionError("a model was loaded for a device that is not there")
+    monkeypatch.setattr(commands, "load_model", refuse)
+    for argv in (["demo", "--out", str(tmp_path / "d")], ["train", "--out", str(tmp_path / "t")],
+                 ["eval", str(tmp_path / "missing-artifact"), "--out", str(tmp_path / "e")]):
+        assert cli.main([*argv, "--device", missing[0]]) == 2
+        err = capsys.readouterr().err
+        assert f"device '{missing[0]}' is not available" in err and "available: cpu" in err
+        assert err.count("\n") == 1  # one line
+    assert list(tmp_path.iterdir()) == []  # no run directory, no run_config.json
