@@ -73,10 +73,11 @@ def available_sites(bridge: TransformerBridge) -> list[str]:
 
     Llama, Qwen2, Gemma 3: all seven; GPT-2 (no gated MLP): no ``mlp.gate``.
     """
+    hooks = bridge.hook_dict  # built on each access: once here
+
     def has(layer: int, site: str) -> bool:
         name = f"blocks.{layer}.{site}"
-        return (_linear(bridge, name) is not None and hook_in(name) in bridge.hook_dict
-                and hook_out(name) in bridge.hook_dict)
+        return _linear(bridge, name) is not None and hook_in(name) in hooks and hook_out(name) in hooks
     return [s for s in SITES if all(has(L, s) for L in range(bridge.cfg.n_layers))]
 
 
