@@ -281,7 +281,7 @@ def coherence(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, ste
     logp_pi = torch.cat([p[1] for p in parts]).clone()[None]  # 1 tok: every text's reply tokens in one row
     logp_ref = torch.cat(reference.token_logp).clone()[None]
     return CoherenceResult(delta_nll(logp_pi, logp_ref, torch.ones_like(logp_pi)).item(), kl.mean().item(),
-                           torch.quantile(kl.double(), 0.95).item(), kl.shape[0], (logp_ref - logp_pi)[0], kl)
+                           torch.quantile(kl.cpu().double(), 0.95).item(), kl.shape[0], (logp_ref - logp_pi)[0], kl)
 
 
 # ------------------------------------------------------------------------------- curves: iso-coherence

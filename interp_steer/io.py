@@ -223,7 +223,7 @@ def model_name(bridge: TransformerBridge) -> str:
 
 def fingerprint(W: Tensor) -> list[float]:
     """[sum, Frobenius norm, first entry] of a weight in float64: cheap, and changes with any real edit."""
-    w = W.detach().double()
+    w = W.detach().to("cpu" if W.device.type == "mps" else W.device, torch.float64)  # MPS has no float64
     return [w.sum().item(), w.norm().item(), w.flatten()[0].item()]
 
 
