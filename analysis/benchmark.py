@@ -113,7 +113,8 @@ def main(argv=None) -> int:
             bb, c = b.doubled()
             with apply_adapters(bridge, adapters, c):
                 h, logits = forward_last(bridge, bb, [hook], logits=True)
-            loss, _ = steering_loss(h[hook], torch.cat([h0, h0]), c, torch.ones(h0.shape[-1]) / h0.shape[-1] ** 0.5,
+            d = torch.ones(h0.shape[-1], device=h0.device) / h0.shape[-1] ** 0.5
+            loss, _ = steering_loss(h[hook], torch.cat([h0, h0]), c, d,
                                     token_logprobs(logits, bb.input_ids), torch.cat([lp0, lp0]),
                                     token_mask(bb.attention_mask), loss_cfg)
             loss.backward()

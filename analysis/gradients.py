@@ -40,6 +40,7 @@ from interp_steer.config import LossConfig
 from interp_steer.data import Batch
 from interp_steer.directions import gradient_directions, mean_diff_direction, pca_diff_direction, retain_grad_hook
 from interp_steer.loss import coherence_penalty, shift_objective, token_logprobs, token_mask
+from interp_steer.models import model_device
 from interp_steer.names import layer_of, resid_names, resid_post
 
 from .dhs import capture_both_signs
@@ -86,13 +87,16 @@ def training_loss_gradients(bridge: TransformerBridge, batches: Sequence[Batch],
     adapters = list(adapters)
     names = check_hook_names(bridge, resid_names(layers))
     (loss_hook,) = check_hook_names(bridge, [loss_hook])
-    d = d_steer.float()
+    dev = model_device(bridge)
+    d = d_steer.float().to(dev)
     # At the reference every token is inside its margin: the coherence term and its gradient are exactly 0,
     # so the forward can stop at the loss layer and skip the logits (the costly part on a 49k vocabulary).
     stop = None if adapters else stop_layer(bridge, [*names, loss_hook])
+    # float64 accumulators on the CPU: MPS has no float64, and the sums are tiny
     sums = {L: torch.zeros(bridge.cfg.d_model, dtype=torch.float64) for L in layers}
     for b in batches:
-        rows, m = torch.arange(len(b)), token_mask(b.attention_mask)
+        b = b.to(dev)
+        rows, m = torch.arange(len(b), device=dev), token_mask(b.attention_mask)
         acts: dict[str, Tensor] = {}
         hooks = [(n, retain_grad_hook(acts, n)) for n in [*names, loss_hook]]
         ref = _reference(bridge, b, loss_hook) if adapters else None
@@ -101,8 +105,8 @@ def training_loss_gradients(bridge: TransformerBridge, batches: Sequence[Batch],
             with ctx:
                 logits = bridge.run_with_hooks(b.input_ids, attention_mask=b.attention_mask,
                                                position_ids=b.position_ids, fwd_hooks=hooks, stop_at_layer=stop)
-            hs_pi = acts[loss_hook][rows, b.last]
-            cc = torch.full((len(b),), float(c))
+            hs_pi = acts[loss_hook][rows, b.last].float()
+            cc = torch.full((len(b),), float(c), device=dev)
             if ref is None:
                 loss = -shift_objective(hs_pi, hs_pi.detach(), cc, d, scale)
             else:
@@ -114,7 +118,7 @@ def training_loss_gradients(bridge: TransformerBridge, batches: Sequence[Batch],
             grads = torch.autograd.grad(loss, [acts[n] for _, n in present], allow_unused=True)
         for (L, _), g in zip(present, grads):
             if g is not None:
-                sums[L] -= g[rows, b.last].double().sum(0)
+                sums[L] -= g[rows, b.last].cpu().double().sum(0)
     return {L: _unit_or_nan(s).float() for L, s in sums.items()}
 
 

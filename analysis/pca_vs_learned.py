@@ -35,7 +35,7 @@ _WRITERS = (".mlp.out", ".attn.o")
 
 def delta_weight(adapter: SVDAdapter, c: float = 1.0) -> Float[Tensor, "d_out d_in"]:
     """ΔW(c) = merge(W, c) − W, computed as merge(0, c): the same matrix without cancelling two large weights."""
-    zeros = torch.zeros(adapter.U.shape[0], adapter.V.shape[0], dtype=adapter.U.dtype)
+    zeros = torch.zeros(adapter.U.shape[0], adapter.V.shape[0], dtype=adapter.U.dtype, device=adapter.U.device)
     with torch.no_grad():
         return adapter.merge(zeros, c)
 

@@ -11,6 +11,11 @@ c = ±1 steer the two ways, exact inverses in rotation. It is applied through th
 hooks as the low-rank delta ``Δy = ((xV) R(c) diag(S_c) − (xV) diag(S)) Uᵀ``: read ``x`` at
 ``{site}.hook_in``, add ``Δy`` at ``{site}.hook_out``. With ``rotate_u`` the output basis turns too,
 ``U → U R_u(c)``.
+
+The adapter computes in float32 whatever the model's dtype (U, S, V, θ, λ, the Cayley solve, Δy): the hook
+reads ``x`` as float32 and adds ``Δy`` cast to the activation's dtype, so c = 0 (Δy = 0 exactly) leaves a
+bfloat16 model bit-identical too. GPT-2-style ``Conv1D`` layers store ``Wᵀ`` (``y = x W + b``);
+``linear_weight`` returns the ``d_out × d_in`` view either way.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
+from transformers.pytorch_utils import Conv1D
 
 from .config import Scale
-from .names import check_site, hook_in, hook_out
+from .names import SITES, check_site, hook_in, hook_out, site_layer
+
+COMPUTE_DTYPE = torch.float32  # the adapter's own dtype, whatever the model's
 
 
 @no_type_check  # validates itself with clearer messages than the test run's runtime type checker
@@ -50,16 +58,50 @@ class AdapterSpec:
         return asdict(self)
 
 
-def linear_weight(bridge: TransformerBridge, site: str) -> Float[Tensor, "d_out d_in"]:
-    """The weight of the linear layer behind a site, as the HF module holds it."""
+def _linear(bridge: TransformerBridge, site: str) -> nn.Module | None:
+    """The HF ``nn.Linear`` or ``Conv1D`` behind a site name, if the model has one there."""
     try:
         module = bridge.get_submodule(site)
     except AttributeError:
-        raise ValueError(f"site {site!r} does not exist in this model ({bridge.cfg.n_layers} layers)") from None
+        return None
     linear = getattr(module, "original_component", None)
-    if not isinstance(linear, nn.Linear):
-        raise ValueError(f"site {site!r} is not a linear layer (found {type(linear).__name__})")
-    return linear.weight
+    return linear if isinstance(linear, (nn.Linear, Conv1D)) else None
+
+
+def available_sites(bridge: TransformerBridge) -> list[str]:
+    """The sites (of ``names.SITES``) every block of this model has as a linear layer with both hooks.
+
+    Llama, Qwen2, Gemma 3: all seven; GPT-2 (no gated MLP): no ``mlp.gate``.
+    """
+    hooks = bridge.hook_dict  # built on each access: once here
+
+    def has(layer: int, site: str) -> bool:
+        name = f"blocks.{layer}.{site}"
+        return _linear(bridge, name) is not None and hook_in(name) in hooks and hook_out(name) in hooks
+    return [s for s in SITES if all(has(L, s) for L in range(bridge.cfg.n_layers))]
+
+
+def check_sites(bridge: TransformerBridge, sites: Iterable[str]) -> None:
+    """Raise ``ValueError`` for the first site this model lacks, naming the sites it has."""
+    for site in sites:
+        check_site(site)
+        L = site_layer(site)
+        if not 0 <= L < bridge.cfg.n_layers:
+            raise ValueError(f"site {site!r} does not exist in this model: it has {bridge.cfg.n_layers} layers "
+                             f"(blocks.0 … blocks.{bridge.cfg.n_layers - 1})")
+        if _linear(bridge, site) is None or hook_in(site) not in bridge.hook_dict:
+            have = available_sites(bridge)
+            raise ValueError(f"site {site!r} does not exist in this model ({type(bridge.original_model).__name__}); "
+                             f"its blocks have the sites {', '.join(have) or 'none'}")
+
+
+def linear_weight(bridge: TransformerBridge, site: str) -> Float[Tensor, "d_out d_in"]:
+    """The weight of the linear layer behind a site as ``d_out × d_in`` (``y = x Wᵀ``): the HF ``nn.Linear``
+    weight itself, or a transposed view of a ``Conv1D`` weight (GPT-2 stores ``d_in × d_out``, ``y = x W``).
+    Either way an in-place write to the result writes the model's weight."""
+    check_sites(bridge, [site])
+    linear = _linear(bridge, site)
+    return linear.weight.T if isinstance(linear, Conv1D) else linear.weight  # type: ignore[union-attr]
 
 
 def aligned_triplets(U: Float[Tensor, "d_out k"], d: Float[Tensor, "d"], r: int) -> Tensor:
@@ -104,27 +146,38 @@ class SVDAdapter(nn.Module):
         r = spec.rank
         if U.shape[1] != r or V.shape[1] != r or S.shape != (r,):
             raise ValueError(f"U, S, V must have rank {r}; got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}")
-        self.register_buffer("U", U.detach().clone().contiguous())  # d_out × r
-        self.register_buffer("S", S.detach().clone().contiguous())  # r
-        self.register_buffer("V", V.detach().clone().contiguous())  # d_in × r
+        f32 = COMPUTE_DTYPE
+        self.register_buffer("U", U.detach().to(f32).clone().contiguous())  # d_out × r
+        self.register_buffer("S", S.detach().to(f32).clone().contiguous())  # r
+        self.register_buffer("V", V.detach().to(f32).clone().contiguous())  # d_in × r
+        # drawn on the CPU, then moved: the same seed gives the same θ, λ on every device
         g = torch.Generator().manual_seed(seed)
+
+        def draw(*shape: int) -> nn.Parameter:
+            return nn.Parameter((init_scale * torch.randn(*shape, generator=g, dtype=f32)).to(self.U.device))
         # λ must start non-zero: at λ = 0 and small θ, c = +1 and c = −1 get mirrored gradients and the
         # pair can sit at a saddle (seed-guide.md). θ starts small so R(±1) ≈ I.
-        self.theta_v = nn.Parameter(init_scale * torch.randn(r, r, generator=g, dtype=U.dtype))
-        self.lam = nn.Parameter(init_scale * torch.randn(r, generator=g, dtype=U.dtype))
-        self.theta_u = nn.Parameter(init_scale * torch.randn(r, r, generator=g, dtype=U.dtype)) if spec.rotate_u else None
+        self.theta_v = draw(r, r)
+        self.lam = draw(r)
+        self.theta_u = draw(r, r) if spec.rotate_u else None
 
     @classmethod
     def from_weight(cls, spec: AdapterSpec, W: Float[Tensor, "d_out d_in"], *,
                     align: Float[Tensor, "d"] | None = None, **kw) -> "SVDAdapter":
         """Decompose ``W = U diag(S) Vᵀ + W_res`` in float64 for accuracy, keeping ``spec.rank`` triplets: the
         largest singular values, or with ``align`` the triplets whose output vectors ``u_i`` are most aligned
-        with it (largest ``|u_iᵀ d|``; see ``aligned_triplets``). Either way ``W_res`` is the rest of ``W``."""
+        with it (largest ``|u_iᵀ d|``; see ``aligned_triplets``). Either way ``W_res`` is the rest of ``W``.
+        U, S, V are kept in float32 on ``W``'s device."""
         if spec.rank > min(W.shape):
             raise ValueError(f"rank {spec.rank} exceeds min{tuple(W.shape)} of site {spec.site}")
-        U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
-        keep = torch.arange(spec.rank) if align is None else aligned_triplets(U, align, spec.rank)
-        return cls(spec, U[:, keep].to(W.dtype), S[keep].to(W.dtype), Vh[keep].T.to(W.dtype), **kw)
+        # MPS has no float64: decompose on the CPU there
+        where = torch.device("cpu") if W.device.type == "mps" else W.device
+        U, S, Vh = torch.linalg.svd(W.detach().to(where, torch.float64), full_matrices=False)
+        keep = (torch.arange(spec.rank) if align is None else aligned_triplets(U, align.to(where), spec.rank)).to(where)
+
+        def back(t: Tensor) -> Tensor:
+            return t.to(W.device, COMPUTE_DTYPE)
+        return cls(spec, back(U[:, keep]), back(S[keep]), back(Vh[keep].T), **kw)
 
     @classmethod
     def from_bridge(cls, bridge: TransformerBridge, spec: AdapterSpec, **kw) -> "SVDAdapter":
@@ -160,12 +213,12 @@ class SVDAdapter(nn.Module):
         return (zr - z * self.S) @ self.U.T
 
     def merge(self, W: Float[Tensor, "d_out d_in"], c: float) -> Float[Tensor, "d_out d_in"]:
-        """W(c) = W_res + (U R_u) diag(S_c) (V R)ᵀ = W + U (R_u diag(S_c) Rᵀ − diag(S)) Vᵀ."""
+        """W(c) = W_res + (U R_u) diag(S_c) (V R)ᵀ = W + U (R_u diag(S_c) Rᵀ − diag(S)) Vᵀ, in float32."""
         cc = torch.tensor([float(c)], dtype=self.S.dtype, device=self.S.device)
         core = torch.diag(self.singular_values(cc)[0]) @ self.rotation(cc)[0].T
         if self.theta_u is not None:
             core = self.rotation(cc, "u")[0] @ core
-        return W + self.U @ (core - torch.diag(self.S)) @ self.V.T
+        return W.to(self.S.dtype) + self.U @ (core - torch.diag(self.S)) @ self.V.T
 
     def hooks(self, c: float | Tensor) -> list[tuple[str, Callable]]:
         """The ``(hook_name, fn)`` pair that applies this adapter at coefficient(s) ``c``."""
@@ -176,7 +229,8 @@ class SVDAdapter(nn.Module):
 def _read_input(stash: dict[str, Tensor]) -> Callable:
     def hook(act: Tensor, hook) -> None:
         # attn.o reads per-head z (batch pos head d_head): the linear layer sees the heads concatenated
-        stash["x"] = einops.rearrange(act, "b p h d -> b p (h d)") if act.ndim == 4 else act
+        x = einops.rearrange(act, "b p h d -> b p (h d)") if act.ndim == 4 else act
+        stash["x"] = x.to(COMPUTE_DTYPE)  # the adapter's math is float32 whatever the model's dtype
     return hook
 
 
@@ -190,7 +244,7 @@ def _add_delta(adapter: SVDAdapter, stash: dict[str, Tensor], c: float | Tensor)
         delta = adapter.delta(x, cc)
         if act.ndim == 4:  # attn.q/k/v write per-head outputs
             delta = einops.rearrange(delta, "b p (h d) -> b p h d", h=act.shape[2])
-        return act + delta
+        return act + delta.to(act.dtype)
     return hook
 
 
@@ -216,9 +270,9 @@ def merged_weights(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c:
     try:
         with torch.no_grad():
             for a in adapters:
-                W = linear_weight(bridge, a.site)
+                W = linear_weight(bridge, a.site)  # a view for Conv1D: copy_ writes the model's weight
                 saved.append((W, W.detach().clone()))
-                W.copy_(a.merge(W.detach(), c))
+                W.copy_(a.merge(W.detach(), c))  # float32 math, rounded once to the weight's dtype
         yield bridge
     finally:
         with torch.no_grad():
@@ -233,6 +287,7 @@ def make_adapters(bridge: TransformerBridge, specs: Sequence[AdapterSpec], seed:
     sites = [s.site for s in specs]
     if len(set(sites)) != len(sites):
         raise ValueError(f"duplicate sites: {sites}")
+    check_sites(bridge, sites)
     align = dict(align or {})
     unknown = sorted(set(align) - set(sites))
     if unknown:

@@ -19,6 +19,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .data import Batch
 from .loss import token_logprobs
+from .models import model_device
 from .names import layer_of
 
 
@@ -57,8 +58,10 @@ def forward_last(bridge: TransformerBridge, batch: Batch, names: Sequence[str], 
                  ) -> tuple[dict[str, Float[Tensor, "batch d_model"]], Float[Tensor, "batch pos vocab"] | None]:
     """One forward: last-token rows at ``names`` (with autograd, if enabled), and logits if asked.
 
-    Names are not re-validated here (hot path): call ``check_hook_names`` once first.
+    Names are not re-validated here (hot path): call ``check_hook_names`` once first. The batch is moved to the
+    model's device if it is not there (a no-op for batches made there).
     """
+    batch = batch.to(model_device(bridge))
     store: dict[str, Tensor] = {}
     hooks = [(n, _take_last(store, n, batch.last)) for n in names]
     stop = None if logits else stop_layer(bridge, names)

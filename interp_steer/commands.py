@@ -28,7 +28,7 @@ from .io import (
     RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, prepare_run_dir, write_json_atomic,
     write_text_atomic,
 )
-from .models import load_model
+from .models import load_model, model_device, resolve_device, resolve_dtype
 from .names import layer_of, resid_post, site_layer
 from .report import demo_index, iso_table_markdown, write_outputs
 from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
@@ -55,11 +55,17 @@ def data_source(model: str | None, pairs: str | None, personas: Sequence[str] | 
             "personas": list(personas) if personas else None, "concept": concept}
 
 
+def check_device(cfg: TrainRun | EvalRun | DemoRun) -> None:
+    """Refuse a device this machine lacks, or a dtype it cannot run, before anything is written or loaded."""
+    resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+
+
 def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
+    check_device(cfg)
     get_concept(cfg.concept)  # an unknown name fails before minutes of work, and so does a bad output path
     check_dir_target(cfg.out, cfg.overwrite)
     t0 = time.perf_counter()
-    bridge, tok = load_model(cfg.model)
+    bridge, tok = load_model(cfg.model, cfg.device, cfg.dtype)
     pairs = load_pairs(tok, cfg.pairs, cfg.personas, cfg.concept)
     print(f"model {cfg.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs")
     result = train(bridge, tok, pairs, cfg.train, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
@@ -147,6 +153,7 @@ def run_demo(cfg: DemoRun) -> dict:
     coherence and write ``CONCEPT/report.json``, ``REPORT.md`` and ``figures/``; then ``REPORT.md`` (every
     concept's table) and ``run_config.json`` in ``cfg.out``. Several seeds appear as ``adapter@seed`` rows and
     one ``adapter (k seeds)`` row with a t-interval over seeds."""
+    check_device(cfg)
     concepts = [get_concept(c) for c in cfg.concepts]  # an unknown name fails before any work
     out = prepare_run_dir(cfg.out, cfg.overwrite)
     for c in concepts:
@@ -154,7 +161,7 @@ def run_demo(cfg: DemoRun) -> dict:
             check_dir_target(out / c.name / f"{ARTIFACT_DIR}-s{seed}", cfg.overwrite)
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("demo", cfg))
     t0 = time.perf_counter()
-    bridge, tok = load_model(cfg.model)
+    bridge, tok = load_model(cfg.model, cfg.device, cfg.dtype)
     reports = {}
     for concept in concepts:
         t1 = time.perf_counter()
@@ -182,21 +189,23 @@ def run_demo(cfg: DemoRun) -> dict:
 
 def run_eval(cfg: EvalRun) -> dict:
     """Sweep a saved artifact (and baselines built from its training pairs) at equal coherence."""
+    check_device(cfg)
     artifact = load_artifact(cfg.artifact)  # a bad artifact fails before the model loads; checked against it below
     recorded = artifact.data
     concept = get_concept(cfg.concept or recorded.get("concept") or "honesty")
     out = prepare_run_dir(cfg.out_dir, cfg.overwrite)
     t0 = time.perf_counter()
     model = cfg.model if cfg.model is not None else recorded.get("model")
-    bridge, tok = load_model(model)
+    bridge, tok = load_model(model, cfg.device, cfg.dtype)
     artifact.check_model(bridge, where=f"artifact {cfg.artifact}")
+    artifact = artifact.to(model_device(bridge))
     pairs_file, personas = cfg.pairs, cfg.personas
     if pairs_file is None and personas is None:
         pairs_file, personas = recorded.get("pairs"), recorded.get("personas")
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("eval", cfg))
     tc = artifact.config
     train_pairs, _ = select_pairs(load_pairs(tok, pairs_file, personas, concept.name), tc.n_pairs, tc.held_out, tc.seed)
-    batches = list(pair_batches(train_pairs, tok, tc.batch_pairs))  # the baselines see the adapter's training pairs
+    batches = list(pair_batches(train_pairs, tok, tc.batch_pairs, device=model_device(bridge)))  # the baselines see the adapter's training pairs
     names = [resid_post(site_layer(a.site)) for a in artifact.adapters]
     hs = capture(bridge, batches, names) if any(m != "adapter" for m in cfg.sweep.methods) else {}
     report = sweep_report(bridge, tok, cfg.sweep, concept, {"adapter": artifact}, hs, batches,

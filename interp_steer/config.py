@@ -28,6 +28,8 @@ Scale = Literal["exp", "add"]
 Triplets = Literal["top", "aligned"]
 Site = Literal["mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "attn.o"]
 BudgetMetric = Literal["kl", "dnll"]
+Device = Literal["auto", "cpu", "cuda", "mps"]  # auto: cuda if available, else mps, else cpu (models.resolve_device)
+DType = Literal["float32", "bfloat16", "float16"]  # the model's weights; adapters compute in float32 regardless
 MethodName = Literal["adapter", "pca_diff", "pca_center", "mean_diff", "gradient", "random", "prompting"]
 METHODS: tuple[str, ...] = get_args(MethodName)
 assert get_args(Site) == SITES
@@ -250,6 +252,8 @@ class TrainRun(Config):
 
     out: str = field(default="runs/honesty", metadata={"help": "artifact directory to write"})
     model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
+    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else cpu)"})
+    dtype: DType = field(default="float32", metadata={"help": "the model's weight dtype (adapters stay float32)"})
     pairs: str | None = field(default=None, metadata={"help": "JSON list of {chosen, rejected} (none: honesty)"})
     personas: tuple[str, ...] | None = field(default=None, metadata={"help": "two personas, e.g. 'a happy,a sad'"})
     concept: str = field(default="honesty", metadata={"help": "whose pairs to train on, without pairs/personas"})
@@ -301,6 +305,8 @@ class EvalRun(Config):
                                                 "positional": True})
     out: str | None = field(default=None, metadata={"help": "report directory (none: ARTIFACT-eval)"})
     model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: the artifact's)"})
+    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else cpu)"})
+    dtype: DType = field(default="float32", metadata={"help": "the model's weight dtype (adapters stay float32)"})
     pairs: str | None = field(default=None, metadata={"help": "the pairs file (none: what the artifact records)"})
     personas: tuple[str, ...] | None = field(default=None, metadata={"help": "the personas (none: the artifact's)"})
     overwrite: bool = field(default=False, metadata={"help": "write over an earlier report in OUT"})
@@ -327,6 +333,8 @@ class DemoRun(Config):
 
     out: str = field(default="runs/demo", metadata={"help": "run directory (one sub-directory per concept)"})
     model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
+    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else cpu)"})
+    dtype: DType = field(default="float32", metadata={"help": "the model's weight dtype (adapters stay float32)"})
     overwrite: bool = field(default=False, metadata={"help": "write over an earlier demo in OUT"})
     concepts: tuple[str, ...] = field(default=("honesty", "sentiment"),
                                       metadata={"help": "what to steer, each with its own pairs and effects"})
@@ -367,4 +375,5 @@ def run_config_doc(command: str, cfg: Config) -> dict:
 
 
 __all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "METHODS",
-           "Objective", "Scale", "Site", "Triplets", "MethodName", "load_run_config", "run_config_doc", "COMMANDS"]
+           "Objective", "Scale", "Site", "Triplets", "MethodName", "Device", "DType", "load_run_config", "run_config_doc",
+           "COMMANDS"]

@@ -150,10 +150,17 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device: torch.device | str) -> "Batch":
+        """The batch on ``device`` (itself if it is there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.last)))
+
     def doubled(self) -> tuple["Batch", Float[Tensor, "batch"]]:
-        """The batch twice, first at c = +1 then at c = −1: both directions in one forward."""
+        """The batch twice, first at c = +1 then at c = −1: both directions in one forward (c on its device)."""
         n = len(self)
-        c = torch.cat([torch.ones(n), -torch.ones(n)])
+        one = torch.ones(n, device=self.input_ids.device)
+        c = torch.cat([one, -one])
         return Batch(*(einops.repeat(t, "b ... -> (two b) ...", two=2)
                        for t in (self.input_ids, self.attention_mask, self.last))), c
 
@@ -162,13 +169,14 @@ def last_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]
     """Index of the last non-padded token of each row, for either padding side."""
     if (attention_mask.sum(-1) == 0).any():
         raise ValueError("a row of the attention mask is all padding (empty prompt)")
-    pos = torch.arange(attention_mask.shape[-1])
+    pos = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
     return torch.where(attention_mask.bool(), pos, -1).max(-1).values
 
 
 def tokenize(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
-             padding_side: Literal["left", "right"] = "left") -> Batch:
-    """Tokenize rendered texts (no extra special tokens: the chat template already has them)."""
+             padding_side: Literal["left", "right"] = "left", device: torch.device | str | None = None) -> Batch:
+    """Tokenize rendered texts (no extra special tokens: the chat template already has them), on ``device``
+    (the model's: ``models.model_device(bridge)``; None: the CPU)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not texts:
@@ -179,8 +187,8 @@ def tokenize(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
         enc = tokenizer(list(texts), add_special_tokens=False, padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = old
-    mask = enc["attention_mask"]
-    return Batch(enc["input_ids"], mask, last_index(mask))
+    ids, mask = (enc[k] if device is None else enc[k].to(device) for k in ("input_ids", "attention_mask"))
+    return Batch(ids, mask, last_index(mask))
 
 
 def interleave(pairs: Sequence[ContrastivePair]) -> list[str]:
@@ -189,12 +197,13 @@ def interleave(pairs: Sequence[ContrastivePair]) -> list[str]:
 
 
 def pair_batches(pairs: Sequence[ContrastivePair], tokenizer: PreTrainedTokenizerBase, batch_pairs: int = 16,
-                 padding_side: Literal["left", "right"] = "left") -> Iterator[Batch]:
-    """Batches of ``batch_pairs`` pairs (``2 * batch_pairs`` rows), in order."""
+                 padding_side: Literal["left", "right"] = "left", device: torch.device | str | None = None
+                 ) -> Iterator[Batch]:
+    """Batches of ``batch_pairs`` pairs (``2 * batch_pairs`` rows), in order, on ``device``."""
     if batch_pairs < 1:
         raise ValueError(f"batch_pairs must be >= 1, got {batch_pairs}")
     for i in range(0, len(pairs), batch_pairs):
-        yield tokenize(interleave(pairs[i : i + batch_pairs]), tokenizer, padding_side)
+        yield tokenize(interleave(pairs[i : i + batch_pairs]), tokenizer, padding_side, device)
 
 
 def split_pairs(pairs: Sequence[ContrastivePair], held_out: float = 0.2, seed: int = 0

@@ -17,6 +17,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .capture import check_hook_names, stop_layer
 from .loss import noref_loss
+from .models import model_device
 from .names import resid_names
 
 Method = Literal["pca_diff", "pca_center", "mean_diff", "random", "dhs_svd"]
@@ -105,8 +106,9 @@ class SteeringVector:
         missing = [n for n in self.directions if n not in bridge.hook_dict]
         if missing:
             raise ValueError(f"unknown hook names for steering vector: {missing}")
+        dev = model_device(bridge)
         hooks = [] if self.coeff == 0 else [
-            (n, _add_vector(self.coeff * self.scales[n] * d)) for n, d in self.directions.items()
+            (n, _add_vector((self.coeff * self.scales[n] * d).to(dev))) for n, d in self.directions.items()
         ]
         with bridge.hooks(fwd_hooks=hooks):
             yield bridge
@@ -137,19 +139,21 @@ def gradient_directions(bridge: TransformerBridge, batches, layers: list[int], l
     steering mapping).
     """
     names = check_hook_names(bridge, [*resid_names(layers), loss_hook])
-    sums = {n: torch.zeros(bridge.cfg.d_model) for n in names[:-1]}
+    dev = model_device(bridge)
+    sums = {n: torch.zeros(bridge.cfg.d_model, device=dev) for n in names[:-1]}
     stop = stop_layer(bridge, names)
     count = 0
     for batch in batches:
+        batch = batch.to(dev)
         acts: dict[str, Tensor] = {}
         hooks = [(n, retain_grad_hook(acts, n)) for n in names]
         with torch.enable_grad():
             bridge.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
                                   position_ids=batch.position_ids, stop_at_layer=stop, fwd_hooks=hooks)
-            rows = torch.arange(len(batch))
-            hs = acts[loss_hook][rows, batch.last]
-            no_logits = torch.zeros(len(batch) // 2)  # the coherence term's gradient here is zero (docstring)
-            loss = noref_loss(hs[0::2], hs[1::2], no_logits, d_steer)
+            rows = torch.arange(len(batch), device=dev)
+            hs = acts[loss_hook][rows, batch.last].float()
+            no_logits = torch.zeros(len(batch) // 2, device=dev)  # the coherence term's gradient here is zero (docstring)
+            loss = noref_loss(hs[0::2], hs[1::2], no_logits, d_steer.to(dev))
             grads = torch.autograd.grad(loss, [acts[n] for n in names[:-1]])
         for n, g in zip(names[:-1], grads):
             sums[n] -= g[rows, batch.last][0::2].sum(0).float()

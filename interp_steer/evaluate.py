@@ -29,6 +29,7 @@ from .evalsets import (  # noqa: F401  (re-exported: the loaders are part of the
     load_truthfulqa_csv,
 )
 from .loss import delta_nll, token_logprobs, token_mask
+from .models import model_device
 
 Steer = Callable[[TransformerBridge], ContextManager]
 
@@ -77,9 +78,10 @@ class _Record:
                 if not isinstance(v := getattr(self, f.name), (Tensor, tuple))}
 
 
-def reply_batch(tokenizer: PreTrainedTokenizerBase, heads: Sequence[str], replies: Sequence[str]
-                 ) -> tuple[Batch, Float[Tensor, "batch pos_1"]]:
-    """Right-padded ``head + reply`` rows and the mask of the positions that predict a reply token."""
+def reply_batch(tokenizer: PreTrainedTokenizerBase, heads: Sequence[str], replies: Sequence[str],
+                device: torch.device | str | None = None) -> tuple[Batch, Float[Tensor, "batch pos_1"]]:
+    """Right-padded ``head + reply`` rows and the mask of the positions that predict a reply token, on
+    ``device``."""
     starts = []
     for h, r in zip(heads, replies):
         hid = tokenizer(h, add_special_tokens=False)["input_ids"]
@@ -88,9 +90,10 @@ def reply_batch(tokenizer: PreTrainedTokenizerBase, heads: Sequence[str], replie
         if fid[: len(hid)] != hid or len(fid) == len(hid):
             raise ValueError(f"reply {r!r} is empty or does not tokenize as whole tokens after its prompt")
         starts.append(len(hid))
-    batch = tokenize([h + r for h, r in zip(heads, replies)], tokenizer, padding_side="right")
-    target = torch.arange(1, batch.input_ids.shape[1])[None]  # column j of pos_1 predicts token j + 1
-    return batch, token_mask(batch.attention_mask) * (target >= torch.tensor(starts)[:, None])
+    batch = tokenize([h + r for h, r in zip(heads, replies)], tokenizer, padding_side="right", device=device)
+    dev = batch.input_ids.device
+    target = torch.arange(1, batch.input_ids.shape[1], device=dev)[None]  # column j of pos_1 predicts token j + 1
+    return batch, token_mask(batch.attention_mask) * (target >= torch.tensor(starts, device=dev)[:, None])
 
 
 # ------------------------------------------------------------------------------------- forced choice
@@ -139,15 +142,16 @@ def forced_choice(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
         raise ValueError("no dilemmas given")
     yes, no = choice_token_ids(tokenizer)
     prompts = [choice_prompt(tokenizer, d, system) for d in dilemmas]
-    lse = []
+    lse, dev = [], model_device(bridge)
     with torch.inference_mode(), _steered(bridge, steer):
         for s in _chunks(len(prompts), batch_size):
-            batch = tokenize(prompts[s], tokenizer)
-            logp = logits_at(bridge, batch, torch.arange(len(batch)), batch.last).float().log_softmax(-1)
+            batch = tokenize(prompts[s], tokenizer, device=dev)
+            logp = logits_at(bridge, batch, torch.arange(len(batch), device=dev), batch.last).float().log_softmax(-1)
             lse.append(torch.stack([logp[:, yes].logsumexp(-1), logp[:, no].logsumexp(-1)], -1))  # batch 2
     lse_yes, lse_no = torch.cat(lse).clone().unbind(-1)
     score, mass = lse_yes - lse_no, lse_yes.exp() + lse_no.exp()
-    honesty = torch.tensor([{"Yes": 1.0, "No": -1.0, None: float("nan")}[d.honest_answer] for d in dilemmas]) * score
+    honesty = torch.tensor([{"Yes": 1.0, "No": -1.0, None: float("nan")}[d.honest_answer] for d in dilemmas],
+                           device=score.device) * score
     kept = mass >= min_mass
     lab = kept & ~honesty.isnan()
     mean = lambda x: x.float().mean().item() if len(x) else float("nan")  # noqa: E731
@@ -179,11 +183,11 @@ def answer_scores(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
     out = []
     with torch.inference_mode(), _steered(bridge, steer):
         for s in _chunks(len(heads), batch_size):
-            batch, mask = reply_batch(tokenizer, heads[s], answers[s])
+            batch, mask = reply_batch(tokenizer, heads[s], answers[s], model_device(bridge))
             rows, pos = mask.bool().nonzero(as_tuple=True)  # position j predicts token j + 1
             logp = logits_at(bridge, batch, rows, pos).float().log_softmax(-1)
             tok = logp.gather(-1, batch.input_ids[rows, pos + 1][:, None])[:, 0]
-            total = torch.zeros(len(batch), dtype=tok.dtype).index_add_(0, rows, tok)
+            total = torch.zeros(len(batch), dtype=tok.dtype, device=tok.device).index_add_(0, rows, tok)
             out.append(total / mask.sum(-1))
     return torch.cat(out).clone()
 
@@ -218,7 +222,7 @@ def greedy_continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokeniz
     out: list[str] = []
     with _steered(bridge, steer):
         for i in range(0, len(heads), batch_size):
-            batch = tokenize(heads[i: i + batch_size], tokenizer)
+            batch = tokenize(heads[i: i + batch_size], tokenizer, device=model_device(bridge))
             ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=False, use_past_kv_cache=True, stop_at_eos=True, return_type="tokens",
                                   verbose=False)
@@ -256,7 +260,7 @@ def _coherence_pass(bridge, tokenizer, steer, texts, system, batch_size) -> list
     out = []
     with torch.inference_mode(), _steered(bridge, steer):
         for s in _chunks(len(texts), batch_size):
-            batch, mask = reply_batch(tokenizer, heads[s], texts[s])
+            batch, mask = reply_batch(tokenizer, heads[s], texts[s], model_device(bridge))
             logits, m = _logits(bridge, batch), mask.bool()
             out.append((logits[:, :-1].float().log_softmax(-1)[m], token_logprobs(logits, batch.input_ids)[m],
                         batch.input_ids[:, 1:][m]))
@@ -297,7 +301,7 @@ def coherence(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, ste
     logp_pi = torch.cat([p[1] for p in parts]).clone()[None]  # 1 tok: every text's reply tokens in one row
     logp_ref = torch.cat(reference.token_logp).clone()[None]
     return CoherenceResult(delta_nll(logp_pi, logp_ref, torch.ones_like(logp_pi)).item(), kl.mean().item(),
-                           torch.quantile(kl.double(), 0.95).item(), kl.shape[0], (logp_ref - logp_pi)[0], kl)
+                           torch.quantile(kl.cpu().double(), 0.95).item(), kl.shape[0], (logp_ref - logp_pi)[0], kl)
 
 
 # ------------------------------------------------------------------------------- curves: iso-coherence
@@ -416,10 +420,11 @@ def evaluate_pairs(bridge: TransformerBridge, adapters, batches: Sequence[Batch]
                     num += (delta_nll(token_logprobs(logits, b.input_ids), lr, m) * m.sum()).item()
                     den += m.sum().item()
             hs, dnll = torch.cat(hs_parts), num / den
+        hs = hs.float()  # the model's dtype may be lower; d_steer is float32
         proj = hs @ d_steer
         out[f"{c:g}"] = {
             "proj_chosen": proj[0::2].mean().item(), "proj_rejected": proj[1::2].mean().item(),
             "separation": (proj[0::2] - proj[1::2]).mean().item(),
-            "shift": ((hs - hs0) @ d_steer).mean().item(), "dnll": dnll,
+            "shift": ((hs - hs0.float()) @ d_steer).mean().item(), "dnll": dnll,
         }
     return out

@@ -31,6 +31,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .adapter import AdapterSpec, SVDAdapter, linear_weight
 from .config import ConfigError, TrainConfig
+from .models import model_device
 
 FORMAT_VERSION = 2
 ARCHITECTURE = "svd_rotation_adapter"
@@ -222,7 +223,7 @@ def model_name(bridge: TransformerBridge) -> str:
 
 def fingerprint(W: Tensor) -> list[float]:
     """[sum, Frobenius norm, first entry] of a weight in float64: cheap, and changes with any real edit."""
-    w = W.detach().double()
+    w = W.detach().to("cpu" if W.device.type == "mps" else W.device, torch.float64)  # MPS has no float64
     return [w.sum().item(), w.norm().item(), w.flatten()[0].item()]
 
 
@@ -255,6 +256,12 @@ class SteeringArtifact:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         return save_artifact(path, self, overwrite=overwrite)
+
+    def to(self, device: torch.device | str) -> "SteeringArtifact":
+        """The adapters and ``d_steer`` on ``device`` (the model's), in place; returns the artifact."""
+        self.adapters.to(device)
+        self.d_steer = self.d_steer.to(device)
+        return self
 
     @classmethod
     def load(cls, path: str | Path, bridge: TransformerBridge | None = None) -> "SteeringArtifact":
@@ -380,6 +387,7 @@ def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> 
                            dict(config.get("data") or {}))
     if bridge is not None:
         art.check_model(bridge, where=f"artifact {path}")
+        art.to(model_device(bridge))
     return art
 
 

@@ -98,7 +98,7 @@ def measure(bridge, tok, method: Method, c: float, data: SweepData, effect: bool
     p = Point(method.name, c, coh.dnll, coh.kl_mean, coh.kl_p95)
     if effect:
         for e in data.effects:
-            items = e.measure(bridge, tok, steer, system).double()
+            items = e.measure(bridge, tok, steer, system).cpu().double()  # statistics on the CPU (MPS: no float64)
             ok = items[torch.isfinite(items)]
             p.effects[e.name] = ok.mean().item() if len(ok) else math.nan
             p.items[e.name] = items.tolist()

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
-from .adapter import AdapterSpec, apply_adapters, make_adapters
+from .adapter import AdapterSpec, apply_adapters, check_sites, make_adapters
 from .capture import Reference, forward_last, reference_pass
 from .config import TrainConfig
 from .data import Batch, ContrastivePair, check_lengths, load_json, pair_batches, render_chat, select_pairs
@@ -37,6 +37,7 @@ from .io import (
     save_artifact, save_checkpoint,
 )
 from .loss import dual_step, kl_lagrangian, steering_loss, token_kl, token_logprobs, token_mask
+from .models import model_device
 from .names import resid_post, site_layer, site_name
 
 
@@ -116,7 +117,7 @@ def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
         raise ValueError("no usable generic text for the KL constraint (every base-model reply was empty)")
     out = GenericText([], [], [])
     for i in range(0, len(texts), batch_size):
-        batch, mask = reply_batch(tokenizer, heads[i: i + batch_size], texts[i: i + batch_size])
+        batch, mask = reply_batch(tokenizer, heads[i: i + batch_size], texts[i: i + batch_size], model_device(bridge))
         logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
         out.batches.append(batch)
         out.masks.append(mask)
@@ -185,9 +186,11 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     check_lengths(train_pairs + test_pairs, tokenizer, bridge.cfg.n_ctx)
     n_layers = bridge.cfg.n_layers
     specs = adapter_specs(cfg, n_layers)
+    check_sites(bridge, [s.site for s in specs])  # a site this architecture lacks fails before any pass
     hook = loss_hook(cfg, n_layers)
-    batches = list(pair_batches(train_pairs, tokenizer, cfg.batch_pairs))
-    test_batches = list(pair_batches(test_pairs, tokenizer, cfg.batch_pairs * 2)) if test_pairs else []
+    dev = model_device(bridge)
+    batches = list(pair_batches(train_pairs, tokenizer, cfg.batch_pairs, device=dev))
+    test_batches = list(pair_batches(test_pairs, tokenizer, cfg.batch_pairs * 2, device=dev)) if test_pairs else []
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -195,8 +198,13 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     resid = [resid_post(site_layer(s.site)) for s in specs]
     ref = reference_pass(bridge, batches, hook, progress, extra=resid)
     timings["reference_s"] = time.perf_counter() - t0
-    d_steer = dhs_svd_direction(torch.cat(ref.hs))
+    # the direction's float64 SVD on the CPU (MPS has no float64), then d_steer lives on the model's device
+    d_steer = dhs_svd_direction(torch.cat(ref.hs).cpu()).to(dev)
     scale = pair_scale(ref, d_steer)
+    if not scale > 0:  # 0 (or NaN): the objective's unit would divide by it and the first step would be NaN
+        raise ValueError(f"the chosen and rejected prompts have the same last-token states at {hook}: nothing to "
+                         "steer along. Do the pairs differ inside what the last token can attend to (a sliding "
+                         "attention window, a context limit)?")
 
     generic = None
     if cfg.loss.kl_budget is not None:
@@ -238,7 +246,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                 hs, logits = forward_last(bridge, batch, [hook], logits=True)
             logp = token_logprobs(logits, batch.input_ids)
             del logits
-            loss, parts = steering_loss(hs[hook], torch.cat([ref.hs[j]] * 2), c, d_steer, logp,
+            # the objective in float32 whatever the model's dtype (a no-op for float32 models)
+            loss, parts = steering_loss(hs[hook].float(), torch.cat([ref.hs[j]] * 2).float(), c, d_steer, logp,
                                         torch.cat([ref.logp[j]] * 2), token_mask(batch.attention_mask), cfg.loss, scale)
             if generic is not None:
                 kl_plus, kl_minus = kl_both_ways(bridge, adapters, generic, step % len(generic.batches))
@@ -296,5 +305,5 @@ def batch_order(step: int, n_batches: int, seed: int) -> int:
 
 def pair_scale(ref: Reference, d_steer: Tensor) -> float:
     """RMS of the reference pairs' separation along ``d_steer``: the objective's unit."""
-    hs = torch.cat(ref.hs)
+    hs = torch.cat(ref.hs).float()
     return ((hs[0::2] - hs[1::2]) @ d_steer).pow(2).mean().sqrt().item()

@@ -58,6 +58,9 @@ BAD_OPTIONS = [  # (argv, what the message must name)
     (["train", "--init-scale", "0"], "init_scale must be > 0"),
     (["train", "--eval-coeffs", "1,nan"], "expected a finite number"),
     (["train", "--layers", "none"], "expected"),
+    (["train", "--device", "tpu"], "expected one of auto, cpu, cuda, mps"),
+    (["eval", "a", "--dtype", "fp8"], "expected one of float32, bfloat16, float16"),
+    (["demo", "--dtype", "float64"], "expected one of float32, bfloat16, float16"),
     (["train", "--layers", "1.5"], "depth fraction in (0, 1)"),
     (["train", "--layers", ""], "comma-separated list"),
     (["train", "--objective", "magnitude"], "expected one of shift, separation"),
@@ -162,11 +165,17 @@ def test_pairs_file_is_validated(tiny, tmp_path):
 def test_train_then_eval_end_to_end_through_the_commands(tiny, tmp_path, monkeypatch, capsys):
     """The command path on the tiny model: train writes a whole artifact with its run config, eval rebuilds the
     training pairs from what the artifact records and writes its report, figures and run config; nothing else."""
-    monkeypatch.setattr(commands, "load_model", lambda name=None: tiny)
+    loads = []
+
+    def load(name=None, device="auto", dtype=None):
+        loads.append((name, device, dtype))
+        return tiny
+    monkeypatch.setattr(commands, "load_model", load)
     art = tmp_path / "a"
     assert cli.main(["train", "--out", str(art), "--layers", "0,1", "--loss-layer", "2", "--rank", "4",
                      "--steps", "2", "--batch-pairs", "2", "--n-pairs", "8", "--concept", "sentiment",
-                     "--kl-budget", "none"]) == 0
+                     "--kl-budget", "none", "--device", "cpu"]) == 0
+    assert loads == [(None, "cpu", "float32")]  # --device reaches the loader; --dtype's default is float32
     assert sorted(p.name for p in art.iterdir()) == ["adapter.safetensors", "config.json", "run_config.json"]
     saved = json.loads((art / "run_config.json").read_text())
     assert parse("train", "--config", str(art / "run_config.json")) == TrainRun.from_dict(saved["config"])

@@ -330,9 +330,10 @@ def test_symmetry():
 
 def test_packaged_data_loads():
     ds = ev.load_dilemmas()
-    assert len(ds) == 68 and {d.honest_answer for d in ds} == {"Yes", "No"}
+    assert len(ds) == 220 and sum(d.honest_answer == "Yes" for d in ds) == 110  # balanced: a yes-bias scores 0
+    assert len({d.id for d in ds}) == len({d.text for d in ds}) == 220
     qs = ev.load_truthfulqa_csv()
-    assert len(qs) >= 30 and all(q.incorrect and q.best and q.correct for q in qs)
+    assert len(qs) == 80 and len({q.question for q in qs}) == 80 and all(q.incorrect and q.best and q.correct for q in qs)
     assert all(a == a.strip() and a for q in qs for a in q.incorrect + q.correct)
 
 
