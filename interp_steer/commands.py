@@ -209,6 +209,11 @@ def run_export(cfg: ExportRun) -> Path:
     """
     artifact = load_artifact(cfg.artifact)
     check_dir_target(cfg.out, cfg.overwrite, own=is_export_file, what="an export")
+    concept = get_concept(artifact.data.get("concept") or "honesty")  # a control vector's pairs
+    names = [n for n in adapted_resid_names(artifact) if layer_of(n) != 0]  # and its layers
+    if cfg.format == "control-vector" and not names:
+        raise ValueError(f"artifact {cfg.artifact} adapts only block 0, whose output a llama.cpp control vector "
+                         "cannot reach")
     model = cfg.model if cfg.model is not None else artifact.data.get("model")
     bridge, tok = load_model(model)
     artifact.check_model(bridge, where=f"artifact {cfg.artifact}")
@@ -221,14 +226,9 @@ def run_export(cfg: ExportRun) -> Path:
         out = save_lora(bridge, artifact.adapters, cfg.coeff, cfg.out, base_model=model_name(bridge),
                         overwrite=cfg.overwrite, manifest=manifest)
     else:
-        concept = get_concept(artifact.data.get("concept") or "honesty")
-        batches = training_batches(tok, artifact, concept)
-        names = [n for n in adapted_resid_names(artifact) if layer_of(n) != 0]
         if len(names) < len(adapted_resid_names(artifact)):
             print("block 0 left out: llama.cpp never steers the output of its layer 0")
-        if not names:
-            raise ValueError(f"artifact {cfg.artifact} adapts only block 0, which a llama.cpp control vector "
-                             "cannot reach")
+        batches = training_batches(tok, artifact, concept)
         vector = additive_vector(bridge, cfg.method, artifact, capture(bridge, batches, names), batches)
         out = save_control_vector(vector, cfg.coeff, cfg.out, n_layers=bridge.cfg.n_layers,
                                   model_hint=str(bridge.original_model.config.model_type),

@@ -76,22 +76,33 @@ def _skeleton(bridge: TransformerBridge) -> nn.Module:
         return AutoModelForCausalLM.from_config(bridge.original_model.config)
 
 
-def hf_module_name(bridge: TransformerBridge, site: str) -> str:
-    """The HF module path behind a site (``blocks.3.mlp.out`` → ``model.layers.3.mlp.down_proj`` on Llama).
+def hf_module_names(bridge: TransformerBridge, sites: Iterable[str]) -> dict[str, str]:
+    """The HF module path behind each site (``blocks.3.mlp.out`` → ``model.layers.3.mlp.down_proj`` on Llama).
 
-    Asked of the bridge, not a table: the module the site wraps is found by identity in the HF model, and the
-    bridge's ``_original_component`` hops are dropped from its path (as TransformerLens does for state dicts).
+    Asked of the bridge, not a table: the module a site wraps is found by identity in the HF model, and the
+    bridge's ``_original_component`` hops are dropped from its path (as TransformerLens does for state dicts);
+    of the aliases left, the one a bare HF model of this config has is the name.
     """
-    module = getattr(bridge.get_submodule(site), "original_component", None)
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"site {site!r} is not an nn.Linear (found {type(module).__name__}); only linear layers "
-                         "can be exported as LoRA")
     names = {n for n, _ in _skeleton(bridge).named_modules()}
-    found = sorted({name.replace("._original_component", "") for name, m in
-                    bridge.original_model.named_modules(remove_duplicate=False) if m is module} & names)
-    if len(found) != 1:
-        raise ValueError(f"cannot name the HF module behind {site!r} (candidates {found})")
-    return found[0]
+    paths: dict[int, list[str]] = {}
+    for path, m in bridge.original_model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path.replace("._original_component", ""))
+    out = {}
+    for site in sites:
+        module = getattr(bridge.get_submodule(site), "original_component", None)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"site {site!r} is not an nn.Linear (found {type(module).__name__}); only linear "
+                             "layers can be exported as LoRA")
+        found = sorted(set(paths.get(id(module), [])) & names)
+        if len(found) != 1:
+            raise ValueError(f"cannot name the HF module behind {site!r} (candidates {found})")
+        out[site] = found[0]
+    return out
+
+
+def hf_module_name(bridge: TransformerBridge, site: str) -> str:
+    """``hf_module_names`` of one site."""
+    return hf_module_names(bridge, [site])[site]
 
 
 def hf_state_dict(bridge: TransformerBridge) -> dict[str, Tensor]:
@@ -145,9 +156,11 @@ def save_merged(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, a
 def lora_tensors(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: float
                  ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """peft's tensors for ``ΔW(c) = B A`` at every site, and the rank of each HF module."""
+    adapters = list(adapters)
+    modules = hf_module_names(bridge, [a.site for a in adapters])
     tensors, ranks = {}, {}
     for a in adapters:
-        name = hf_module_name(bridge, a.site)
+        name = modules[a.site]
         B, A = a.factors(c)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().contiguous()  # r × d_in
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous()  # d_out × r
@@ -178,8 +191,8 @@ def save_lora(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: floa
     adapters = list(adapters)
     tensors, ranks = lora_tensors(bridge, adapters, c)
     config = json_text(lora_config(ranks, base_model))
-    text = json_text(_manifest("lora", c, {**(manifest or {}), "modules": {a.site: hf_module_name(bridge, a.site)
-                                                                           for a in adapters}}))
+    modules = hf_module_names(bridge, [a.site for a in adapters])
+    text = json_text(_manifest("lora", c, {**(manifest or {}), "modules": modules}))
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / LORA_WEIGHTS_FILE), metadata={"format": "pt"})
@@ -204,7 +217,7 @@ def control_vector_layers(vector: SteeringVector, c: float, n_layers: int) -> di
         if not 1 <= L < n_layers:
             raise ValueError(f"llama.cpp cannot steer after block {L}: its control vectors reach blocks 1 to "
                              f"{n_layers - 1} (direction.0 is refused); build the vector at other layers")
-        out[L] = (c * vector.scales[name] * d.detach().double()).float()
+        out[L] = (c * vector.scales[name] * d.detach()).float()  # the very sum SteeringVector.apply's hook adds
     return dict(sorted(out.items()))
 
 
