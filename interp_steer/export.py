@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import gguf
 import numpy as np
@@ -125,7 +125,7 @@ def _manifest(fmt: str, c: float, extra: Mapping[str, Any] | None) -> dict:
     return {"export_format_version": EXPORT_FORMAT_VERSION, "format": fmt, "coeff": c, **(extra or {})}
 
 
-def _write_dir(out: str | Path, fill, overwrite: bool) -> Path:
+def _write_dir(out: str | Path, fill: Callable[[Path], None], overwrite: bool) -> Path:
     return write_dir_atomic(out, fill, overwrite, own=is_export_file, what="an export")
 
 

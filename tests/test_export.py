@@ -4,6 +4,7 @@ vector reads back exactly and lands where llama.cpp adds it; bad input is refuse
 import json
 
 import numpy as np
+import peft  # the test extra has it (pyproject): a missing peft fails here, it is not skipped
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -14,9 +15,9 @@ from interp_steer.config import ConfigError, ExportRun, LossConfig, TrainConfig
 from interp_steer.directions import SteeringVector
 from interp_steer.export import (
     CONTROL_VECTOR_FILE, LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, MANIFEST_FILE, control_vector_layers, hf_module_name,
-    hf_state_dict, read_control_vector, read_manifest, save_control_vector, save_lora, save_merged,
+    hf_state_dict, is_export_file, read_control_vector, read_manifest, save_control_vector, save_lora, save_merged,
 )
-from interp_steer.io import SteeringArtifact
+from interp_steer.io import SteeringArtifact, write_dir_atomic
 from interp_steer.models import tiny_model
 from interp_steer.names import resid_post
 
@@ -81,7 +82,6 @@ def test_merging_leaves_the_live_model_as_it_was(tiny, adapters, tmp_path):
 
 @pytest.mark.parametrize("c", [1.0, -1.0])
 def test_lora_export_is_exact_in_peft(tiny, adapters, tmp_path, c):
-    peft = pytest.importorskip("peft")
     bridge, _ = tiny
     out = save_lora(bridge, adapters, c, tmp_path / "l", base_model="tiny")
     cfg = json.loads((out / LORA_CONFIG_FILE).read_text())
@@ -106,7 +106,6 @@ def test_the_lora_factors_are_the_merge_and_have_rank_r(adapters):
 
 def test_two_loras_at_plus_and_minus_one_serve_side_by_side(tiny, adapters, tmp_path):
     """A multi-LoRA server keeps both directions over one base: switching adapters switches the steer."""
-    peft = pytest.importorskip("peft")
     bridge, _ = tiny
     save_lora(bridge, adapters, 1.0, tmp_path / "up", base_model="tiny")
     save_lora(bridge, adapters, -1.0, tmp_path / "down", base_model="tiny")
@@ -141,7 +140,7 @@ def test_control_vector_reads_back_exactly(tiny, tmp_path):
 def test_control_vector_lands_where_llama_cpp_adds_it(tiny, tmp_path):
     """llama.cpp adds direction.N to the output of its layer N (0-based: `build_cvec(cur, il)` closes layer il).
     Emulate that on the plain HF model, reading the GGUF back: the logits equal the steering vector's at
-    blocks.N.hook_resid_post."""
+    blocks.N.hook_resid_post. The other reading of the index (direction.N after layer N − 1) does not."""
     bridge, _ = tiny
     vec = vector(bridge, [1, 2])
     out = save_control_vector(vec, 0.5, tmp_path / "cv", n_layers=bridge.cfg.n_layers, model_hint="llama")
@@ -153,18 +152,19 @@ def test_control_vector_lands_where_llama_cpp_adds_it(tiny, tmp_path):
             return (output[0] + v,) + tuple(output[1:]) if isinstance(output, tuple) else output + v
         return hook
 
-    handles = [base.model.layers[N].register_forward_hook(add(v)) for N, v in back.items()]
-    try:
-        with torch.no_grad():
-            emulated = base(ids()).logits
-    finally:
-        for h in handles:
-            h.remove()
+    def llama_cpp_logits(offset):
+        handles = [base.model.layers[N + offset].register_forward_hook(add(v)) for N, v in back.items()]
+        try:
+            with torch.no_grad():
+                return base(ids()).logits
+        finally:
+            for h in handles:
+                h.remove()
+
     with torch.no_grad(), vec.scaled(0.5).apply(bridge):
         hooked = bridge(ids())
-    assert (emulated - hooked).abs().max().item() < TOL
-    with torch.no_grad(), vector(bridge, [2, 1]).scaled(0.5).apply(bridge):  # the same vectors one layer off
-        assert (base(ids()).logits - bridge(ids())).abs().max().item() > 100 * TOL
+    assert (llama_cpp_logits(0) - hooked).abs().max().item() < TOL
+    assert (llama_cpp_logits(-1) - hooked).abs().max().item() > 100 * TOL
 
 
 def test_control_vectors_llama_cpp_cannot_hold_are_refused(tiny, tmp_path):
@@ -202,6 +202,15 @@ def test_a_failed_export_leaves_nothing(tiny, adapters, tmp_path, monkeypatch):
     monkeypatch.setattr(type(tok), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         save_merged(bridge, tok, adapters, 1.0, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_writer_that_writes_a_name_it_does_not_own_puts_nothing_in_place(tmp_path):
+    def fill(d):
+        (d / "config.json").write_text("{}")
+        (d / "notes.txt").write_text("a name no later run could replace")
+    with pytest.raises(ValueError, match="unexpected files"):
+        write_dir_atomic(tmp_path / "e", fill, own=is_export_file)
     assert list(tmp_path.iterdir()) == []
 
 
