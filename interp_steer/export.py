@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import gguf
 import numpy as np
@@ -40,7 +40,6 @@ from .directions import SteeringVector
 from .io import json_text, read_json, write_dir_atomic
 from .names import layer_of, resid_post
 
-ExportFormat = Literal["merged", "lora", "control-vector"]
 EXPORT_FORMAT_VERSION = 1
 MANIFEST_FILE = "export.json"
 LORA_CONFIG_FILE = "adapter_config.json"       # peft's names: PeftModel.from_pretrained and vLLM read these
