@@ -19,7 +19,7 @@ from typing import Any
 
 _EXPORTS = {
     "names": ("resid_post", "resid_names", "layer_of", "site_layer", "site_name", "check_site", "SITES"),
-    "config": ("TrainConfig", "LossConfig", "SweepConfig", "TrainRun", "EvalRun", "DemoRun", "ConfigError"),
+    "config": ("TrainConfig", "LossConfig", "SweepConfig", "TrainRun", "EvalRun", "DemoRun", "ExportRun", "ConfigError"),
     "models": ("load_model", "tiny_model", "DEFAULT_MODEL", "available_devices"),
     "data": ("ContrastivePair", "Batch", "persona_pairs", "minimal_pairs", "pair_batches", "tokenize", "render_chat",
              "select_pairs", "split_pairs", "load_pairs_file", "token_difference", "check_pairs"),
@@ -35,7 +35,9 @@ _EXPORTS = {
     "evaluate": ("coherence", "coherence_reference", "forced_choice", "truthfulqa_mc", "iso_coherence",
                  "evaluate_pairs", "load_dilemmas", "load_neutral_texts", "load_truthfulqa_csv"),
     "sweep": ("run_sweep", "SweepData", "adapter_method", "vector_method", "prompting_method"),
-    "commands": ("run_train", "run_eval", "run_demo", "load_pairs"),
+    "commands": ("run_train", "run_eval", "run_demo", "run_export", "load_pairs"),
+    "export": ("save_merged", "save_lora", "save_control_vector", "read_control_vector", "hf_module_name",
+               "hf_state_dict"),
     "concepts": ("Concept", "Effect", "CONCEPTS", "register", "get_concept", "reply_options_effect",
                  "generation_sentiment_effect", "greedy_continuations"),
 }

@@ -212,13 +212,19 @@ class SVDAdapter(nn.Module):
             zr = torch.einsum("bps,bts->bpt", zr, self.rotation(cs, "u")[row])  # (U R_u)ᵀ = R_uᵀ Uᵀ
         return (zr - z * self.S) @ self.U.T
 
-    def merge(self, W: Float[Tensor, "d_out d_in"], c: float) -> Float[Tensor, "d_out d_in"]:
-        """W(c) = W_res + (U R_u) diag(S_c) (V R)ᵀ = W + U (R_u diag(S_c) Rᵀ − diag(S)) Vᵀ, in float32."""
+    def factors(self, c: float) -> tuple[Float[Tensor, "d_out rank"], Float[Tensor, "rank d_in"]]:
+        """ΔW(c) = W(c) − W = B A with B = U (R_u diag(S_c) Rᵀ − diag(S)) and A = Vᵀ: rank ≤ r, so exactly a LoRA."""
         cc = torch.tensor([float(c)], dtype=self.S.dtype, device=self.S.device)
         core = torch.diag(self.singular_values(cc)[0]) @ self.rotation(cc)[0].T
         if self.theta_u is not None:
             core = self.rotation(cc, "u")[0] @ core
-        return W.to(self.S.dtype) + self.U @ (core - torch.diag(self.S)) @ self.V.T
+        return self.U @ (core - torch.diag(self.S)), self.V.T
+
+    def merge(self, W: Float[Tensor, "d_out d_in"], c: float) -> Float[Tensor, "d_out d_in"]:
+        """W(c) = W_res + (U R_u) diag(S_c) (V R)ᵀ = W + U (R_u diag(S_c) Rᵀ − diag(S)) Vᵀ = W + B A (``factors``),
+        in float32."""
+        B, A = self.factors(c)
+        return W.to(self.S.dtype) + B @ A
 
     def hooks(self, c: float | Tensor) -> list[tuple[str, Callable]]:
         """The ``(hook_name, fn)`` pair that applies this adapter at coefficient(s) ``c``."""

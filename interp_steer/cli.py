@@ -1,4 +1,4 @@
-"""Command line: ``interp-steer train | eval | demo``.
+"""Command line: ``interp-steer train | eval | demo | export``.
 
 Every option is made from the annotations of the command's config dataclass (config.py), nested configs
 flattened (``--objective`` sets ``train.loss.objective``), so the CLI and the Python API cannot drift.
@@ -20,7 +20,8 @@ from .config import COMMANDS, ConfigError, field_types, load_run_config
 
 HELP = {"train": "train an SVD rotation adapter on contrastive pairs",
         "eval": "sweep a trained adapter (and baselines) at equal coherence",
-        "demo": "train on the honesty pairs, sweep every method, write the report and figures"}
+        "demo": "train on the honesty pairs, sweep every method, write the report and figures",
+        "export": "write the steer at a coefficient as a merged HF model, a peft LoRA or a llama.cpp control vector"}
 
 
 def parse_text(text: str, tp: Any) -> Any:
@@ -145,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args.command, args)
         from . import commands  # heavy imports (torch, transformers) only once the config is known to be good
 
-        {"train": commands.run_train, "eval": commands.run_eval, "demo": commands.run_demo}[args.command](cfg)
+        {"train": commands.run_train, "eval": commands.run_eval, "demo": commands.run_demo,
+         "export": commands.run_export}[args.command](cfg)
     except (ValueError, OSError) as e:  # ConfigError, FileNotFoundError, FileExistsError among them
         print(f"error: {e}", file=sys.stderr)
         return 2

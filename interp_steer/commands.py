@@ -1,4 +1,4 @@
-"""What each command does, given its config: ``run_train``, ``run_eval``, ``run_demo``.
+"""What each command does, given its config: ``run_train``, ``run_eval``, ``run_demo``, ``run_export``.
 
 Each checks its output path before any model work, writes ``run_config.json`` (the resolved config, which
 ``interp-steer CMD --config run_config.json`` runs again) beside its outputs, and never touches a file it
@@ -20,13 +20,14 @@ from transformers import PreTrainedTokenizerBase
 
 from .capture import capture
 from .concepts import Concept, every_kth, get_concept
-from .config import DemoRun, EvalRun, SweepConfig, TrainRun, run_config_doc
+from .config import DemoRun, EvalRun, ExportRun, SweepConfig, TrainRun, run_config_doc
 from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
 from .directions import SteeringVector, gradient_directions, steering_vector
 from .evaluate import coherence_reference, load_neutral_texts
+from .export import is_export_file, save_control_vector, save_lora, save_merged
 from .io import (
-    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, prepare_run_dir, write_json_atomic,
-    write_text_atomic,
+    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, model_name, prepare_run_dir,
+    write_json_atomic, write_text_atomic,
 )
 from .models import load_model, model_device, resolve_device, resolve_dtype
 from .names import layer_of, resid_post, site_layer
@@ -105,14 +106,37 @@ def build_methods(bridge: TransformerBridge, names: Sequence[str], artifacts: di
             methods += [adapter_method(a.adapters, label) for label, a in artifacts.items()]
         elif name == "prompting":
             methods.append(prompting_method(*concept.prompts))
-        elif name == "gradient":
-            layers = [layer_of(n) for n in hs]
-            # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
-            dirs = gradient_directions(bridge, batches[:4], layers, first.loss_hook, first.d_steer)
-            methods.append(vector_method("gradient", SteeringVector(dirs, steering_vector(hs, "mean_diff").scales)))
         else:
-            methods.append(vector_method(name, steering_vector(hs, name)))
+            methods.append(vector_method(name, additive_vector(bridge, name, first, hs, batches)))
     return methods
+
+
+def additive_vector(bridge: TransformerBridge, name: str, artifact: SteeringArtifact, hs: dict, batches
+                    ) -> SteeringVector:
+    """The additive steer ``name`` (pca_diff, pca_center, mean_diff, random, gradient) at the hooks of ``hs``."""
+    if name == "gradient":
+        layers = [layer_of(n) for n in hs]
+        # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
+        dirs = gradient_directions(bridge, batches[:4], layers, artifact.loss_hook, artifact.d_steer)
+        return SteeringVector(dirs, steering_vector(hs, "mean_diff").scales)
+    return steering_vector(hs, name)
+
+
+def training_batches(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, concept: Concept,
+                     pairs_file: str | None = None, personas: Sequence[str] | None = None,
+                     device: torch.device | str | None = None) -> list:
+    """The artifact's own training pairs (what it records, unless given), batched as in training."""
+    recorded = artifact.data
+    if pairs_file is None and personas is None:
+        pairs_file, personas = recorded.get("pairs"), recorded.get("personas")
+    tc = artifact.config
+    train_pairs, _ = select_pairs(load_pairs(tok, pairs_file, personas, concept.name), tc.n_pairs, tc.held_out, tc.seed)
+    return list(pair_batches(train_pairs, tok, tc.batch_pairs, device=device))
+
+
+def adapted_resid_names(artifact: SteeringArtifact) -> list[str]:
+    """``resid_post`` of every adapted block, once each, in block order: where the additive baselines act."""
+    return [resid_post(L) for L in sorted({site_layer(a.site) for a in artifact.adapters})]
 
 
 def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: SweepConfig, concept: Concept,
@@ -199,15 +223,46 @@ def run_eval(cfg: EvalRun) -> dict:
     bridge, tok = load_model(model, cfg.device, cfg.dtype)
     artifact.check_model(bridge, where=f"artifact {cfg.artifact}")
     artifact = artifact.to(model_device(bridge))
-    pairs_file, personas = cfg.pairs, cfg.personas
-    if pairs_file is None and personas is None:
-        pairs_file, personas = recorded.get("pairs"), recorded.get("personas")
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("eval", cfg))
-    tc = artifact.config
-    train_pairs, _ = select_pairs(load_pairs(tok, pairs_file, personas, concept.name), tc.n_pairs, tc.held_out, tc.seed)
-    batches = list(pair_batches(train_pairs, tok, tc.batch_pairs, device=model_device(bridge)))  # the baselines see the adapter's training pairs
-    names = [resid_post(site_layer(a.site)) for a in artifact.adapters]
+    batches = training_batches(tok, artifact, concept, cfg.pairs, cfg.personas, model_device(bridge))  # baselines' too
+    names = adapted_resid_names(artifact)
     hs = capture(bridge, batches, names) if any(m != "adapter" for m in cfg.sweep.methods) else {}
     report = sweep_report(bridge, tok, cfg.sweep, concept, {"adapter": artifact}, hs, batches,
                           {"artifact": str(cfg.artifact)})
     return _finish(report, out, t0)
+
+
+def run_export(cfg: ExportRun) -> Path:
+    """Write the artifact's steer at ``cfg.coeff`` as ``cfg.format`` into ``cfg.out`` (export.py).
+
+    The artifact and the output path are checked before the model loads; the model is then checked against the
+    artifact's weight fingerprints, so an export never bakes an adapter into weights it was not made for.
+    """
+    artifact = load_artifact(cfg.artifact)
+    check_dir_target(cfg.out, cfg.overwrite, own=is_export_file, what="an export")
+    concept = get_concept(artifact.data.get("concept") or "honesty")  # a control vector's pairs
+    names = [n for n in adapted_resid_names(artifact) if layer_of(n) != 0]  # and its layers
+    if cfg.format == "control-vector" and not names:
+        raise ValueError(f"artifact {cfg.artifact} adapts only block 0, whose output a llama.cpp control vector "
+                         "cannot reach")
+    model = cfg.model if cfg.model is not None else artifact.data.get("model")
+    bridge, tok = load_model(model, device="cpu")  # exports are written from an exact float32 CPU copy
+    artifact.check_model(bridge, where=f"artifact {cfg.artifact}")
+    manifest = {"artifact": str(cfg.artifact), "base_model": artifact.base_model,
+                "run_config": run_config_doc("export", cfg)}
+    if cfg.format == "merged":
+        out = save_merged(bridge, tok, artifact.adapters, cfg.coeff, cfg.out, overwrite=cfg.overwrite,
+                          manifest=manifest)
+    elif cfg.format == "lora":
+        out = save_lora(bridge, artifact.adapters, cfg.coeff, cfg.out, base_model=model_name(bridge),
+                        overwrite=cfg.overwrite, manifest=manifest)
+    else:
+        if len(names) < len(adapted_resid_names(artifact)):
+            print("block 0 left out: llama.cpp never steers the output of its layer 0")
+        batches = training_batches(tok, artifact, concept)
+        vector = additive_vector(bridge, cfg.method, artifact, capture(bridge, batches, names), batches)
+        out = save_control_vector(vector, cfg.coeff, cfg.out, n_layers=bridge.cfg.n_layers,
+                                  model_hint=str(bridge.original_model.config.model_type),
+                                  overwrite=cfg.overwrite, manifest={**manifest, "method": cfg.method})
+    print(f"{cfg.format} export at c = {cfg.coeff:g} written to {out}")
+    return out

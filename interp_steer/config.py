@@ -31,6 +31,8 @@ BudgetMetric = Literal["kl", "dnll"]
 Device = Literal["auto", "cpu", "cuda", "mps"]  # auto: cuda if available, else mps, else cpu (models.resolve_device)
 DType = Literal["float32", "bfloat16", "float16"]  # the model's weights; adapters compute in float32 regardless
 MethodName = Literal["adapter", "pca_diff", "pca_center", "mean_diff", "gradient", "random", "prompting"]
+ExportFormat = Literal["merged", "lora", "control-vector"]
+VectorMethod = Literal["pca_diff", "pca_center", "mean_diff", "gradient"]  # the additive steers a control vector holds
 METHODS: tuple[str, ...] = get_args(MethodName)
 assert get_args(Site) == SITES
 
@@ -353,7 +355,36 @@ class DemoRun(Config):
                  f"seeds must be distinct integers >= 0, at least one, got {self.seeds}")
 
 
-COMMANDS: dict[str, type] = {"train": TrainRun, "eval": EvalRun, "demo": DemoRun}
+@no_type_check
+@dataclass(frozen=True)
+class ExportRun(Config):
+    """``interp-steer export ARTIFACT --out DIR --format F --coeff C``: the steer at c as a merged HF model, a peft
+    LoRA, or (an additive steer from the artifact's pairs) a llama.cpp control vector (export.py)."""
+
+    artifact: str = field(default="", metadata={"help": "artifact directory written by `interp-steer train`",
+                                                "positional": True})
+    out: str = field(default="", metadata={"help": "export directory to write"})
+    format: ExportFormat | None = field(default=None, metadata={"help": "merged, lora or control-vector"})
+    # c = +1 is the direction the adapter was trained for; a control vector's c is in RMS-norm units (as in eval)
+    coeff: float = field(default=1.0, metadata={"help": "steering coefficient c baked into the export"})
+    method: VectorMethod | None = field(default=None, metadata={
+        "help": "additive steer of a control vector, from the artifact's pairs at its adapted blocks"})
+    model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: the artifact's)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier export at OUT"})
+
+    def __post_init__(self):
+        self._check_types()
+        _require(bool(self.artifact.strip()), "give the artifact directory to export")
+        _require(bool(self.out.strip()), "give --out, the export directory to write")
+        _require(self.format is not None, "give --format: merged, lora or control-vector")
+        _require(self.format == "control-vector" or self.method is None,
+                 f"method is only for --format control-vector (the {self.format} export is the adapter itself)")
+        _require(self.format != "control-vector" or self.method is not None,
+                 "give --method (pca_diff, pca_center, mean_diff or gradient) for a control vector")
+        _model_name(self.model)
+
+
+COMMANDS: dict[str, type] = {"train": TrainRun, "eval": EvalRun, "demo": DemoRun, "export": ExportRun}
 
 
 def load_run_config(path: str | Path) -> tuple[str, dict]:
@@ -374,6 +405,6 @@ def run_config_doc(command: str, cfg: Config) -> dict:
     return {"command": command, "config": cfg.to_dict()}
 
 
-__all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "METHODS",
-           "Objective", "Scale", "Site", "Triplets", "MethodName", "Device", "DType", "load_run_config", "run_config_doc",
-           "COMMANDS"]
+__all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "ExportRun",
+           "METHODS", "ExportFormat", "VectorMethod", "Objective", "Scale", "Site", "Triplets", "MethodName", "Device",
+           "DType", "load_run_config", "run_config_doc", "COMMANDS"]

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from jaxtyping import Float
@@ -43,6 +44,8 @@ TRAINER_FILE = "trainer.json"
 ARTIFACT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 CHECKPOINT_FILES = (*ARTIFACT_FILES, OPTIMIZER_FILE, TRAINER_FILE)
 OWN_FILES = frozenset((*CHECKPOINT_FILES, RUN_CONFIG_FILE))  # the only names a replaced directory may hold
+Own = Callable[[str], bool]  # is a file name one the project writes in this kind of directory?
+DirWriters = Union[Mapping[str, Callable[[Path], None]], Callable[[Path], None]]
 
 
 # ---------------------------------------------------------------------------------------- atomic writers
@@ -113,26 +116,28 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
 
 # ------------------------------------------------------------------------------------ directories
 
-def _foreign(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.name not in OWN_FILES)
+def _foreign(path: Path, own: Own) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if not (p.is_file() and own(p.name)))
 
 
-def check_dir_target(path: str | Path, overwrite: bool = False) -> Path:
-    """Raise unless ``write_dir_atomic(path, …, overwrite)`` can succeed; creates the parent directory.
+def check_dir_target(path: str | Path, overwrite: bool = False, own: Own = OWN_FILES.__contains__,
+                     what: str = "an artifact") -> Path:
+    """Raise unless ``write_dir_atomic(path, …, overwrite, own)`` can succeed; creates the parent directory.
 
-    Called before any model work, so a bad output path costs nothing.
+    ``own`` says which file names this kind of directory is made of: a directory holding anything else (a
+    sub-directory included) is never replaced. Called before any model work, so a bad output path costs nothing.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
     if path.is_dir() and any(path.iterdir()):
-        foreign = _foreign(path)
+        foreign = _foreign(path, own)
         if foreign:
             raise FileExistsError(f"{path} holds files interp-steer did not write ({', '.join(foreign[:5])}"
                                   f"{', …' if len(foreign) > 5 else ''}); it will not replace that directory. "
                                   "Choose a new or empty output directory.")
         if not overwrite:
-            raise FileExistsError(f"{path} already holds an artifact; pass --overwrite (overwrite=True) to replace "
+            raise FileExistsError(f"{path} already holds {what}; pass --overwrite (overwrite=True) to replace "
                                   "it, or choose another output directory")
     check_writable(path.parent)
     return path
@@ -166,43 +171,50 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     return check_writable(path)
 
 
-def _remove_own(path: Path) -> None:
+def _remove_own(path: Path, own: Own = OWN_FILES.__contains__) -> None:
     """Delete the project's own files in ``path`` and the directory if nothing else is left in it."""
-    for name in OWN_FILES:
-        (path / name).unlink(missing_ok=True)
-    for p in path.glob(".*.tmp"):
-        p.unlink(missing_ok=True)
+    for p in list(path.iterdir()) if path.is_dir() else []:
+        if p.is_file() and (own(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp"))):
+            p.unlink(missing_ok=True)
     try:
         path.rmdir()
     except OSError:
         pass  # something else lives there: leave it
 
 
-def write_dir_atomic(path: str | Path, writers: Mapping[str, Callable[[Path], None]], overwrite: bool = False) -> Path:
+def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = False,
+                     own: Own = OWN_FILES.__contains__, what: str = "an artifact") -> Path:
     """Write every file into a temporary sibling directory, then swap it into place at once.
 
-    An existing ``path`` (only with ``overwrite``, and only if it holds nothing but this project's files) is
-    renamed to ``path.prev`` first and removed after the swap: a kill at any moment leaves ``path`` or
-    ``path.prev`` whole (``resolve_dir`` finds it).
+    ``writers`` is ``{file name: write(file path)}``, or one ``fill(directory)`` that writes its files itself
+    (``save_pretrained``); every name written must be one of ``own``. An existing ``path`` (only with
+    ``overwrite``, and only if it holds nothing but ``own`` files) is renamed to ``path.prev`` first and removed
+    after the swap: a kill at any moment leaves ``path`` or ``path.prev`` whole (``resolve_dir`` finds it).
     """
-    path = check_dir_target(path, overwrite)
-    if any(n not in OWN_FILES for n in writers):
-        raise ValueError(f"unknown artifact file names {sorted(set(writers) - OWN_FILES)}")
+    path = check_dir_target(path, overwrite, own, what)
+    if not callable(writers) and any(not own(n) for n in writers):
+        raise ValueError(f"unknown file names {sorted(n for n in writers if not own(n))}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     prev = path.with_name(path.name + ".prev")
     try:
-        for name, write in writers.items():
-            write(tmp / name)
+        if callable(writers):
+            writers(tmp)
+        else:
+            for name, write in writers.items():
+                write(tmp / name)
+        unknown = _foreign(tmp, own)
+        if unknown:  # a later run would refuse to replace what this one wrote: fail now instead
+            raise ValueError(f"wrote unexpected files {unknown[:5]} for {path}; nothing was put in place")
         if path.exists():
             if prev.exists():  # a stale one from an earlier kill; ``path`` itself is whole
-                _remove_own(prev)
+                _remove_own(prev, own)
             os.replace(path, prev)
         os.replace(tmp, path)
     except BaseException:
-        _remove_own(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # a fresh directory of this call's own making
         raise
     if prev.exists():
-        _remove_own(prev)
+        _remove_own(prev, own)
     return path
 
 
