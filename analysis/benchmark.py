@@ -1,9 +1,11 @@
 """Costs as ratios against a plain forward, all measured in one run on the default model.
 
-    python analysis/benchmark.py [--pairs 256] [--repeats 3] [--first-load] [--out runs/benchmark.json]
+    python analysis/benchmark.py [--pairs 256] [--repeats 3] [--first-load] [--no-eval] [--out runs/benchmark.json]
 
 Each row times one operation over the same batches (256 persona pairs, 16 pairs = 32 rows a batch) and
-divides by a plain bridge forward of those batches. Run it with nothing else on the CPU.
+divides by a plain bridge forward of those batches. Then the parts of the equal-coherence evaluation, each at one
+coefficient with the 7 default adapters applied (what one dose point of a sweep costs, per item and in all).
+Run it with nothing else on the CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--first-load", action="store_true", help="also time a first load into an empty cache (~30 s)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the evaluation parts (~2 min)")
     ap.add_argument("--out", default="runs/benchmark.json")
     args = ap.parse_args(argv)
 
@@ -147,15 +150,63 @@ def main(argv=None) -> int:
     results["train: 8 steps (64 pairs, c=±1, fwd+bwd, incl. ref)"] = s_step
     results["train: plain forward of the same 64 pairs"] = s_fwd
     print(f"{'8 training steps (64 pairs) / plain fwd of them':45s} {s_step:8.2f} s   x{s_step / s_fwd:5.2f}")
+    evaluation = {} if args.no_eval else eval_parts(bridge, tok, adapters)
     print(f"model load (cached): {results['load_cached_s']:.2f} s" +
           (f"; first load (empty cache): {results['load_first_s']:.1f} s" if "load_first_s" in results else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"n_pairs": len(pairs), "n_tokens": n_tokens, "seconds": results,
+    out.write_text(json.dumps({"n_pairs": len(pairs), "n_tokens": n_tokens, "seconds": results, "evaluation": evaluation,
                                "ratios": {k: v / base for k, v in results.items() if not k.startswith(("load", "train"))}},
                               indent=2))
     print(f"wrote {out}")
     return 0
+
+
+def eval_parts(bridge, tok, adapters) -> dict[str, dict]:
+    """Seconds of each evaluation part at one steered coefficient (c = 1, the 7 default adapters), per item and in
+    all; forced choice also the old way (full-vocabulary logits at every position) to show what reading one
+    position's logits saves."""
+    from interp_steer.concepts import get_concept
+    from interp_steer.data import tokenize
+    from interp_steer.evaluate import (
+        choice_prompt, choice_token_ids, coherence, coherence_reference, load_dilemmas, load_neutral_texts,
+    )
+
+    def steer(b):
+        return apply_adapters(b, adapters, 1.0)
+
+    honesty = get_concept("honesty").effects(220, 0)  # 220 dilemmas, 55 MC questions
+    sentiment = get_concept("sentiment").effects(200, 16)  # 200 reply pairs, 16 generations
+    texts = load_neutral_texts()[:16]
+    ref = coherence_reference(bridge, tok, texts)
+    dilemmas = load_dilemmas()
+    yes, no = choice_token_ids(tok)
+
+    def forced_choice_full_logits():
+        prompts = [choice_prompt(tok, d) for d in dilemmas]
+        with torch.inference_mode(), steer(bridge):
+            for i in range(0, len(prompts), 16):
+                b = tokenize(prompts[i: i + 16], tok)
+                logp = bridge(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+                logp = logp[torch.arange(len(b)), b.last].float().log_softmax(-1)
+                (logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1)).sum().item()
+
+    parts = {
+        "honesty: forced choice, 220 dilemmas": (lambda: honesty[0].measure(bridge, tok, steer, None), 220),
+        "honesty: forced choice, 220 dilemmas, full logits (old)": (forced_choice_full_logits, 220),
+        "honesty: MC margin, 55 questions": (lambda: honesty[1].measure(bridge, tok, steer, None), 55),
+        "sentiment: reply log-odds, 200 items": (lambda: sentiment[0].measure(bridge, tok, steer, None), 200),
+        "sentiment: VADER of 32-token greedy replies, 16 prompts": (
+            lambda: sentiment[1].measure(bridge, tok, steer, None), 16),
+        "coherence: KL + dNLL on 16 neutral texts": (lambda: coherence(bridge, tok, steer, texts, ref), 16),
+    }
+    out = {}
+    print("\nevaluation parts at one coefficient (7 adapters, c = 1):")
+    for name, (fn, n) in parts.items():
+        s = timed(fn, 1)
+        out[name] = {"seconds": s, "items": n, "seconds_per_item": s / n}
+        print(f"{name:58s} {s:7.2f} s  {1000 * s / n:7.1f} ms/item")
+    return out
 
 
 if __name__ == "__main__":
