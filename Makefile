@@ -27,7 +27,7 @@ test-fast: install       ## unit tests on the tiny random model only (seconds; n
 test-slow: install       ## tests on the real default model, and the loaders on ../shared/data
 	$(PY) -m pytest -q -m "slow or shared" tests
 
-demo: install            ## train, sweep every method; report and figures under runs/demo (--overwrite: rerun)
+demo: install            ## per concept: train, sweep every method; runs/demo/REPORT.md (--overwrite: rerun)
 	$(PY) -m interp_steer.cli demo --overwrite
 
 bench: install           ## speed ratios against a plain forward

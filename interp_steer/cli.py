@@ -20,7 +20,7 @@ from .config import COMMANDS, ConfigError, field_types, load_run_config
 
 HELP = {"train": "train an SVD rotation adapter on contrastive pairs",
         "eval": "sweep a trained adapter (and baselines) at equal coherence",
-        "demo": "train on the honesty pairs, sweep every method, write the report and figures",
+        "demo": "per concept: train the adapter (per seed), sweep every method, write reports and figures",
         "export": "write the steer at a coefficient as a merged HF model, a peft LoRA or a llama.cpp control vector"}
 
 
