@@ -7,6 +7,7 @@ import pytest
 
 from interp_steer import cli, commands
 from interp_steer.config import DemoRun, EvalRun, LossConfig, SweepConfig, TrainConfig, TrainRun
+from interp_steer.io import SteeringArtifact
 
 
 def parse(command, *argv):
@@ -190,3 +191,28 @@ def test_train_then_eval_end_to_end_through_the_commands(tiny, tmp_path, monkeyp
     assert cli.main(["eval", str(art), "--methods", "adapter", "--n-items", "2", "--n-neutral", "2"]) == 2
     assert "--overwrite" in capsys.readouterr().err  # a second eval does not write over the first unasked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a-eval"]
+
+
+def test_demo_end_to_end_two_concepts_two_seeds(tiny, tmp_path, monkeypatch):
+    """One model load; per concept one artifact per seed, a report whose adapter rows are per seed plus their
+    mean row; an index REPORT.md over both concepts; nothing else written."""
+    loads = []
+    monkeypatch.setattr(commands, "load_model", lambda name=None, device="auto", dtype=None: loads.append(1) or tiny)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--concepts", "honesty,sentiment", "--seeds", "0,1",
+                     "--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2",
+                     "--n-pairs", "8", "--kl-budget", "none", "--methods", "adapter,mean_diff", "--n-items", "2",
+                     "--n-neutral", "2", "--n-secondary", "0", "--bisect", "0", "--grid", "0.5",
+                     "--budget-metric", "dnll"]) == 0
+    assert loads == [1]
+    assert {p.name for p in out.iterdir()} == {"honesty", "sentiment", "REPORT.md", "run_config.json"}
+    for concept in ("honesty", "sentiment"):
+        d = out / concept
+        assert {p.name for p in d.iterdir()} == {"adapter-s0", "adapter-s1", "report.json", "REPORT.md", "figures"}
+        a0, a1 = (SteeringArtifact.load(d / f"adapter-s{k}") for k in (0, 1))
+        assert (a0.config.seed, a1.config.seed) == (0, 1) and a0.data["concept"] == concept
+        report = json.loads((d / "report.json").read_text())
+        assert set(report["iso_table"]) == {"adapter@0", "adapter@1", "adapter (2 seeds)", "mean_diff"}
+        assert report["concept"] == concept and report["train"]["seeds"] == [0, 1]
+    index = (out / "REPORT.md").read_text()
+    assert "[honesty](honesty/REPORT.md)" in index and "| adapter (2 seeds) | + |" in index
