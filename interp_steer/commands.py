@@ -17,6 +17,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from . import distributed
 from .capture import capture
 from .concepts import Concept, every_kth, get_concept
 from .config import DemoRun, EvalRun, SweepConfig, TrainRun, run_config_doc
@@ -54,18 +55,24 @@ def data_source(model: str | None, pairs: str | None, personas: Sequence[str] | 
 
 
 def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
+    """Train and write the artifact. Under ``torchrun --nproc_per_node N`` the N processes train data-parallel
+    (train.py): each joins the process group here, and rank 0 alone writes and prints."""
     get_concept(cfg.concept)  # an unknown name fails before minutes of work, and so does a bad output path
     check_dir_target(cfg.out, cfg.overwrite)
-    t0 = time.perf_counter()
-    bridge, tok = load_model(cfg.model)
-    pairs = load_pairs(tok, cfg.pairs, cfg.personas, cfg.concept)
-    print(f"model {cfg.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs")
-    result = train(bridge, tok, pairs, cfg.train, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
-                   progress=progress, data=data_source(cfg.model, cfg.pairs, cfg.personas, cfg.concept),
-                   run_config=run_config_doc("train", cfg))
-    print(f"\nartifact written to {cfg.out}  ({time.perf_counter() - t0:.0f}s in all; timings: "
-          + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()) + ")")
-    print(training_summary(result))
+    with distributed.joined() as world:
+        t0 = time.perf_counter()
+        bridge, tok = load_model(cfg.model)
+        pairs = load_pairs(tok, cfg.pairs, cfg.personas, cfg.concept)
+        if world.main:
+            print(f"model {cfg.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs"
+                  + (f"; {world.size} processes" if world.parallel else ""))
+        result = train(bridge, tok, pairs, cfg.train, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
+                       progress=progress, data=data_source(cfg.model, cfg.pairs, cfg.personas, cfg.concept),
+                       run_config=run_config_doc("train", cfg))
+    if world.main:
+        print(f"\nartifact written to {cfg.out}  ({time.perf_counter() - t0:.0f}s in all; timings: "
+              + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()) + ")")
+        print(training_summary(result))
     return result
 
 

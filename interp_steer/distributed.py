@@ -1,0 +1,177 @@
+"""Data parallelism under ``torchrun``: which rows are this process's, and sums over every process.
+
+Every process holds the same global batches (same pairs, same seed) and works on its own contiguous shard of
+each one. A mean in the loss over the global batch is ``global_sum(local sum) / global_sum(local count)``, so
+the loss is the one-process loss, the same number in every process; each process's gradient is its own rows'
+part of that loss's gradient, and their sum (``sum_gradients``) is the one-process gradient::
+
+    L = f(S_1 … S_k),  S_i = Σ_r s_i,r   ⇒   ∂L/∂θ = Σ_r Σ_i ∂f/∂S_i · ∂s_i,r/∂θ   (r: process)
+
+Without a process group (a plain ``python`` or ``interp-steer`` run, or ``torchrun`` with one process) ``World``
+is rank 0 of 1 and the training loop takes none of these paths: its numbers are those of a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .data import Batch
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's rank among ``size`` data-parallel processes (rank 0 of 1 without a process group)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """``[lo, hi)`` of this rank's share of ``n`` items: contiguous, sizes differing by at most one."""
+        q, r = divmod(n, self.size)
+        lo = self.rank * q + min(self.rank, r)
+        return lo, lo + q + (self.rank < r)
+
+
+def current() -> World:
+    """The default process group's rank and size, or rank 0 of 1 if there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+@contextmanager
+def joined() -> Iterator[World]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), join the process group for the block and
+    leave it after: nccl when CUDA is available (one GPU a process, by ``LOCAL_RANK``), gloo otherwise. Outside
+    torchrun, or if a group already exists, nothing is done.
+
+    >>> with joined() as world: train(...)  # doctest: +SKIP
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield current()
+        return
+    if not dist.is_available():
+        raise RuntimeError("torchrun started several processes, but this torch build has no torch.distributed")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")  # rank, size and rendezvous from torchrun's variables
+    try:
+        yield current()
+    finally:
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    # nccl moves only CUDA tensors, gloo is used here with CPU tensors: collectives run on the group's device
+    # whatever device the model is on, and the result goes back to the caller's device
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(t: Tensor, op: Any = None) -> Tensor:
+    """A reduced copy of ``t`` (sum, or ``op``), on ``t``'s device; ``t`` itself is left alone."""
+    buf = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM if op is None else op)
+    return buf.to(t.device)
+
+
+def global_sum(x: Tensor) -> Tensor:
+    """Σ of ``x`` over every process, as a value; its gradient reaches this process's own ``x`` only.
+
+    Every process gets the same value (so a loss built from these sums is one number everywhere) and keeps
+    only its own rows' part of the gradient; ``sum_gradients`` adds the parts. torch.distributed.nn's
+    differentiable all_reduce would all-reduce again in backward, with an order left to the autograd engine;
+    here every collective runs in forward, in program order, and a process that has no rows of a batch needs
+    no backward through it.
+    """
+    return _all_reduce(x) + (x - x.detach())  # + exactly 0: the value is the sum itself, bit for bit
+
+
+def sum_gradients(params: Iterable[nn.Parameter]) -> None:
+    """``p.grad ← Σ over processes p.grad`` (a missing grad counts as zeros), one collective for all of them."""
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _all_reduce(torch.cat([g.flatten() for g in grads]))
+    for p, g in zip(params, flat.split([q.numel() for q in params])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is true in any process (e.g. a Ctrl-C that reached one of them)."""
+    return bool(_all_reduce(torch.tensor([int(flag)]), dist.ReduceOp.MAX).item())
+
+
+def same_everywhere(x: Tensor) -> bool:
+    """True if ``x`` is bit for bit the same in every process (its max and min over processes agree)."""
+    x = x.detach().double().flatten()
+    return torch.equal(_all_reduce(x, dist.ReduceOp.MAX), _all_reduce(x, dist.ReduceOp.MIN))
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` in every process (small Python values, e.g. texts)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def columns(attention_mask: Tensor) -> slice:
+    """The columns holding a real token in some row (padding shared by every row of a shard is dropped)."""
+    real = attention_mask.bool().any(0).nonzero()[:, 0]
+    return slice(int(real[0]), int(real[-1]) + 1)
+
+
+def take_rows(batch: Batch, lo: int, hi: int) -> tuple[Batch, slice]:
+    """Rows ``lo:hi`` of ``batch`` without their all-padding columns, and the column slice kept.
+
+    Positions count real tokens only (``Batch.position_ids``), so each kept row computes what it did in the
+    whole batch.
+    """
+    mask = batch.attention_mask[lo:hi]
+    cols = columns(mask)
+    return Batch(batch.input_ids[lo:hi, cols], mask[:, cols], batch.last[lo:hi] - cols.start), cols
+
+
+def pair_shard(batch: Batch, world: World) -> Batch:
+    """This rank's share of a batch of interleaved pairs (whole pairs: rows 2·lo … 2·hi − 1)."""
+    lo, hi = world.bounds(len(batch) // 2)
+    return take_rows(batch, 2 * lo, 2 * hi)[0]
+
+
+def all_rows(local: Sequence[Tensor], sizes: Sequence[int], world: World, pairs: bool = True) -> list[Tensor]:
+    """Every process's rows of each batch, in the global order, from this process's ``local[j]`` (its shard of
+    batch ``j``, which has ``sizes[j]`` pairs, or rows with ``pairs=False``).
+
+    One collective: each process writes its rows into zeros and the copies are summed, which is exact.
+    """
+    per = 2 if pairs else 1
+    width = local[0].shape[1:]
+    full = local[0].new_zeros((per * sum(sizes), *width))
+    start = 0
+    for x, n in zip(local, sizes):
+        lo, hi = world.bounds(n)
+        full[start + per * lo: start + per * hi] = x
+        start += per * n
+    full = _all_reduce(full)
+    return list(full.split([per * n for n in sizes]))
