@@ -269,7 +269,7 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             opt.load_state_dict(found.optimizer)
     if world.parallel:
-        check_same_start(adapters, d_steer, [start, scale, *duals], batches, cfg, ckpt_path if resume else None)
+        check_same_start(adapters, d_steer, [float(start), scale, *duals], batches, cfg, ckpt_path if resume else None)
 
     def checkpoint(step: int) -> None:
         if world.main:

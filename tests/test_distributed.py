@@ -88,15 +88,14 @@ def run_parallel(job, tmp_path, size: int = 2) -> list[dict]:
         if p.is_alive():
             p.kill()
             p.join()
-    reports = []
-    for r in range(size):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"process {r} wrote no report (exit code {procs[r].exitcode})"
-        rep = json.loads(path.read_text())
-        assert "error" not in rep, f"process {r} failed:\n{rep['error']}"
+    paths = [out / f"rank{r}.json" for r in range(size)]
+    reports = [json.loads(p.read_text()) if p.exists() else {"error": f"no report (exit code {proc.exitcode})"}
+               for p, proc in zip(paths, procs)]
+    failed = [f"process {r}: {rep['error']}" for r, rep in enumerate(reports) if "error" in rep]
+    assert not failed, "\n".join(failed)
+    for r, rep in enumerate(reports):
         if (out / f"rank{r}.safetensors").exists():
             rep.update(load_file(str(out / f"rank{r}.safetensors")))
-        reports.append(rep)
     return reports
 
 
