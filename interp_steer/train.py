@@ -236,6 +236,7 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     timings: dict[str, float] = {}
     local, total = batches, None  # this process's rows of each batch; how the loss sums over processes
     if world.parallel:
+        check_same_data(batches, cfg)
         check_shards(len(train_pairs), cfg.batch_pairs, world)
         local, total = [distributed.pair_shard(b, world) for b in batches], distributed.global_sum
 
@@ -269,7 +270,7 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             opt.load_state_dict(found.optimizer)
     if world.parallel:
-        check_same_start(adapters, d_steer, [float(start), scale, *duals], batches, cfg, ckpt_path if resume else None)
+        check_same_start(adapters, d_steer, [float(start), scale, *duals], ckpt_path if resume else None)
 
     def checkpoint(step: int) -> None:
         if world.main:
@@ -376,17 +377,26 @@ def whole_reference(ref: Reference, local: Sequence[Batch], sizes: Sequence[int]
                      {n: torch.cat([p[i + 1] for p in parts]) for i, n in enumerate(names)})
 
 
-def check_same_start(adapters: nn.ModuleList, d_steer: Tensor, state: list[float], batches: Sequence[Batch],
-                     cfg: TrainConfig, ckpt_path: Path | None) -> None:
-    """Refuse to train unless every process starts from the same adapters, direction, step and batches."""
-    ids = float(sum(int(b.input_ids.sum()) for b in batches))
-    crc = float(zlib.crc32(json.dumps(cfg.to_dict(), sort_keys=True).encode()))
+def check_same_data(batches: Sequence[Batch], cfg: TrainConfig) -> None:
+    """Refuse to train unless every process has the same global batches and config (before any collective
+    whose size depends on them)."""
+    ids = 0
+    for b in batches:  # the token ids, in order (a crc32 is exact in float64)
+        ids = zlib.crc32(b.input_ids.contiguous().cpu().numpy().tobytes(), ids)
+    crc = zlib.crc32(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    if not distributed.same_everywhere(torch.tensor([ids, len(batches), crc], dtype=torch.float64)):
+        raise ValueError("the processes disagree on the training pairs or the TrainConfig; start every process "
+                         "with the same command and data")
+
+
+def check_same_start(adapters: nn.ModuleList, d_steer: Tensor, state: list[float], ckpt_path: Path | None) -> None:
+    """Refuse to train unless every process starts from the same adapters, direction, step and multipliers."""
     x = torch.cat([*(p.detach().flatten().double().cpu() for p in adapters.parameters()), d_steer.double().cpu(),
-                   torch.tensor([*state, ids, float(len(batches)), crc], dtype=torch.float64)])
+                   torch.tensor(state, dtype=torch.float64)])
     if not distributed.same_everywhere(x):
         where = f" (did every process read the same {ckpt_path}? one filesystem for all)" if ckpt_path else ""
-        raise ValueError("the processes disagree on the pairs, the config or the starting adapters" + where +
-                         "; start every process with the same command and data")
+        raise ValueError(f"the processes disagree on the starting adapters{where}; start every process with the "
+                         "same command and data")
 
 
 def batch_order(step: int, n_batches: int, seed: int) -> int:

@@ -184,3 +184,16 @@ def test_a_ctrl_c_in_one_process_stops_both_at_one_checkpoint_and_resume_matches
     assert torch.equal(reps[0]["params"], reps[1]["params"])
     assert [r["writes"] for r in reps] == [{"artifact": 1, "checkpoint": 0}, {"artifact": 0, "checkpoint": 0}]
     assert not (tmp_path / "r.ckpt").exists() and (tmp_path / "r").is_dir()
+
+
+def test_processes_with_different_pairs_refuse_to_train_before_any_work(_tiny_cached, tmp_path):
+    bridge, tok = _tiny_cached
+    pairs = persona_pairs(tok)
+
+    def job(rank):
+        with distributed.joined():
+            with pytest.raises(ValueError, match="disagree on the training pairs"):
+                train(bridge, tok, pairs[::-1] if rank else pairs, CFG, progress=False)
+            raise KeyboardInterrupt  # reported as "interrupted": both processes got here
+
+    assert all(r.get("interrupted") for r in run_parallel(job, tmp_path))
