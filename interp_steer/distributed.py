@@ -9,11 +9,16 @@ part of that loss's gradient, and their sum (``sum_gradients``) is the one-proce
 
 Without a process group (a plain ``python`` or ``interp-steer`` run, or ``torchrun`` with one process) ``World``
 is rank 0 of 1 and the training loop takes none of these paths: its numbers are those of a single process.
+
+Below the collectives: the checks ``train`` makes before the first step (every process has the same pairs,
+config and starting adapters; no process gets an empty shard) and the gathering of the reference states.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -22,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .capture import Reference
+from .config import TrainConfig
 from .data import Batch
 
 
@@ -175,3 +182,57 @@ def all_rows(local: Sequence[Tensor], sizes: Sequence[int], world: World, pairs:
         start += per * n
     full = _all_reduce(full)
     return list(full.split([per * n for n in sizes]))
+
+
+# ----------------------------------------------------------------- what train() checks and shares across processes
+
+def check_shards(n_pairs: int, batch_pairs: int, world: World) -> None:
+    """Refuse a run in which some process would get no pair of a batch (the global batch is ``batch_pairs``;
+    shards may differ by one pair, the loss is over the global batch either way)."""
+    last = n_pairs % batch_pairs or batch_pairs
+    if min(batch_pairs, last, n_pairs) >= world.size:
+        return
+    fits = [b for b in range(world.size, n_pairs + 1) if n_pairs % b == 0 or n_pairs % b >= world.size]
+    what = (f"batch_pairs {batch_pairs} is less than that" if batch_pairs < world.size else
+            f"the last batch of the {n_pairs} training pairs holds {last}")
+    best = min(fits, key=lambda b: (b < batch_pairs, abs(b - batch_pairs))) if fits else None  # rather larger
+    hint = (f"use --batch-pairs {best} (the global batch, split "
+            "over the processes) or change --n-pairs" if fits else "use fewer processes or more pairs")
+    raise ValueError(f"{world.size} processes need at least one pair of every batch each, but {what}; {hint}")
+
+
+def whole_reference(ref: Reference, local: Sequence[Batch], sizes: Sequence[int], world: World) -> Reference:
+    """The reference states of every process's rows (global order), from this process's shard ``ref``: what
+    ``d_steer``, the loss scale and the baselines need. The per-token log-probs stay with their shard."""
+    names = list(ref.extra)
+    counts = [len(b) for b in local]
+    extra = {n: ref.extra[n].split(counts) for n in names}
+    rows = [torch.cat([ref.hs[j], *(extra[n][j] for n in names)], dim=1) for j in range(len(local))]
+    full = all_rows(rows, sizes, world)
+    widths = [ref.hs[0].shape[1]] + [ref.extra[n].shape[1] for n in names]
+    parts = [f.split(widths, dim=1) for f in full]
+    return Reference([p[0] for p in parts], [],
+                     {n: torch.cat([p[i + 1] for p in parts]) for i, n in enumerate(names)})
+
+
+def check_same_data(batches: Sequence[Batch], cfg: TrainConfig) -> None:
+    """Refuse to train unless every process has the same global batches and config (before any collective
+    whose size depends on them)."""
+    ids = 0
+    for b in batches:  # the token ids, in order (a crc32 is exact in float64)
+        ids = zlib.crc32(b.input_ids.contiguous().cpu().numpy().tobytes(), ids)
+    crc = zlib.crc32(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    if not same_everywhere(torch.tensor([ids, len(batches), crc], dtype=torch.float64)):
+        raise ValueError("the processes disagree on the training pairs or the TrainConfig; start every process "
+                         "with the same command and data")
+
+
+def check_same_start(adapters: nn.ModuleList, d_steer: Tensor, state: list[float], ckpt_path: Path | None) -> None:
+    """Refuse to train unless every process starts from the same adapters, direction, step and multipliers."""
+    x = torch.cat([*(p.detach().flatten().double().cpu() for p in adapters.parameters()), d_steer.double().cpu(),
+                   torch.tensor(state, dtype=torch.float64)])
+    if not same_everywhere(x):
+        where = f" (did every process read the same {ckpt_path}? one filesystem for all)" if ckpt_path else ""
+        raise ValueError(f"the processes disagree on the starting adapters{where}; start every process with the "
+                         "same command and data")
+

@@ -16,12 +16,10 @@ the one-process step. Rank 0 alone writes checkpoints and the artifact; the othe
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,10 +31,10 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from . import distributed
 from .adapter import AdapterSpec, apply_adapters, make_adapters
 from .capture import Reference, forward_last, reference_pass
 from .config import TrainConfig
-from . import distributed
 from .data import Batch, ContrastivePair, check_lengths, load_json, pair_batches, render_chat, select_pairs
 from .directions import dhs_svd_direction
 from .distributed import World
@@ -236,15 +234,15 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     timings: dict[str, float] = {}
     local, total = batches, None  # this process's rows of each batch; how the loss sums over processes
     if world.parallel:
-        check_same_data(batches, cfg)
-        check_shards(len(train_pairs), cfg.batch_pairs, world)
+        distributed.check_same_data(batches, cfg)
+        distributed.check_shards(len(train_pairs), cfg.batch_pairs, world)
         local, total = [distributed.pair_shard(b, world) for b in batches], distributed.global_sum
 
     t0 = time.perf_counter()
     # the residual stream at each adapted layer comes free with the reference pass: baselines reuse it
     resid = [resid_post(site_layer(s.site)) for s in specs]
     ref = reference_pass(bridge, local, hook, progress, extra=resid)
-    whole = whole_reference(ref, local, [len(b) // 2 for b in batches], world) if world.parallel else ref
+    whole = distributed.whole_reference(ref, local, [len(b) // 2 for b in batches], world) if world.parallel else ref
     timings["reference_s"] = time.perf_counter() - t0
     d_steer = dhs_svd_direction(torch.cat(whole.hs))
     scale = pair_scale(whole, d_steer)
@@ -270,7 +268,7 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             opt.load_state_dict(found.optimizer)
     if world.parallel:
-        check_same_start(adapters, d_steer, [float(start), scale, *duals], ckpt_path if resume else None)
+        distributed.check_same_start(adapters, d_steer, [float(start), scale, *duals], ckpt_path if resume else None)
 
     def checkpoint(step: int) -> None:
         if world.main:
@@ -346,57 +344,6 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
         if world.parallel:
             distributed.barrier()
     return TrainResult(artifact, whole.extra, batches, history, timings)
-
-
-def check_shards(n_pairs: int, batch_pairs: int, world: World) -> None:
-    """Refuse a run in which some process would get no pair of a batch (the global batch is ``batch_pairs``;
-    shards may differ by one pair, the loss is over the global batch either way)."""
-    last = n_pairs % batch_pairs or batch_pairs
-    if min(batch_pairs, last, n_pairs) >= world.size:
-        return
-    fits = [b for b in range(world.size, n_pairs + 1) if n_pairs % b == 0 or n_pairs % b >= world.size]
-    what = (f"batch_pairs {batch_pairs} is less than that" if batch_pairs < world.size else
-            f"the last batch of the {n_pairs} training pairs holds {last}")
-    best = min(fits, key=lambda b: (b < batch_pairs, abs(b - batch_pairs))) if fits else None  # rather larger
-    hint = (f"use --batch-pairs {best} (the global batch, split "
-            "over the processes) or change --n-pairs" if fits else "use fewer processes or more pairs")
-    raise ValueError(f"{world.size} processes need at least one pair of every batch each, but {what}; {hint}")
-
-
-def whole_reference(ref: Reference, local: Sequence[Batch], sizes: Sequence[int], world: World) -> Reference:
-    """The reference states of every process's rows (global order), from this process's shard ``ref``: what
-    ``d_steer``, the loss scale and the baselines need. The per-token log-probs stay with their shard."""
-    names = list(ref.extra)
-    counts = [len(b) for b in local]
-    extra = {n: ref.extra[n].split(counts) for n in names}
-    rows = [torch.cat([ref.hs[j], *(extra[n][j] for n in names)], dim=1) for j in range(len(local))]
-    full = distributed.all_rows(rows, sizes, world)
-    widths = [ref.hs[0].shape[1]] + [ref.extra[n].shape[1] for n in names]
-    parts = [f.split(widths, dim=1) for f in full]
-    return Reference([p[0] for p in parts], [],
-                     {n: torch.cat([p[i + 1] for p in parts]) for i, n in enumerate(names)})
-
-
-def check_same_data(batches: Sequence[Batch], cfg: TrainConfig) -> None:
-    """Refuse to train unless every process has the same global batches and config (before any collective
-    whose size depends on them)."""
-    ids = 0
-    for b in batches:  # the token ids, in order (a crc32 is exact in float64)
-        ids = zlib.crc32(b.input_ids.contiguous().cpu().numpy().tobytes(), ids)
-    crc = zlib.crc32(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    if not distributed.same_everywhere(torch.tensor([ids, len(batches), crc], dtype=torch.float64)):
-        raise ValueError("the processes disagree on the training pairs or the TrainConfig; start every process "
-                         "with the same command and data")
-
-
-def check_same_start(adapters: nn.ModuleList, d_steer: Tensor, state: list[float], ckpt_path: Path | None) -> None:
-    """Refuse to train unless every process starts from the same adapters, direction, step and multipliers."""
-    x = torch.cat([*(p.detach().flatten().double().cpu() for p in adapters.parameters()), d_steer.double().cpu(),
-                   torch.tensor(state, dtype=torch.float64)])
-    if not distributed.same_everywhere(x):
-        where = f" (did every process read the same {ckpt_path}? one filesystem for all)" if ckpt_path else ""
-        raise ValueError(f"the processes disagree on the starting adapters{where}; start every process with the "
-                         "same command and data")
 
 
 def batch_order(step: int, n_batches: int, seed: int) -> int:

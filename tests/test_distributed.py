@@ -21,9 +21,9 @@ import interp_steer.train as train_mod
 from interp_steer import distributed
 from interp_steer.config import LossConfig, TrainConfig, TrainRun
 from interp_steer.data import persona_pairs
-from interp_steer.distributed import World
+from interp_steer.distributed import World, check_shards
 from interp_steer.io import SteeringArtifact, load_checkpoint
-from interp_steer.train import check_shards, train
+from interp_steer.train import train
 
 # 9 training pairs in 3 global batches of 3: the two processes take 2 and 1 pairs of each (uneven on purpose).
 # KL on: the tiny model's 4 usable generic texts (of 8) in batches of 3 and 1, so one process has no text of the
