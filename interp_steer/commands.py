@@ -148,6 +148,7 @@ def _finish(report: dict, out: Path, t0: float) -> dict:
 def run_demo(cfg: DemoRun) -> dict:
     """Train on the concept's pairs, sweep every method, write ``cfg.out``: the artifact (``adapter/``),
     ``report.json``, ``REPORT.md``, ``figures/`` and ``run_config.json``."""
+    distributed.single_process_only("demo")
     concept = get_concept(cfg.concept)
     out = prepare_run_dir(cfg.out, cfg.overwrite)
     check_dir_target(out / ARTIFACT_DIR, cfg.overwrite)
@@ -168,6 +169,7 @@ def run_demo(cfg: DemoRun) -> dict:
 
 def run_eval(cfg: EvalRun) -> dict:
     """Sweep a saved artifact (and baselines built from its training pairs) at equal coherence."""
+    distributed.single_process_only("eval")
     artifact = load_artifact(cfg.artifact)  # a bad artifact fails before the model loads; checked against it below
     recorded = artifact.data
     concept = get_concept(cfg.concept or recorded.get("concept") or "honesty")

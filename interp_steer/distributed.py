@@ -85,6 +85,13 @@ def joined() -> Iterator[World]:
         dist.destroy_process_group()
 
 
+def single_process_only(command: str) -> None:
+    """Refuse ``command`` under torchrun with several processes: only training is data-parallel, and N copies
+    of any other command would write the same files at once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"`{command}` runs in one process; only `train` runs under torchrun with several processes")
+
+
 def _comm_device() -> torch.device:
     # nccl moves only CUDA tensors, gloo is used here with CPU tensors: collectives run on the group's device
     # whatever device the model is on, and the result goes back to the caller's device

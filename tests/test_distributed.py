@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import interp_steer.commands as commands_mod
 import interp_steer.train as train_mod
 from interp_steer import distributed
-from interp_steer.config import LossConfig, TrainConfig, TrainRun
+from interp_steer.config import DemoRun, EvalRun, LossConfig, TrainConfig, TrainRun
 from interp_steer.data import persona_pairs
 from interp_steer.distributed import World, check_shards
 from interp_steer.io import SteeringArtifact, load_checkpoint
@@ -197,3 +197,12 @@ def test_processes_with_different_pairs_refuse_to_train_before_any_work(_tiny_ca
             raise KeyboardInterrupt  # reported as "interrupted": both processes got here
 
     assert all(r.get("interrupted") for r in run_parallel(job, tmp_path))
+
+
+def test_only_train_runs_under_torchrun_with_several_processes(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for cmd, run in (("eval", commands_mod.run_eval), ("demo", commands_mod.run_demo)):
+        cfg = {"eval": EvalRun(artifact=str(tmp_path / "a")), "demo": DemoRun(out=str(tmp_path / "d"))}[cmd]
+        with pytest.raises(ValueError, match=f"`{cmd}` runs in one process"):
+            run(cfg)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
