@@ -18,6 +18,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from . import distributed
 from .capture import capture
 from .concepts import Concept, every_kth, get_concept
 from .config import DemoRun, EvalRun, ExportRun, SweepConfig, TrainRun, run_config_doc
@@ -62,19 +63,25 @@ def check_device(cfg: TrainRun | EvalRun | DemoRun) -> None:
 
 
 def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
+    """Train and write the artifact. Under ``torchrun --nproc_per_node N`` the N processes train data-parallel
+    (train.py): each joins the process group here, and rank 0 alone writes and prints."""
     check_device(cfg)
     get_concept(cfg.concept)  # an unknown name fails before minutes of work, and so does a bad output path
     check_dir_target(cfg.out, cfg.overwrite)
-    t0 = time.perf_counter()
-    bridge, tok = load_model(cfg.model, cfg.device, cfg.dtype)
-    pairs = load_pairs(tok, cfg.pairs, cfg.personas, cfg.concept)
-    print(f"model {cfg.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs")
-    result = train(bridge, tok, pairs, cfg.train, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
-                   progress=progress, data=data_source(cfg.model, cfg.pairs, cfg.personas, cfg.concept),
-                   run_config=run_config_doc("train", cfg))
-    print(f"\nartifact written to {cfg.out}  ({time.perf_counter() - t0:.0f}s in all; timings: "
-          + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()) + ")")
-    print(training_summary(result))
+    with distributed.joined() as world:
+        t0 = time.perf_counter()
+        bridge, tok = load_model(cfg.model, distributed.process_device(cfg.device, world), cfg.dtype)
+        pairs = load_pairs(tok, cfg.pairs, cfg.personas, cfg.concept)
+        if world.main:
+            print(f"model {cfg.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs"
+                  + (f"; {world.size} processes" if world.parallel else ""))
+        result = train(bridge, tok, pairs, cfg.train, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
+                       progress=progress, data=data_source(cfg.model, cfg.pairs, cfg.personas, cfg.concept),
+                       run_config=run_config_doc("train", cfg))
+    if world.main:
+        print(f"\nartifact written to {cfg.out}  ({time.perf_counter() - t0:.0f}s in all; timings: "
+              + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()) + ")")
+        print(training_summary(result))
     return result
 
 
@@ -177,6 +184,7 @@ def run_demo(cfg: DemoRun) -> dict:
     coherence and write ``CONCEPT/report.json``, ``REPORT.md`` and ``figures/``; then ``REPORT.md`` (every
     concept's table) and ``run_config.json`` in ``cfg.out``. Several seeds appear as ``adapter@seed`` rows and
     one ``adapter (k seeds)`` row with a t-interval over seeds."""
+    distributed.single_process_only("demo")
     check_device(cfg)
     concepts = [get_concept(c) for c in cfg.concepts]  # an unknown name fails before any work
     out = prepare_run_dir(cfg.out, cfg.overwrite)
@@ -213,6 +221,7 @@ def run_demo(cfg: DemoRun) -> dict:
 
 def run_eval(cfg: EvalRun) -> dict:
     """Sweep a saved artifact (and baselines built from its training pairs) at equal coherence."""
+    distributed.single_process_only("eval")
     check_device(cfg)
     artifact = load_artifact(cfg.artifact)  # a bad artifact fails before the model loads; checked against it below
     recorded = artifact.data

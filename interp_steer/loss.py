@@ -6,9 +6,15 @@ Symbols (seed-guide.md): ``hs_pi`` are last-token hidden states of the steered p
 chosen, odd rows rejected.
 
 ``loss = −objective + w_coh · coherence + w_mono · monotonic_hinge``.
+
+Every mean over the batch takes an optional ``total`` (``distributed.global_sum`` under torchrun): a mean is then
+``total(Σ local) / total(local count)``, the mean over the global batch, and the loss is the one-process loss.
+Without it (one process) each mean is computed exactly as written below.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,22 +23,38 @@ from torch import Tensor
 
 from .config import LossConfig, Objective
 
+Total = Callable[[Tensor], Tensor]  # Σ over this process's rows -> Σ over every process's (global_sum)
+
+
+def _mean(x: Tensor, total: Total | None) -> Tensor:
+    """x.mean(), or the mean over every process's elements."""
+    if total is None:
+        return x.mean()
+    return total(x.sum()) / total(x.new_tensor(float(x.numel())))
+
+
+def _ratio(num: Tensor, den: Tensor, total: Total | None) -> Tensor:
+    """num / max(den, 1), each summed over every process first if ``total`` is given (masked means)."""
+    if total is None:
+        return num / den.clamp(min=1)
+    return total(num) / total(den).clamp(min=1)
+
 
 def separation_objective(hs_pi: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"], d: Float[Tensor, "d_model"],
-                         scale: float = 1.0) -> Float[Tensor, ""]:
+                         scale: float = 1.0, total: Total | None = None) -> Float[Tensor, ""]:
     """mean over pairs of c · (hs_pi_cho − hs_pi_rej)·d / scale   (the seed's separation; maximise).
 
     Blind to moving chosen and rejected together, so it can reward amplifying the contrast without
     steering (NOTES.md).
     """
     per_pair = (hs_pi[0::2] - hs_pi[1::2]) @ d
-    return (c[0::2] * per_pair).mean() / scale
+    return _mean(c[0::2] * per_pair, total) / scale
 
 
 def shift_objective(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"],
-                    d: Float[Tensor, "d_model"], scale: float = 1.0) -> Float[Tensor, ""]:
+                    d: Float[Tensor, "d_model"], scale: float = 1.0, total: Total | None = None) -> Float[Tensor, ""]:
     """mean over rows of c · (hs_pi(c) − hs_ref)·d / scale   (every row, chosen and rejected; maximise)."""
-    return (c * ((hs_pi - hs_ref) @ d)).mean() / scale
+    return _mean(c * ((hs_pi - hs_ref) @ d), total) / scale
 
 
 def token_logprobs(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
@@ -49,14 +71,15 @@ def token_mask(attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch
 
 
 def coherence_penalty(logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Tensor, "batch pos_1"],
-                      mask: Float[Tensor, "batch pos_1"], margin: float, power: int = 2) -> Float[Tensor, ""]:
+                      mask: Float[Tensor, "batch pos_1"], margin: float, power: int = 2, total: Total | None = None
+                      ) -> Float[Tensor, ""]:
     """mean over real tokens of relu(logp_ref(t) − logp_pi(t) − margin) ** power.
 
     Per token, so no single easy token can buy slack for the rest; against the c = 0 reference, so drift
     from the base model is bounded (the seed's detached-self baseline bounds nothing, NOTES.md).
     """
     excess = F.relu(logp_ref - logp_pi - margin) ** power
-    return (excess * mask).sum() / mask.sum().clamp(min=1)
+    return _ratio((excess * mask).sum(), mask.sum(), total)
 
 
 def token_kl(logp_ref: Float[Tensor, "tok vocab"], logp_pi: Float[Tensor, "tok vocab"]) -> Float[Tensor, "tok"]:
@@ -76,9 +99,9 @@ def dual_step(lam: float, kl: float, budget: float, lr: float) -> float:
 
 
 def delta_nll(logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Tensor, "batch pos_1"],
-              mask: Float[Tensor, "batch pos_1"]) -> Float[Tensor, ""]:
+              mask: Float[Tensor, "batch pos_1"], total: Total | None = None) -> Float[Tensor, ""]:
     """Mean per-token ΔNLL = mean(logp_ref − logp_pi) over real tokens (nat/token; > 0 is worse)."""
-    return ((logp_ref - logp_pi) * mask).sum() / mask.sum().clamp(min=1)
+    return _ratio(((logp_ref - logp_pi) * mask).sum(), mask.sum(), total)
 
 
 def monotonic_hinge(score_neg: Float[Tensor, ""], score_zero: Float[Tensor, ""], score_pos: Float[Tensor, ""],
@@ -88,7 +111,7 @@ def monotonic_hinge(score_neg: Float[Tensor, ""], score_zero: Float[Tensor, ""],
 
 
 def projection_scores(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"],
-                      d: Float[Tensor, "d_model"], objective: Objective, scale: float = 1.0
+                      d: Float[Tensor, "d_model"], objective: Objective, scale: float = 1.0, total: Total | None = None
                       ) -> tuple[Float[Tensor, ""], Float[Tensor, ""], Float[Tensor, ""]]:
     """The behaviour score s(c) at c = −1, 0, +1 that the hinge orders (rows with c = ±1 present).
 
@@ -97,32 +120,34 @@ def projection_scores(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tenso
     """
     if objective == "shift":
         proj = (hs_pi - hs_ref) @ d / scale
-        return proj[c < 0].mean(), proj.new_zeros(()), proj[c > 0].mean()
+        return _mean(proj[c < 0], total), proj.new_zeros(()), _mean(proj[c > 0], total)
     sep = lambda h: ((h[0::2] - h[1::2]) @ d) / scale  # noqa: E731
     s_pi, s_ref, cp = sep(hs_pi), sep(hs_ref), c[0::2]
-    return s_pi[cp < 0].mean(), s_ref.mean(), s_pi[cp > 0].mean()
+    return _mean(s_pi[cp < 0], total), _mean(s_ref, total), _mean(s_pi[cp > 0], total)
 
 
 def steering_loss(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"],
                   c: Float[Tensor, "batch"], d: Float[Tensor, "d_model"], logp_pi: Float[Tensor, "batch pos_1"],
                   logp_ref: Float[Tensor, "batch pos_1"], mask: Float[Tensor, "batch pos_1"],
-                  cfg: LossConfig = LossConfig(), scale: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+                  cfg: LossConfig = LossConfig(), scale: float = 1.0, total: Total | None = None
+                  ) -> tuple[Tensor, dict[str, float]]:
     """loss = −objective + w_coh · coherence_penalty + w_mono · monotonic_hinge; returns (loss, parts).
 
     Every setting comes from ``cfg`` (defaults written once, in ``config.LossConfig``); ``scale`` is the
-    reference's pair-separation RMS, so the objective is in units of the concept's natural size.
+    reference's pair-separation RMS, so the objective is in units of the concept's natural size. ``total``: the
+    rows are one process's shard of a global batch (module docstring).
     """
     if cfg.objective == "shift":
-        obj = shift_objective(hs_pi, hs_ref, c, d, scale)
+        obj = shift_objective(hs_pi, hs_ref, c, d, scale, total)
     elif cfg.objective == "separation":
-        obj = separation_objective(hs_pi, c, d, scale)
+        obj = separation_objective(hs_pi, c, d, scale, total)
     else:
         raise ValueError(f"objective must be 'shift' or 'separation', got {cfg.objective!r}")
-    coh = coherence_penalty(logp_pi, logp_ref, mask, cfg.margin, cfg.power)
-    mono = monotonic_hinge(*projection_scores(hs_pi, hs_ref, c, d, cfg.objective, scale), margin=cfg.mono_margin)
+    coh = coherence_penalty(logp_pi, logp_ref, mask, cfg.margin, cfg.power, total)
+    mono = monotonic_hinge(*projection_scores(hs_pi, hs_ref, c, d, cfg.objective, scale, total), margin=cfg.mono_margin)
     loss = -obj + cfg.w_coherence * coh + cfg.w_mono * mono
     parts = {"loss": loss.item(), "obj": obj.item(), "coh": coh.item(), "mono": mono.item(),
-             "dnll": delta_nll(logp_pi.detach(), logp_ref, mask).item()}
+             "dnll": delta_nll(logp_pi.detach(), logp_ref, mask, total).item()}
     return loss, parts
 
 

@@ -7,6 +7,11 @@ Per step, for a batch of interleaved pairs (rows duplicated: first half at c = +
 
 ``hs_ref`` (last-token states at the loss layer) and ``logp_ref`` (per-token log-probs) come from one
 reference pass over the dataset at c = 0 (``capture.reference_pass``); ``d_steer`` is frozen from it.
+
+Under ``torchrun`` (a process group exists, ``distributed.py``) each process takes its shard of every global
+batch of ``batch_pairs`` pairs (and of every generic-text batch), computes the reference only for it, and every
+mean of the loss is taken over the global batch; the gradients are summed over the processes, so each step is
+the one-process step. Rank 0 alone writes checkpoints and the artifact; the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -26,17 +31,19 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from . import distributed
 from .adapter import AdapterSpec, apply_adapters, check_sites, make_adapters
 from .capture import Reference, forward_last, reference_pass
 from .config import TrainConfig
 from .data import Batch, ContrastivePair, check_lengths, load_json, pair_batches, render_chat, select_pairs
 from .directions import dhs_svd_direction, mean_diff_direction
+from .distributed import World
 from .evaluate import evaluate_pairs, greedy_continuations, reply_batch
 from .io import (
     CHECKPOINT_FILES, Checkpoint, SteeringArtifact, check_dir_target, load_checkpoint, remove_checkpoint, resolve_dir,
     save_artifact, save_checkpoint,
 )
-from .loss import dual_step, kl_lagrangian, steering_loss, token_kl, token_logprobs, token_mask
+from .loss import Total, dual_step, kl_lagrangian, steering_loss, token_kl, token_logprobs, token_mask
 from .models import model_device
 from .names import resid_post, site_layer, site_name
 
@@ -94,16 +101,21 @@ class GenericText:
     (``datasets/coherence_prompts.json``, disjoint from every evaluation text), and the reference's next-token
     log-probs at the positions that predict reply tokens, cached once (float16: 0.1 MB per token)."""
 
-    batches: list[Batch]
+    batches: list[Batch | None]  # None: this process has no row of that batch (more processes than its texts)
     masks: list[Float[Tensor, "_batch _pos_1"]]
     ref_logp: list[Float[Tensor, "_tok vocab"]]
 
 
 @torch.no_grad()
 def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, n_texts: int, batch_size: int,
-                 max_new_tokens: int = 32) -> GenericText:
+                 max_new_tokens: int = 32, world: World = World()) -> GenericText:
+    """The texts, batched by ``batch_size``; with several processes, rank 0 writes the replies (one set of texts
+    everywhere) and each process keeps, and scores, its shard of every batch (possibly none of a small one)."""
     prompts = load_json("coherence_prompts.json")["prompts"][:n_texts]
-    replies = greedy_continuations(bridge, tokenizer, None, prompts, max_new_tokens=max_new_tokens)
+    replies = greedy_continuations(bridge, tokenizer, None, prompts, max_new_tokens=max_new_tokens) \
+        if world.main else None
+    if world.parallel:
+        replies = distributed.broadcast(replies)
     heads, texts = [], []
     for p, r in zip(prompts, replies):
         head = render_chat(tokenizer, p)
@@ -118,6 +130,15 @@ def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
     out = GenericText([], [], [])
     for i in range(0, len(texts), batch_size):
         batch, mask = reply_batch(tokenizer, heads[i: i + batch_size], texts[i: i + batch_size], model_device(bridge))
+        if world.parallel:
+            lo, hi = world.bounds(len(batch))
+            if lo == hi:  # fewer texts than processes: this one adds nothing to this batch's KL sums
+                out.batches.append(None)
+                out.masks.append(mask[:0])
+                out.ref_logp.append(torch.zeros(0, 0, dtype=torch.float16))
+                continue
+            batch, cols = distributed.take_rows(batch, lo, hi)
+            mask = mask[lo:hi, cols.start: cols.stop - 1]  # pos_1 column j predicts token j + 1
         logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
         out.batches.append(batch)
         out.masks.append(mask)
@@ -125,8 +146,25 @@ def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
     return out
 
 
-def kl_both_ways(bridge: TransformerBridge, adapters, text: GenericText, j: int) -> tuple[Tensor, Tensor]:
-    """Mean per-token KL(reference ‖ steered) on generic batch ``j`` at c = +1 and at c = −1 (one forward)."""
+def kl_both_ways(bridge: TransformerBridge, adapters, text: GenericText, j: int, total: Total | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """Mean per-token KL(reference ‖ steered) on generic batch ``j`` at c = +1 and at c = −1 (one forward);
+    with ``total``, over every process's share of the batch."""
+    if total is None:
+        kl, n = _kl_rows(bridge, adapters, text, j)
+        return kl[:n].mean(), kl[n:].mean()
+    if text.batches[j] is None:  # none of this batch's texts here: zeros to the sums, nothing to differentiate
+        plus = minus = torch.zeros(())
+        n = 0
+    else:
+        kl, n = _kl_rows(bridge, adapters, text, j)
+        plus, minus = kl[:n].sum(), kl[n:].sum()
+    count = total(torch.tensor(float(n)))  # the same collectives, in the same order, in every process
+    return total(plus) / count, total(minus) / count
+
+
+def _kl_rows(bridge: TransformerBridge, adapters, text: GenericText, j: int) -> tuple[Float[Tensor, "tok"], int]:
+    """Per-token KL of generic batch ``j``: the n tokens at c = +1, then the n at c = −1."""
     batch, c = text.batches[j].doubled()
     with apply_adapters(bridge, adapters, c):
         logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
@@ -134,8 +172,7 @@ def kl_both_ways(bridge: TransformerBridge, adapters, text: GenericText, j: int)
     n = int(mask.sum())
     logp = logits[:, :-1][torch.cat([mask, mask])].float().log_softmax(-1)
     ref = text.ref_logp[j].float()
-    kl = token_kl(torch.cat([ref, ref]), logp)
-    return kl[:n].mean(), kl[n:].mean()
+    return token_kl(torch.cat([ref, ref]), logp), n
 
 
 class _DeferredInterrupt:
@@ -173,6 +210,10 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     ``data`` records where the pairs came from (stored in the artifact); ``callback(step, adapters)`` runs
     after every optimiser step (e.g. to snapshot directions over training).
 
+    Inside a process group (``torchrun``; ``distributed.joined``) every process calls this with the same
+    arguments: each trains on its shard of every global batch of ``cfg.batch_pairs`` pairs, the steps are those
+    of one process, rank 0 writes the files, and every process returns the same adapters and metrics.
+
     >>> result = train(bridge, tok, persona_pairs(tok), TrainConfig(steps=2))  # doctest: +SKIP
     """
     out = Path(out_dir) if out_dir is not None else None
@@ -188,19 +229,27 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     specs = adapter_specs(cfg, n_layers)
     check_sites(bridge, [s.site for s in specs])  # a site this architecture lacks fails before any pass
     hook = loss_hook(cfg, n_layers)
+    world = distributed.current()
+    progress = progress and world.main
     dev = model_device(bridge)
     batches = list(pair_batches(train_pairs, tokenizer, cfg.batch_pairs, device=dev))
     test_batches = list(pair_batches(test_pairs, tokenizer, cfg.batch_pairs * 2, device=dev)) if test_pairs else []
     timings: dict[str, float] = {}
+    local, total = batches, None  # this process's rows of each batch; how the loss sums over processes
+    if world.parallel:
+        distributed.check_same_data(batches, cfg)
+        distributed.check_shards(len(train_pairs), cfg.batch_pairs, world)
+        local, total = [distributed.pair_shard(b, world) for b in batches], distributed.global_sum
 
     t0 = time.perf_counter()
     # the residual stream at each adapted layer comes free with the reference pass: baselines reuse it
     resid = [resid_post(site_layer(s.site)) for s in specs]
-    ref = reference_pass(bridge, batches, hook, progress, extra=resid)
+    ref = reference_pass(bridge, local, hook, progress, extra=resid)
+    whole = distributed.whole_reference(ref, local, [len(b) // 2 for b in batches], world) if world.parallel else ref
     timings["reference_s"] = time.perf_counter() - t0
     # the direction's float64 SVD on the CPU (MPS has no float64), then d_steer lives on the model's device
-    d_steer = dhs_svd_direction(torch.cat(ref.hs).cpu()).to(dev)
-    scale = pair_scale(ref, d_steer)
+    d_steer = dhs_svd_direction(torch.cat(whole.hs).cpu()).to(dev)
+    scale = pair_scale(whole, d_steer)
     if not scale > 0:  # 0 (or NaN): the objective's unit would divide by it and the first step would be NaN
         raise ValueError(f"the chosen and rejected prompts have the same last-token states at {hook}: nothing to "
                          "steer along. Do the pairs differ inside what the last token can attend to (a sliding "
@@ -209,13 +258,13 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     generic = None
     if cfg.loss.kl_budget is not None:
         t = time.perf_counter()
-        generic = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch)
+        generic = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world)
         timings["generic_text_s"] = time.perf_counter() - t
     duals = [0.0, 0.0]  # λ for c = +1 and c = −1
 
     align = None
     if cfg.triplets == "aligned":  # each site's triplets by alignment with the pairs' mean difference there
-        align = {s.site: mean_diff_direction(ref.extra[resid_post(site_layer(s.site))]) for s in specs}
+        align = {s.site: mean_diff_direction(whole.extra[resid_post(site_layer(s.site))]) for s in specs}
     adapters = make_adapters(bridge, specs, seed=cfg.seed, init_scale=cfg.init_scale, align=align)
     opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -229,10 +278,15 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             duals = list(found.duals) or duals
             opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             opt.load_state_dict(found.optimizer)
+    if world.parallel:
+        distributed.check_same_start(adapters, d_steer, [float(start), scale, *duals], ckpt_path if resume else None)
 
     def checkpoint(step: int) -> None:
-        art = SteeringArtifact.build(bridge, adapters, d_steer, hook, cfg, {"step": step}, data)
-        save_checkpoint(ckpt_path, Checkpoint(art, opt.state_dict(), step, scale, list(duals)))  # type: ignore[arg-type]
+        if world.main:
+            art = SteeringArtifact.build(bridge, adapters, d_steer, hook, cfg, {"step": step}, data)
+            save_checkpoint(ckpt_path, Checkpoint(art, opt.state_dict(), step, scale, list(duals)))  # type: ignore[arg-type]
+        if world.parallel:
+            distributed.barrier()  # a rank that raises after this knows the checkpoint is whole
 
     history: list[dict] = []
     fwd_s = bwd_s = 0.0
@@ -240,7 +294,7 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     with _DeferredInterrupt() as interrupt:
         for step in bar:
             j = batch_order(step, len(batches), cfg.seed)
-            batch, c = batches[j].doubled()
+            batch, c = local[j].doubled()
             t = time.perf_counter()
             with apply_adapters(bridge, adapters, c):
                 hs, logits = forward_last(bridge, batch, [hook], logits=True)
@@ -248,9 +302,10 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             del logits
             # the objective in float32 whatever the model's dtype (a no-op for float32 models)
             loss, parts = steering_loss(hs[hook].float(), torch.cat([ref.hs[j]] * 2).float(), c, d_steer, logp,
-                                        torch.cat([ref.logp[j]] * 2), token_mask(batch.attention_mask), cfg.loss, scale)
+                                        torch.cat([ref.logp[j]] * 2), token_mask(batch.attention_mask), cfg.loss, scale,
+                                        total)
             if generic is not None:
-                kl_plus, kl_minus = kl_both_ways(bridge, adapters, generic, step % len(generic.batches))
+                kl_plus, kl_minus = kl_both_ways(bridge, adapters, generic, step % len(generic.batches), total)
                 budget = cfg.loss.kl_budget
                 loss = loss + kl_lagrangian(kl_plus, budget, duals[0]) + kl_lagrangian(kl_minus, budget, duals[1])
                 parts.update(kl_plus=kl_plus.item(), kl_minus=kl_minus.item(), lam_plus=duals[0], lam_minus=duals[1])
@@ -263,6 +318,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                     f"is {last or 'none (no checkpoint yet)'}; lower lr or raise w_coherence.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world.parallel:  # each process holds its rows' part of the global loss's gradient
+                distributed.sum_gradients(adapters.parameters())
             torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.grad_clip)
             opt.step()
             if generic is not None:
@@ -275,25 +332,30 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                 callback(step, adapters)
             bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k != "loss"})
             done = step + 1
-            if ckpt_path is not None and ((done % cfg.checkpoint_every == 0 and done < cfg.steps)
-                                          or interrupt.requested):
+            # under torchrun every process gets the Ctrl-C, not necessarily in the same step: they agree first
+            stop = distributed.any_rank(interrupt.requested) if world.parallel else interrupt.requested
+            if ckpt_path is not None and ((done % cfg.checkpoint_every == 0 and done < cfg.steps) or stop):
                 checkpoint(done)
-            if interrupt.requested:
+            if stop:
                 tqdm.write(f"interrupted: checkpoint at {ckpt_path} (step {done}); rerun with --resume")
                 raise KeyboardInterrupt
     n_steps = max(1, len(history))
     timings.update(policy_forward_s_per_step=fwd_s / n_steps, backward_s_per_step=bwd_s / n_steps,
                    train_s=fwd_s + bwd_s)
     t = time.perf_counter()
+    # small (held-out pairs, forward only): every process runs all of it and returns the same metrics
     held_out = evaluate_pairs(bridge, adapters, test_batches, hook, d_steer, cfg.eval_coeffs) if test_batches else {}
     timings["held_out_eval_s"] = time.perf_counter() - t
     metrics = {"held_out": held_out, "scale": scale, "timings": timings,
                "final": history[-1] if history else {}, "steps_done": cfg.steps}
     artifact = SteeringArtifact.build(bridge, adapters, d_steer, hook, cfg, metrics, data)
     if out is not None:
-        save_artifact(out, artifact, overwrite=overwrite, run_config=run_config)
-        remove_checkpoint(ckpt_path)  # type: ignore[arg-type]
-    return TrainResult(artifact, ref.extra, batches, history, timings)
+        if world.main:
+            save_artifact(out, artifact, overwrite=overwrite, run_config=run_config)
+            remove_checkpoint(ckpt_path)  # type: ignore[arg-type]
+        if world.parallel:
+            distributed.barrier()
+    return TrainResult(artifact, whole.extra, batches, history, timings)
 
 
 def batch_order(step: int, n_batches: int, seed: int) -> int:

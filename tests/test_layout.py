@@ -12,7 +12,7 @@ LEVEL = {  # a module may import only modules of a strictly lower level
     "config": 1, "data": 1,
     "models": 2, "adapter": 2, "loss": 2, "evalsets": 2, "plots": 2,
     "capture": 3, "io": 3,
-    "directions": 4, "evaluate": 4, "report": 4,
+    "directions": 4, "evaluate": 4, "report": 4, "distributed": 4,
     "concepts": 5, "train": 5, "export": 5,
     "sweep": 6,
     "commands": 7,
