@@ -34,7 +34,7 @@ from .models import load_model, model_device, resolve_device, resolve_dtype
 from .names import layer_of, resid_post, site_layer
 from .report import demo_index, iso_table_markdown, write_outputs
 from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
-from .train import TrainResult, train
+from .train import TrainResult, generic_text, train
 
 ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
 
@@ -89,7 +89,7 @@ def training_summary(result: TrainResult) -> str:
     first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
     lines = ["loss parts, first -> last step: " + ", ".join(
         f"{k} {first.get(k, float('nan')):.4g} -> {last.get(k, float('nan')):.4g}"
-        for k in ("loss", "obj", "coh", "mono", "dnll")),
+        for k in ("loss", "obj", "coh", "mono", "dnll", "win") if k in first),
         f"held-out projection on d_steer at {result.loss_hook} (pair separation scale {result.metrics['scale']:.2f});"
         " dNLL: on the held-out pair prompts (not a coherence measure: see `interp-steer eval`):",
         f"  {'c':>5} {'chosen':>9} {'rejected':>9} {'separation':>10} {'shift':>8} {'dNLL':>8}"]
@@ -195,6 +195,9 @@ def run_demo(cfg: DemoRun) -> dict:
     t0 = time.perf_counter()
     bridge, tok = load_model(cfg.model, cfg.device, cfg.dtype)
     reports = {}
+    # the KL constraint's text depends on the model alone: one set for every concept and seed (~15 s each)
+    generic = (generic_text(bridge, tok, cfg.train.kl_texts, cfg.train.kl_batch)
+               if cfg.train.loss.kl_budget is not None else None)
     for concept in concepts:
         t1 = time.perf_counter()
         cdir = prepare_run_dir(out / concept.name, cfg.overwrite)
@@ -203,7 +206,7 @@ def run_demo(cfg: DemoRun) -> dict:
         for seed in cfg.seeds:
             tcfg = dataclasses.replace(cfg.train, seed=seed)
             result = train(bridge, tok, pairs, tcfg, cdir / f"{ARTIFACT_DIR}-s{seed}", overwrite=cfg.overwrite,
-                           data=data_source(cfg.model, None, None, concept.name))
+                           data=data_source(cfg.model, None, None, concept.name), generic=generic)
             label = "adapter" if len(cfg.seeds) == 1 else f"adapter@{seed}"
             artifacts[label] = result.artifact
             first = first or result

@@ -23,7 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin, no_type_check
 
 from .names import RESID_WRITERS, SITES
 
-Objective = Literal["shift", "separation"]
+Objective = Literal["shift", "separation", "behaviour"]
 Scale = Literal["exp", "add"]
 Triplets = Literal["top", "aligned"]
 Site = Literal["mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "attn.o"]
@@ -169,7 +169,8 @@ class LossConfig(Config):
 
     # shift: at KL 0.1 on sentiment it moved the reply log-odds +0.34 / −0.38 (with kl_budget 0.1) where
     # separation moved them +0.13 / −0.13 (README "Results", 100 items; seeds there)
-    objective: Objective = field(default="shift", metadata={"help": "what the adapter maximises along d_steer"})
+    objective: Objective = field(default="shift", metadata={
+        "help": "shift/separation: move states along d_steer; behaviour: prefer the chosen prompt's continuations"})
     margin: float = field(default=0.1, metadata={"help": "nat/token a token's log-prob may drop for free"})
     w_coherence: float = field(default=10.0, metadata={"help": "weight of the per-token coherence penalty"})
     power: int = field(default=2, metadata={"help": "exponent of the coherence hinge"})
@@ -180,10 +181,16 @@ class LossConfig(Config):
     kl_budget: float | None = field(default=0.1, metadata={
         "help": "KL per token on generic text that c = ±1 may spend (none: off)"})
     kl_dual_lr: float = field(default=1.0, metadata={"help": "dual-ascent step of the KL multipliers"})
+    # objective "behaviour" (BiPO-like): the base model's own continuations of the chosen and rejected prompts
+    beta: float = field(default=0.1, metadata={
+        "help": "temperature of the behaviour objective's log-sigmoid on summed continuation log-ratios"})
+    continuation_tokens: int = field(default=16, metadata={
+        "help": "greedy tokens continued from each pair prompt for the behaviour objective"})
 
     def __post_init__(self):
         self._check_types()
-        _positive_ints(self, "power")
+        _positive_ints(self, "power", "continuation_tokens")
+        _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
         _require(self.kl_budget is None or self.kl_budget > 0, f"kl_budget must be > 0 or none, got {self.kl_budget}")
         _require(self.kl_dual_lr > 0, f"kl_dual_lr must be > 0, got {self.kl_dual_lr}")
         for n in ("margin", "w_coherence", "w_mono", "mono_margin"):

@@ -142,12 +142,54 @@ def steering_loss(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "
     elif cfg.objective == "separation":
         obj = separation_objective(hs_pi, c, d, scale, total)
     else:
-        raise ValueError(f"objective must be 'shift' or 'separation', got {cfg.objective!r}")
+        raise ValueError(f"steering_loss reads hidden states: objective must be 'shift' or 'separation', got "
+                         f"{cfg.objective!r} (objective 'behaviour' is behaviour_loss)")
     coh = coherence_penalty(logp_pi, logp_ref, mask, cfg.margin, cfg.power, total)
     mono = monotonic_hinge(*projection_scores(hs_pi, hs_ref, c, d, cfg.objective, scale, total), margin=cfg.mono_margin)
     loss = -obj + cfg.w_coherence * coh + cfg.w_mono * mono
     parts = {"loss": loss.item(), "obj": obj.item(), "coh": coh.item(), "mono": mono.item(),
              "dnll": delta_nll(logp_pi.detach(), logp_ref, mask, total).item()}
+    return loss, parts
+
+
+def continuation_logratio(logp_pi: Float[Tensor, "rows pos_1"], logp_ref: Float[Tensor, "rows pos_1"],
+                          reply: Float[Tensor, "rows pos_1"]) -> Float[Tensor, "rows"]:
+    """Δ = Σ_t (log π_c(y_t | x, y_<t) − log π_0(y_t | x, y_<t)) over each row's continuation tokens y."""
+    return ((logp_pi - logp_ref) * reply).sum(-1)
+
+
+def behaviour_objective(delta: Float[Tensor, "rows"], c: Float[Tensor, "rows"], beta: float,
+                        total: Total | None = None) -> Float[Tensor, ""]:
+    """mean over prompts of log σ(β · c · (Δ_w − Δ_l))   (maximise; BiPO's objective, Cao et al. 2024).
+
+    Rows come in twos on one prompt x and one coefficient c: even rows continue x with y_w, the base model's
+    greedy continuation of the *chosen* prompt, odd rows with y_l, that of the *rejected* one. At c = +1 the
+    steered model should raise y_w against y_l relative to the reference, at c = −1 the opposite; Δ from
+    ``continuation_logratio``.
+    """
+    return _mean(F.logsigmoid(beta * c[0::2] * (delta[0::2] - delta[1::2])), total)
+
+
+def behaviour_loss(logp_pi: Float[Tensor, "rows pos_1"], logp_ref: Float[Tensor, "rows pos_1"],
+                   reply: Float[Tensor, "rows pos_1"], mask: Float[Tensor, "rows pos_1"], c: Float[Tensor, "rows"],
+                   cfg: LossConfig = LossConfig(), total: Total | None = None) -> tuple[Tensor, dict[str, float]]:
+    """loss = −behaviour_objective + w_coh · coherence_penalty on the prompt tokens; returns (loss, parts).
+
+    ``mask``: every real token position; ``reply``: those that predict a continuation token (the continuation
+    is meant to change, the prompt is not). The monotonic hinge of the hidden-state objectives has no
+    counterpart: the log-sigmoid already orders c = −1 < 0 < +1 on every prompt. ``parts["win"]`` is the
+    fraction of prompts whose log-ratio has the sign of c.
+    """
+    delta = continuation_logratio(logp_pi, logp_ref, reply)
+    obj = behaviour_objective(delta, c, cfg.beta, total)
+    prompt = mask * (1 - reply)
+    coh = coherence_penalty(logp_pi, logp_ref, prompt, cfg.margin, cfg.power, total)
+    loss = -obj + cfg.w_coherence * coh
+    with torch.no_grad():
+        margin = c[0::2] * (delta[0::2] - delta[1::2])
+        win = _mean((margin > 0).float(), total)
+    parts = {"loss": loss.item(), "obj": obj.item(), "coh": coh.item(), "mono": 0.0,
+             "dnll": delta_nll(logp_pi.detach(), logp_ref, prompt, total).item(), "win": win.item()}
     return loss, parts
 
 

@@ -8,6 +8,9 @@ Per step, for a batch of interleaved pairs (rows duplicated: first half at c = +
 ``hs_ref`` (last-token states at the loss layer) and ``logp_ref`` (per-token log-probs) come from one
 reference pass over the dataset at c = 0 (``capture.reference_pass``); ``d_steer`` is frozen from it.
 
+With ``objective="behaviour"`` the step reads behaviour instead of states: each pair's prompts continued by the
+base model's own continuations of both (``Continuations``), and ``loss.behaviour_loss`` on their log-ratios.
+
 Under ``torchrun`` (a process group exists, ``distributed.py``) each process takes its shard of every global
 batch of ``batch_pairs`` pairs (and of every generic-text batch), computes the reference only for it, and every
 mean of the loss is taken over the global batch; the gradients are summed over the processes, so each step is
@@ -35,7 +38,10 @@ from . import distributed
 from .adapter import AdapterSpec, apply_adapters, check_sites, make_adapters
 from .capture import Reference, forward_last, reference_pass
 from .config import TrainConfig
-from .data import Batch, ContrastivePair, check_lengths, load_json, pair_batches, render_chat, select_pairs
+from .data import (
+    Batch, ContrastivePair, check_lengths, interleave, last_index, load_json, pair_batches, render_chat, select_pairs,
+    tokenize,
+)
 from .directions import dhs_svd_direction, mean_diff_direction
 from .distributed import World
 from .evaluate import evaluate_pairs, greedy_continuations, reply_batch
@@ -43,7 +49,9 @@ from .io import (
     CHECKPOINT_FILES, Checkpoint, SteeringArtifact, check_dir_target, load_checkpoint, remove_checkpoint, resolve_dir,
     save_artifact, save_checkpoint,
 )
-from .loss import Total, dual_step, kl_lagrangian, steering_loss, token_kl, token_logprobs, token_mask
+from .loss import (
+    Total, behaviour_loss, dual_step, kl_lagrangian, steering_loss, token_kl, token_logprobs, token_mask,
+)
 from .models import model_device
 from .names import resid_post, site_layer, site_name
 
@@ -175,6 +183,79 @@ def _kl_rows(bridge: TransformerBridge, adapters, text: GenericText, j: int) -> 
     return token_kl(torch.cat([ref, ref]), logp), n
 
 
+@dataclass
+class Continuations:
+    """The behaviour objective's batches (``LossConfig.objective == "behaviour"``), built once before training.
+
+    y_w and y_l are the base model's greedy continuations of a pair's chosen and rejected prompt. Each pair gives
+    four rows: its rejected prompt + y_w, + y_l (scored at c = +1: the steer must move the rejected persona
+    towards the chosen one's behaviour), then its chosen prompt + y_w, + y_l (c = −1). ``reply`` marks the
+    positions that predict a continuation token, ``mask`` every real position; ``ref_logp`` is the reference's
+    per-token log-prob (c = 0), computed once."""
+
+    batches: list[Batch]
+    c: list[Float[Tensor, "_rows"]]
+    reply: list[Float[Tensor, "_rows _pos_1"]]
+    mask: list[Float[Tensor, "_rows _pos_1"]]
+    ref_logp: list[Float[Tensor, "_rows _pos_1"]]
+    dropped: int  # pairs left out: an empty continuation, or the same continuation for both prompts
+
+
+def _continuation_rows(heads: Sequence[list[int]], conts: Sequence[list[int]], pad_id: int,
+                       device: torch.device) -> tuple[Batch, Tensor]:
+    """Right-padded ``head + continuation`` token rows and the mask of positions predicting a continuation token."""
+    n, width = len(heads), max(len(h) + len(y) for h, y in zip(heads, conts))
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros(n, width, dtype=torch.long)
+    reply = torch.zeros(n, width - 1)
+    for r, (h, y) in enumerate(zip(heads, conts)):
+        ids[r, : len(h) + len(y)] = torch.tensor(h + y)
+        attn[r, : len(h) + len(y)] = 1
+        reply[r, len(h) - 1: len(h) + len(y) - 1] = 1  # column j predicts token j + 1
+    ids, attn = ids.to(device), attn.to(device)
+    return Batch(ids, attn, last_index(attn)), reply.to(device)
+
+
+@torch.no_grad()
+def continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
+                  batch_pairs: int, n_tokens: int, progress: bool = False) -> Continuations:
+    """Greedy ``n_tokens``-token continuations of every pair prompt (base model, KV cache), cut at the first
+    end-of-sequence token, then the four rows per pair of ``Continuations`` in batches of ``batch_pairs`` pairs."""
+    dev = model_device(bridge)
+    stop = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = interleave(pairs)
+    heads = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    conts: list[list[int]] = []
+    for i in tqdm(range(0, len(texts), 2 * batch_pairs), desc="continuations", disable=not progress, leave=False):
+        batch = tokenize(texts[i: i + 2 * batch_pairs], tokenizer, device=dev)
+        ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=n_tokens,
+                              do_sample=False, use_past_kv_cache=True, stop_at_eos=True, return_type="tokens",
+                              verbose=False)
+        for row in ids[:, batch.input_ids.shape[1]:].tolist():
+            conts.append(row[: next((k for k, t in enumerate(row) if t in stop), len(row))])
+    keep = [k for k in range(len(pairs)) if conts[2 * k] and conts[2 * k + 1] and conts[2 * k] != conts[2 * k + 1]]
+    if not keep:
+        raise ValueError("no pair has two different non-empty continuations: the behaviour objective has nothing to "
+                         "learn from; use objective 'shift', or pairs whose prompts the model continues differently")
+    out = Continuations([], [], [], [], [], dropped=len(pairs) - len(keep))
+    for i in range(0, len(keep), batch_pairs):
+        rows_h, rows_y = [], []
+        for k in keep[i: i + batch_pairs]:
+            cho, rej, y_w, y_l = heads[2 * k], heads[2 * k + 1], conts[2 * k], conts[2 * k + 1]
+            rows_h += [rej, rej, cho, cho]
+            rows_y += [y_w, y_l, y_w, y_l]
+        batch, reply = _continuation_rows(rows_h, rows_y, pad_id, dev)
+        c = torch.tensor([1.0, 1.0, -1.0, -1.0], device=dev).repeat(len(rows_h) // 4)
+        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        out.batches.append(batch)
+        out.c.append(c)
+        out.reply.append(reply)
+        out.mask.append(token_mask(batch.attention_mask))
+        out.ref_logp.append(token_logprobs(logits, batch.input_ids))
+    return out
+
+
 class _DeferredInterrupt:
     """The first Ctrl-C lets the running step finish (then the loop checkpoints and stops), so a checkpoint's
     step counter always matches its weights; a second Ctrl-C stops at once, keeping the last checkpoint."""
@@ -203,12 +284,15 @@ class _DeferredInterrupt:
 def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
           cfg: TrainConfig = TrainConfig(), out_dir: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, progress: bool = True, data: dict | None = None, run_config: dict | None = None,
-          callback: Callable[[int, nn.ModuleList], None] | None = None) -> TrainResult:
+          callback: Callable[[int, nn.ModuleList], None] | None = None, generic: GenericText | None = None
+          ) -> TrainResult:
     """Train SVD rotation adapters on ``pairs``; write the artifact to ``out_dir`` and checkpoints to
     ``out_dir.ckpt`` (removed when the run completes).
 
     ``data`` records where the pairs came from (stored in the artifact); ``callback(step, adapters)`` runs
-    after every optimiser step (e.g. to snapshot directions over training).
+    after every optimiser step (e.g. to snapshot directions over training). ``generic``: the KL constraint's text,
+    ``generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch)`` computed once for several runs on one model
+    (it depends on neither the pairs nor the seed); None: computed here when ``cfg.loss.kl_budget`` is set.
 
     Inside a process group (``torchrun``; ``distributed.joined``) every process calls this with the same
     arguments: each trains on its shard of every global batch of ``cfg.batch_pairs`` pairs, the steps are those
@@ -230,6 +314,9 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     check_sites(bridge, [s.site for s in specs])  # a site this architecture lacks fails before any pass
     hook = loss_hook(cfg, n_layers)
     world = distributed.current()
+    if world.parallel and cfg.loss.objective == "behaviour":
+        raise ValueError("objective 'behaviour' runs in one process only (its continuation batches are not sharded "
+                         "yet); run it without torchrun, or use objective 'shift'")
     progress = progress and world.main
     dev = model_device(bridge)
     batches = list(pair_batches(train_pairs, tokenizer, cfg.batch_pairs, device=dev))
@@ -255,8 +342,21 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                          "steer along. Do the pairs differ inside what the last token can attend to (a sliding "
                          "attention window, a context limit)?")
 
-    generic = None
-    if cfg.loss.kl_budget is not None:
+    cont = None
+    if cfg.loss.objective == "behaviour":
+        t = time.perf_counter()
+        cont = continuations(bridge, tokenizer, train_pairs, cfg.batch_pairs, cfg.loss.continuation_tokens, progress)
+        timings["continuations_s"] = time.perf_counter() - t
+
+    if cfg.loss.kl_budget is None:
+        generic = None
+    elif generic is not None:
+        if world.parallel:
+            raise ValueError("pass no precomputed generic text under torchrun: each process keeps its own shard")
+        if any(b is None or len(b) > cfg.kl_batch for b in generic.batches) or not generic.batches:
+            raise ValueError(f"the precomputed generic text does not fit kl_batch={cfg.kl_batch}: compute it with "
+                             "generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch)")
+    else:
         t = time.perf_counter()
         generic = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world)
         timings["generic_text_s"] = time.perf_counter() - t
@@ -293,17 +393,27 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
     with _DeferredInterrupt() as interrupt:
         for step in bar:
-            j = batch_order(step, len(batches), cfg.seed)
-            batch, c = local[j].doubled()
             t = time.perf_counter()
-            with apply_adapters(bridge, adapters, c):
-                hs, logits = forward_last(bridge, batch, [hook], logits=True)
-            logp = token_logprobs(logits, batch.input_ids)
-            del logits
-            # the objective in float32 whatever the model's dtype (a no-op for float32 models)
-            loss, parts = steering_loss(hs[hook].float(), torch.cat([ref.hs[j]] * 2).float(), c, d_steer, logp,
-                                        torch.cat([ref.logp[j]] * 2), token_mask(batch.attention_mask), cfg.loss, scale,
-                                        total)
+            if cont is not None:
+                k = batch_order(step, len(cont.batches), cfg.seed)
+                batch = cont.batches[k]
+                with apply_adapters(bridge, adapters, cont.c[k]):
+                    logits = bridge(batch.input_ids, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids)
+                logp = token_logprobs(logits, batch.input_ids)
+                del logits
+                loss, parts = behaviour_loss(logp, cont.ref_logp[k], cont.reply[k], cont.mask[k], cont.c[k], cfg.loss)
+            else:
+                j = batch_order(step, len(batches), cfg.seed)
+                batch, c = local[j].doubled()
+                with apply_adapters(bridge, adapters, c):
+                    hs, logits = forward_last(bridge, batch, [hook], logits=True)
+                logp = token_logprobs(logits, batch.input_ids)
+                del logits
+                # the objective in float32 whatever the model's dtype (a no-op for float32 models)
+                loss, parts = steering_loss(hs[hook].float(), torch.cat([ref.hs[j]] * 2).float(), c, d_steer, logp,
+                                            torch.cat([ref.logp[j]] * 2), token_mask(batch.attention_mask), cfg.loss,
+                                            scale, total)
             if generic is not None:
                 kl_plus, kl_minus = kl_both_ways(bridge, adapters, generic, step % len(generic.batches), total)
                 budget = cfg.loss.kl_budget

@@ -54,3 +54,25 @@ def tiny(_tiny_cached, _tiny_state):
 def real():
     """The packaged SmolLM2-135M-Instruct, loaded once per test run."""
     return load_model()
+
+
+def _logits_at_c(bridge, adapters, batch, coeffs=(0.0, 1.0)) -> list[torch.Tensor]:
+    """Float logits of ``batch`` without the adapters, then with them at each coefficient (no grad)."""
+    def run():
+        return bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).float()
+
+    from interp_steer.adapter import apply_adapters
+
+    with torch.no_grad():
+        out = [run()]
+        for c in coeffs:
+            with apply_adapters(bridge, adapters, c):
+                out.append(run())
+    return out
+
+
+@pytest.fixture
+def logits_at_c():
+    """``logits_at_c(bridge, adapters, batch)`` -> [base, at c = 0, at c = 1] logits: the c = 0 identity check's
+    three passes, shared by every model family and dtype."""
+    return _logits_at_c

@@ -87,18 +87,12 @@ def logits(bridge, batch):
     return bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).float()
 
 
-def test_bfloat16_adapters_compute_in_float32_and_c_zero_is_bit_exact(bf16):
+def test_bfloat16_adapters_compute_in_float32_and_c_zero_is_bit_exact(bf16, logits_at_c):
     b16, _, tok = bf16
     assert {p.dtype for p in b16.parameters()} == {torch.bfloat16}
     ads = make_adapters(b16, SPECS, init_scale=0.3)
     assert {t.dtype for a in ads for t in (*a.buffers(), *a.parameters())} == {torch.float32}
-    b = tokenize(TEXTS, tok)
-    with torch.no_grad():
-        base = logits(b16, b)
-        with apply_adapters(b16, ads, 0.0):
-            zero = logits(b16, b)
-        with apply_adapters(b16, ads, 1.0):
-            one = logits(b16, b)
+    base, zero, one = logits_at_c(b16, ads, tokenize(TEXTS, tok))
     assert torch.equal(zero, base)
     assert (one - base).abs().max() > 0.05
 

@@ -86,16 +86,9 @@ def test_linear_weight_is_d_out_by_d_in_and_computes_the_layer(model):
             assert (module(x) - (x @ W.T + b)).abs().max() <= 1e-5, site
 
 
-def test_c_zero_is_exactly_the_base_model(model):
+def test_c_zero_is_exactly_the_base_model(model, logits_at_c):
     _, bridge, tok = model
-    ads = make_adapters(bridge, specs_for(bridge), init_scale=0.3)
-    b = batch_of(tok)
-    with torch.no_grad():
-        base = logits(bridge, b)
-        with apply_adapters(bridge, ads, 0.0):
-            zero = logits(bridge, b)
-        with apply_adapters(bridge, ads, 1.0):
-            one = logits(bridge, b)
+    base, zero, one = logits_at_c(bridge, make_adapters(bridge, specs_for(bridge), init_scale=0.3), batch_of(tok))
     assert torch.equal(zero, base)
     assert (one - base).abs().max() > 1e-2  # and every family's hooks really steer
 

@@ -8,7 +8,7 @@ import torch
 from interp_steer.config import LossConfig
 
 from interp_steer.loss import (
-    coherence_penalty, delta_nll, monotonic_hinge, noref_loss, projection_scores, separation_objective,
+    behaviour_loss, behaviour_objective, coherence_penalty, continuation_logratio, delta_nll, monotonic_hinge, noref_loss, projection_scores, separation_objective,
     dual_step, kl_lagrangian, shift_objective, steering_loss, token_kl, token_logprobs, token_mask,
 )
 
@@ -142,3 +142,50 @@ def test_token_kl_matches_a_loop_and_the_lagrangian_holds_the_budget():
     assert kl_lagrangian(torch.tensor(0.2), 0.1, 3.0).item() == pytest.approx(3.0)  # λ (KL/budget − 1)
     assert dual_step(1.0, 0.2, 0.1, 0.5) == pytest.approx(1.5)    # over budget: λ rises
     assert dual_step(0.2, 0.0, 0.1, 0.5) == 0.0                   # under budget: falls, never below 0
+
+
+def test_behaviour_objective_matches_a_loop_and_rewards_the_sign_of_c():
+    """log σ(β c (Δ_w − Δ_l)) per (prompt, c) row pair, Δ summed over continuation tokens only."""
+    g = torch.Generator().manual_seed(3)
+    logp_pi, logp_ref = -torch.rand(8, 6, generator=g), -torch.rand(8, 6, generator=g)
+    reply = torch.zeros(8, 6)
+    reply[:, 3:] = 1
+    reply[5, 5] = 0  # rows may differ in continuation length
+    mask = torch.ones(8, 6)
+    c = torch.tensor([1.0, 1, -1, -1] * 2)
+    delta = continuation_logratio(logp_pi, logp_ref, reply)
+    for r in range(8):
+        assert delta[r] == pytest.approx(sum(float(logp_pi[r, t] - logp_ref[r, t]) for t in range(6) if reply[r, t]),
+                                         abs=1e-6)
+    beta = 0.3
+    expect = sum(math.log(1 / (1 + math.exp(-beta * float(c[2 * i] * (delta[2 * i] - delta[2 * i + 1])))))
+                 for i in range(4)) / 4
+    assert behaviour_objective(delta, c, beta).item() == pytest.approx(expect, rel=1e-6)
+    # at the reference every log-ratio is 0: the objective is log σ(0) = −log 2 and nothing is "won"
+    loss, parts = behaviour_loss(logp_ref, logp_ref, reply, mask, c, LossConfig(objective="behaviour"))
+    assert parts["obj"] == pytest.approx(-math.log(2)) and parts["coh"] == 0 and parts["win"] == 0
+    # raising y_w (even rows) helps where c = +1 and hurts where c = −1
+    up = logp_ref + 0.5 * reply * (torch.arange(8) % 2 == 0)[:, None]
+    _, p = behaviour_loss(up, logp_ref, reply, mask, c, LossConfig(objective="behaviour"))
+    assert p["win"] == 0.5
+    d_up, pos = continuation_logratio(up, logp_ref, reply), c > 0
+    assert behaviour_objective(d_up[pos], c[pos], beta) > -math.log(2) > behaviour_objective(d_up[~pos], c[~pos], beta)
+
+
+def test_behaviour_loss_guards_only_the_prompt_tokens():
+    """A continuation token made less likely costs nothing in coherence (it is meant to move); a prompt token does."""
+    logp_ref = torch.full((4, 5), -1.0)
+    reply = torch.zeros(4, 5)
+    reply[:, 3:] = 1
+    mask = torch.ones(4, 5)
+    c = torch.tensor([1.0, 1, -1, -1])
+    cfg = LossConfig(objective="behaviour", margin=0.1, w_coherence=2.0)
+    drop_reply = logp_ref - 2.0 * reply
+    _, parts = behaviour_loss(drop_reply, logp_ref, reply, mask, c, cfg)
+    assert parts["coh"] == 0 and parts["dnll"] == 0
+    drop_prompt = logp_ref - 2.0 * (1 - reply)
+    loss, parts = behaviour_loss(drop_prompt, logp_ref, reply, mask, c, cfg)
+    assert parts["coh"] == pytest.approx(1.9 ** 2) and parts["dnll"] == pytest.approx(2.0)
+    assert loss.item() == pytest.approx(-parts["obj"] + 2.0 * parts["coh"], rel=1e-6)
+    with pytest.raises(ValueError, match="behaviour_loss"):
+        steering_loss(torch.zeros(4, 3), torch.zeros(4, 3), c, torch.ones(3), logp_ref, logp_ref, mask, cfg)

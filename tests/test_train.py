@@ -1,5 +1,6 @@
 """The training loop: config validation, checkpoints, resume, NaN handling, and a real short run."""
 
+import math
 import os
 import signal
 
@@ -230,6 +231,12 @@ def test_the_kl_constraint_measures_generic_text_raises_its_multipliers_and_resu
     assert all(x["kl_plus"] > 0 and x["kl_minus"] > 0 for x in h)
     assert h[0]["lam_plus"] == 0.0 and h[-1]["lam_plus"] > 0 and h[-1]["lam_minus"] > 0
     assert straight.timings["generic_text_s"] > 0
+    # the same text computed once beforehand (run_demo: one set for every concept and seed) trains identically
+    shared = train_mod.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch)
+    again = train(bridge, tok, pairs, cfg, progress=False, generic=shared)
+    assert torch.equal(params(again.adapters), params(straight.adapters)) and "generic_text_s" not in again.timings
+    with pytest.raises(ValueError, match="kl_batch=1"):
+        train(bridge, tok, pairs, cfg.replace(kl_batch=1), progress=False, generic=shared)
 
     def stop_at_step_3(step, adapters):
         if step == 3:
@@ -241,3 +248,56 @@ def test_the_kl_constraint_measures_generic_text_raises_its_multipliers_and_resu
     assert ckpt.duals == [h[2]["lam_plus"], h[2]["lam_minus"]]  # the multipliers of step 2, as written after it
     resumed = train(bridge, tok, pairs, cfg, tmp_path / "k", resume=True, progress=False)
     assert (params(resumed.adapters) - params(straight.adapters)).abs().max() <= 1e-6
+
+
+@pytest.fixture
+def lively(tiny):
+    """The tiny model with its matrices ×4: at its initial scale it continues every prompt with the same token, so
+    no pair would have two different continuations (the ``tiny`` fixture puts the weights back afterwards)."""
+    with torch.no_grad():
+        for p in tiny[0].parameters():
+            if p.ndim == 2:
+                p.mul_(4.0)
+    return tiny
+
+
+def test_behaviour_rows_are_the_base_models_own_continuations_and_their_reference_is_a_plain_pass(lively):
+    """Per pair: (rejected + y_w, rejected + y_l) at c = +1, (chosen + y_w, chosen + y_l) at c = −1, where y_w / y_l
+    are greedy continuations of the chosen / rejected prompt: in the rows that continue their own prompt every
+    continuation token is the base model's argmax. The cached reference equals a pass over each row alone."""
+    bridge, tok = lively
+    pairs = persona_pairs(tok)[:10]
+    cont = train_mod.continuations(bridge, tok, pairs, 3, 4)
+    kept = sum(len(b) // 4 for b in cont.batches)
+    assert kept > 0 and kept + cont.dropped == len(pairs)
+    for b, c, reply, mask, ref in zip(cont.batches, cont.c, cont.reply, cont.mask, cont.ref_logp):
+        assert c.tolist() == [1.0, 1.0, -1.0, -1.0] * (len(b) // 4)
+        rows = []
+        for r in range(len(b)):
+            ids = b.input_ids[r, b.attention_mask[r].bool()]
+            cols = reply[r].nonzero()[:, 0]
+            assert cols.tolist() == list(range(int(cols[0]), len(ids) - 1))  # the continuation runs to the end
+            rows.append((ids[: int(cols[0]) + 1].tolist(), ids[int(cols[0]) + 1:].tolist()))
+            with torch.no_grad():
+                logits = bridge(ids[None])
+            alone = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[1:, None])[:, 0]
+            assert torch.allclose(ref[r, : len(ids) - 1], alone, atol=1e-5)
+            assert mask[r].sum() == len(ids) - 1
+            if r % 4 in (1, 2):  # rejected + y_l, chosen + y_w: each continues its own prompt greedily
+                assert torch.equal(logits[0, cols].argmax(-1), ids[cols + 1])
+        for i in range(0, len(rows), 4):
+            (rej, y_w), (rej2, y_l), (cho, y_w2), (cho2, y_l2) = rows[i: i + 4]
+            assert rej == rej2 and cho == cho2 and rej != cho and y_w == y_w2 and y_l == y_l2 and y_w != y_l
+
+
+def test_behaviour_objective_trains_and_is_refused_under_torchrun(lively, monkeypatch):
+    bridge, tok = lively
+    cfg = TrainConfig(**{**TINY, "steps": 4, "n_pairs": 16, "lr": 0.05,
+                         "loss": LossConfig(kl_budget=None, objective="behaviour", continuation_tokens=4)})
+    result = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
+    h = result.history
+    assert h[0]["obj"] == pytest.approx(-math.log(2), abs=1e-3)  # the adapters start near the identity
+    assert h[-1]["obj"] > h[0]["obj"] and result.timings["continuations_s"] > 0
+    monkeypatch.setattr(train_mod.distributed, "current", lambda: train_mod.distributed.World(0, 2))
+    with pytest.raises(ValueError, match="one process"):
+        train(bridge, tok, persona_pairs(tok), cfg, progress=False)
