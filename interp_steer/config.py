@@ -181,6 +181,8 @@ class LossConfig(Config):
     kl_budget: float | None = field(default=0.1, metadata={
         "help": "KL per token on generic text that c = ±1 may spend (none: off)"})
     kl_dual_lr: float = field(default=1.0, metadata={"help": "dual-ascent step of the KL multipliers"})
+    kl_equality: bool = field(default=False, metadata={
+        "help": "hold KL at c = ±1 *at* the budget (multipliers may go negative) instead of under it"})
     # objective "behaviour" (BiPO-like): the base model's own continuations of the chosen and rejected prompts
     beta: float = field(default=0.1, metadata={
         "help": "temperature of the behaviour objective's log-sigmoid on summed continuation log-ratios"})

@@ -93,9 +93,14 @@ def kl_lagrangian(kl: Float[Tensor, ""], budget: float, lam: float) -> Float[Ten
     return lam * (kl / budget - 1)
 
 
-def dual_step(lam: float, kl: float, budget: float, lr: float) -> float:
-    """λ ← max(0, λ + lr · (KL / budget − 1)): projected gradient ascent on the multiplier."""
-    return max(0.0, lam + lr * (kl / budget - 1))
+def dual_step(lam: float, kl: float, budget: float, lr: float, equality: bool = False) -> float:
+    """λ ← max(0, λ + lr · (KL / budget − 1)): projected gradient ascent on the multiplier of KL ≤ budget.
+
+    ``equality``: the constraint KL = budget, so λ may go negative (λ + lr · (KL / budget − 1), unprojected): below
+    the budget the Lagrangian term then *rewards* drift, and c = ±1 are driven to spend the budget exactly.
+    """
+    step = lam + lr * (kl / budget - 1)
+    return step if equality else max(0.0, step)
 
 
 def delta_nll(logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Tensor, "batch pos_1"],

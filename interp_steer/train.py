@@ -433,7 +433,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.grad_clip)
             opt.step()
             if generic is not None:
-                duals = [dual_step(lam, parts[k], cfg.loss.kl_budget, cfg.loss.kl_dual_lr)  # type: ignore[arg-type]
+                duals = [dual_step(lam, parts[k], cfg.loss.kl_budget, cfg.loss.kl_dual_lr,  # type: ignore[arg-type]
+                                   cfg.loss.kl_equality)
                          for lam, k in zip(duals, ("kl_plus", "kl_minus"))]
             fwd_s += t1 - t
             bwd_s += time.perf_counter() - t1

@@ -142,6 +142,9 @@ def test_token_kl_matches_a_loop_and_the_lagrangian_holds_the_budget():
     assert kl_lagrangian(torch.tensor(0.2), 0.1, 3.0).item() == pytest.approx(3.0)  # λ (KL/budget − 1)
     assert dual_step(1.0, 0.2, 0.1, 0.5) == pytest.approx(1.5)    # over budget: λ rises
     assert dual_step(0.2, 0.0, 0.1, 0.5) == 0.0                   # under budget: falls, never below 0
+    assert dual_step(0.2, 0.0, 0.1, 0.5, equality=True) == pytest.approx(-0.3)  # KL = budget: below 0 rewards drift
+    assert dual_step(-0.3, 0.2, 0.1, 0.5, equality=True) == pytest.approx(0.2)
+    assert kl_lagrangian(torch.tensor(0.05), 0.1, -0.3).item() == pytest.approx(0.15)  # lowered by raising KL
 
 
 def test_behaviour_objective_matches_a_loop_and_rewards_the_sign_of_c():

@@ -301,3 +301,17 @@ def test_behaviour_objective_trains_and_is_refused_under_torchrun(lively, monkey
     monkeypatch.setattr(train_mod.distributed, "current", lambda: train_mod.distributed.World(0, 2))
     with pytest.raises(ValueError, match="one process"):
         train(bridge, tok, persona_pairs(tok), cfg, progress=False)
+
+
+def test_an_equality_kl_constraint_lowers_its_multipliers_below_zero_under_the_budget(tiny):
+    """kl_equality: far under the budget the multipliers go negative (the term then rewards spending it), by
+    kl_dual_lr · (KL / budget − 1) a step; the inequality's multipliers stay at 0."""
+    bridge, tok = tiny
+    loss = LossConfig(kl_budget=10.0, kl_dual_lr=0.5, kl_equality=True)
+    cfg = TrainConfig(**{**TINY, "steps": 3, "kl_texts": 2, "kl_batch": 2, "loss": loss})
+    h = train(bridge, tok, persona_pairs(tok), cfg, progress=False).history
+    assert h[0]["lam_plus"] == 0.0
+    assert h[1]["lam_plus"] == pytest.approx(0.5 * (h[0]["kl_plus"] / 10.0 - 1))
+    assert h[2]["lam_minus"] < h[1]["lam_minus"] < 0
+    h = train(bridge, tok, persona_pairs(tok), cfg.replace(loss=loss.replace(kl_equality=False)), progress=False).history
+    assert all(x["lam_plus"] == 0.0 and x["lam_minus"] == 0.0 for x in h)
