@@ -218,17 +218,18 @@ def _continuation_rows(heads: Sequence[list[int]], conts: Sequence[list[int]], p
 
 @torch.no_grad()
 def continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
-                  batch_pairs: int, n_tokens: int, progress: bool = False) -> Continuations:
-    """Greedy ``n_tokens``-token continuations of every pair prompt (base model, KV cache), cut at the first
-    end-of-sequence token, then the four rows per pair of ``Continuations`` in batches of ``batch_pairs`` pairs."""
+                  batch_pairs: int, n_tokens: int, progress: bool = False, gen_batch: int = 64) -> Continuations:
+    """Greedy ``n_tokens``-token continuations of every pair prompt (base model, KV cache, ``gen_batch`` prompts
+    a call), cut at the first end-of-sequence token, then the four rows per pair of ``Continuations`` in batches
+    of ``batch_pairs`` pairs."""
     dev = model_device(bridge)
     stop = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = interleave(pairs)
     heads = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     conts: list[list[int]] = []
-    for i in tqdm(range(0, len(texts), 2 * batch_pairs), desc="continuations", disable=not progress, leave=False):
-        batch = tokenize(texts[i: i + 2 * batch_pairs], tokenizer, device=dev)
+    for i in tqdm(range(0, len(texts), gen_batch), desc="continuations", disable=not progress, leave=False):
+        batch = tokenize(texts[i: i + gen_batch], tokenizer, device=dev)
         ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=n_tokens,
                               do_sample=False, use_past_kv_cache=True, stop_at_eos=True, return_type="tokens",
                               verbose=False)

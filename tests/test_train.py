@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import interp_steer.train as train_mod
-from interp_steer.adapter import linear_weight
+from interp_steer.adapter import apply_adapters, linear_weight
 from interp_steer.config import LossConfig, TrainConfig
-from interp_steer.data import ContrastivePair, persona_pairs
+from interp_steer.data import ContrastivePair, persona_pairs, select_pairs
 from interp_steer.directions import mean_diff_direction
+from interp_steer.loss import continuation_logratio, token_logprobs
 from interp_steer.io import SteeringArtifact, load_checkpoint
 from interp_steer.names import resid_post, site_layer
 from interp_steer.train import adapter_specs, train
@@ -209,6 +210,28 @@ def test_real_short_training_separates_with_the_sign_of_c(real):
     assert held["-1"]["separation"] < held["0"]["separation"] - 0.1 * result.metrics["scale"]
     last = result.history[-3:]
     assert sum(h["coh"] for h in last) / len(last) < cfg.loss.margin
+
+
+@pytest.mark.slow
+def test_real_behaviour_training_prefers_each_sides_continuations_on_held_out_pairs(real):
+    """Behaviour objective: on held-out pairs (prompts and continuations never trained on), c = +1 raises the
+    chosen prompt's continuation against the rejected one's, relative to the reference, and c = −1 the opposite."""
+    bridge, tok = real
+    pairs = persona_pairs(tok)
+    cfg = TrainConfig(loss=LossConfig(objective="behaviour", kl_budget=None, continuation_tokens=8), steps=8,
+                      n_pairs=64, held_out=0.25)
+    result = train(bridge, tok, pairs, cfg, progress=False)
+    assert result.history[-1]["obj"] > result.history[0]["obj"]
+    _, test_pairs = select_pairs(pairs, cfg.n_pairs, cfg.held_out, cfg.seed)
+    held = train_mod.continuations(bridge, tok, test_pairs, 8, 8)
+    margins = []
+    for b, c, reply, ref in zip(held.batches, held.c, held.reply, held.ref_logp):
+        with torch.no_grad(), apply_adapters(bridge, result.adapters, c):
+            logits = bridge(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+        delta = continuation_logratio(token_logprobs(logits, b.input_ids), ref, reply)
+        margins.append(c[0::2] * (delta[0::2] - delta[1::2]))
+    margins = torch.cat(margins)
+    assert margins.mean() > 0.1 and (margins > 0).float().mean() > 0.7, margins
 
 
 def test_a_prompt_longer_than_the_context_is_refused_before_training(tiny):
