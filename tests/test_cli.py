@@ -198,13 +198,16 @@ def test_demo_end_to_end_two_concepts_two_seeds(tiny, tmp_path, monkeypatch):
     mean row; an index REPORT.md over both concepts; nothing else written."""
     loads = []
     monkeypatch.setattr(commands, "load_model", lambda name=None, device="auto", dtype=None: loads.append(1) or tiny)
+    texts = []  # the KL constraint's text: made once for both concepts and both seeds
+    real_generic_text = commands.generic_text
+    monkeypatch.setattr(commands, "generic_text", lambda *a, **k: texts.append(1) or real_generic_text(*a, **k))
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--concepts", "honesty,sentiment", "--seeds", "0,1",
                      "--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2",
-                     "--n-pairs", "8", "--kl-budget", "none", "--methods", "adapter,mean_diff", "--n-items", "2",
+                     "--n-pairs", "8", "--kl-texts", "2", "--kl-batch", "2", "--methods", "adapter,mean_diff", "--n-items", "2",
                      "--n-neutral", "2", "--n-secondary", "0", "--bisect", "0", "--grid", "0.5",
                      "--budget-metric", "dnll"]) == 0
-    assert loads == [1]
+    assert loads == [1] and texts == [1]
     assert {p.name for p in out.iterdir()} == {"honesty", "sentiment", "REPORT.md", "run_config.json"}
     for concept in ("honesty", "sentiment"):
         d = out / concept
