@@ -23,6 +23,9 @@ class StudyConfig:
     loss_layer: int = 22         # NOTES' prototype: loss at 22, adapters on 8–20
     layers: tuple[int, ...] = (8, 10, 12, 14, 16, 18, 20)
     rank: int = 32               # r of the adapters and of the weight subspaces
+    # the figures compare the adapter's output with the top-r singular subspace (the README's numbers): top
+    # triplets, whatever the package's default
+    triplets: Literal["top", "aligned"] = "top"
     k: int = 4                   # dHS / output directions compared
     grad_pairs: int = 32         # training pairs used for the gradients (forward + backward: the cost)
     snapshot_every: int = 4      # steps between output-subspace snapshots
@@ -37,7 +40,7 @@ class StudyConfig:
         loss = LossConfig(kl_budget=self.kl_budget) if self.objective is None else \
             LossConfig(objective=self.objective, kl_budget=self.kl_budget)
         return TrainConfig(layers=self.layers, loss_layer=self.loss_layer, rank=self.rank, steps=self.steps,
-                           n_pairs=self.pairs, seed=self.seed, checkpoint_every=10**9, loss=loss)
+                           triplets=self.triplets, n_pairs=self.pairs, seed=self.seed, checkpoint_every=10**9, loss=loss)
 
 
 def _log(msg: str) -> None:

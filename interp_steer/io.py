@@ -331,6 +331,17 @@ def save_artifact(path: str | Path, artifact: SteeringArtifact, *, overwrite: bo
 
 
 _SPEC_KEYS = {"site", "rank", "scale", "rotate_u"}
+# TrainConfig fields whose default changed after artifacts were written without them: the value such an
+# artifact was trained with (before the field existed every run rotated the largest triplets)
+_BEFORE_FIELD = {"triplets": "top"}
+
+
+def written_train_config(d):
+    """A saved ``train_config`` with the fields it predates filled in as they were when it was trained (a
+    missing field otherwise takes today's default, which may differ: ``triplets`` is ``aligned`` now)."""
+    return {**_BEFORE_FIELD, **d} if isinstance(d, dict) else d
+
+
 _KEYS = ("format_version", "architecture", "base_model", "fingerprints", "adapters", "loss_hook", "train_config")
 
 
@@ -370,7 +381,7 @@ def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> 
     config = read_artifact_config(path)
     cfg_file = path / CONFIG_FILE
     try:
-        train_config = TrainConfig.from_dict(config["train_config"])
+        train_config = TrainConfig.from_dict(written_train_config(config["train_config"]))
         specs = []
         for d in config["adapters"]:
             if not isinstance(d, dict) or set(d) != _SPEC_KEYS:

@@ -42,7 +42,7 @@ from .data import (
     Batch, ContrastivePair, check_lengths, interleave, last_index, load_json, pair_batches, render_chat, select_pairs,
     tokenize,
 )
-from .directions import dhs_svd_direction, mean_diff_direction
+from .directions import dhs_svd_direction, mean_diff_direction, paired_diff
 from .distributed import World
 from .evaluate import evaluate_pairs, greedy_continuations, reply_batch
 from .io import (
@@ -365,7 +365,15 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
 
     align = None
     if cfg.triplets == "aligned":  # each site's triplets by alignment with the pairs' mean difference there
-        align = {s.site: mean_diff_direction(whole.extra[resid_post(site_layer(s.site))]) for s in specs}
+        align = {}
+        for s in specs:
+            states = whole.extra[resid_post(site_layer(s.site))]
+            if paired_diff(states).abs().max() == 0:
+                raise ValueError(
+                    f"the pairs' last-token states do not differ at {resid_post(site_layer(s.site))} (is the difference "
+                    f"outside a sliding attention window there?): aligned triplets have nothing to align {s.site} "
+                    "with; adapt later blocks, or pass triplets='top' (--triplets top)")
+            align[s.site] = mean_diff_direction(states)
     adapters = make_adapters(bridge, specs, seed=cfg.seed, init_scale=cfg.init_scale, align=align)
     opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0

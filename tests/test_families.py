@@ -143,6 +143,10 @@ def test_two_training_steps_then_save_load_is_identical(model, tmp_path):
     site = "mlp.out"
     cfg = TrainConfig(layers=(0, 1), loss_layer=2, site=site, rank=4, steps=2, batch_pairs=2, n_pairs=8,
                       held_out=0.25, eval_coeffs=(-1.0, 1.0), loss=LossConfig(kl_budget=None))
+    if name == "gemma3":  # block 0 attends through a window of 4: the persona never reaches its last token
+        with pytest.raises(ValueError, match="do not differ at blocks.0.hook_resid_post.*triplets='top'"):
+            train(bridge, tok, persona_pairs(tok), cfg, progress=False)
+        cfg = cfg.replace(triplets="top")
     result = train(bridge, tok, persona_pairs(tok), cfg, tmp_path / "run", progress=False)
     assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     fresh = make_adapters(bridge, [a.spec for a in result.adapters], seed=cfg.seed, init_scale=cfg.init_scale)

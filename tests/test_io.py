@@ -87,6 +87,18 @@ def test_a_bad_config_is_refused_with_a_message(art, tmp_path, edit, match):
         load_artifact(tmp_path / "a")
 
 
+def test_an_artifact_written_before_a_field_existed_reads_as_it_was_trained(art, tmp_path):
+    """``triplets`` defaults to 'aligned' now; an artifact saved before the field existed rotated the top ones."""
+    assert TrainConfig().triplets == "aligned"
+    art.save(tmp_path / "a")
+    edit_config(tmp_path / "a", lambda c: {**c, "train_config": {k: v for k, v in c["train_config"].items()
+                                                                   if k != "triplets"}})
+    assert load_artifact(tmp_path / "a").config.triplets == "top"
+    art.save(tmp_path / "b")  # a field that is written wins
+    edit_config(tmp_path / "b", lambda c: {**c, "train_config": {**c["train_config"], "triplets": "aligned"}})
+    assert load_artifact(tmp_path / "b").config.triplets == "aligned"
+
+
 def test_garbage_and_truncated_files_are_refused_naming_the_file(art, tmp_path):
     art.save(tmp_path / "a")
     (tmp_path / "a" / CONFIG_FILE).write_text("{not json")
@@ -181,7 +193,7 @@ def test_d_steer_lives_in_the_stream_whatever_the_first_site_writes(tiny, tmp_pa
     bridge, _ = tiny
     adapters = make_adapters(bridge, [AdapterSpec("blocks.0.mlp.in", rank=4)], init_scale=0.3)
     art = SteeringArtifact.build(bridge, adapters, torch.ones(bridge.cfg.d_model), "blocks.2.hook_resid_post",
-                                 TrainConfig(site="mlp.in", layers=(0,), loss_layer=2, rank=4))
+                                 TrainConfig(site="mlp.in", triplets="top", layers=(0,), loss_layer=2, rank=4))
     art.save(tmp_path / "a")
     assert torch.equal(SteeringArtifact.load(tmp_path / "a", bridge).d_steer, art.d_steer)
     art.d_steer = torch.ones(3)
