@@ -343,6 +343,18 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                          "steer along. Do the pairs differ inside what the last token can attend to (a sliding "
                          "attention window, a context limit)?")
 
+    align = None
+    if cfg.triplets == "aligned":  # each site's triplets by alignment with the pairs' mean difference there
+        align = {}
+        for s in specs:
+            states = whole.extra[resid_post(site_layer(s.site))]
+            if paired_diff(states).abs().max() == 0:
+                raise ValueError(
+                    f"the pairs' last-token states do not differ at {resid_post(site_layer(s.site))} (is the difference "
+                    f"outside a sliding attention window there?): aligned triplets have nothing to align {s.site} "
+                    "with; adapt later blocks, or pass triplets='top' (--triplets top)")
+            align[s.site] = mean_diff_direction(states)
+
     cont = None
     if cfg.loss.objective == "behaviour":
         t = time.perf_counter()
@@ -363,17 +375,6 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
         timings["generic_text_s"] = time.perf_counter() - t
     duals = [0.0, 0.0]  # λ for c = +1 and c = −1
 
-    align = None
-    if cfg.triplets == "aligned":  # each site's triplets by alignment with the pairs' mean difference there
-        align = {}
-        for s in specs:
-            states = whole.extra[resid_post(site_layer(s.site))]
-            if paired_diff(states).abs().max() == 0:
-                raise ValueError(
-                    f"the pairs' last-token states do not differ at {resid_post(site_layer(s.site))} (is the difference "
-                    f"outside a sliding attention window there?): aligned triplets have nothing to align {s.site} "
-                    "with; adapt later blocks, or pass triplets='top' (--triplets top)")
-            align[s.site] = mean_diff_direction(states)
     adapters = make_adapters(bridge, specs, seed=cfg.seed, init_scale=cfg.init_scale, align=align)
     opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
