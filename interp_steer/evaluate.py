@@ -219,14 +219,23 @@ def greedy_continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokeniz
                          batch_size: int = 20) -> list[str]:
     """Greedy replies to each prompt (chat template, left-padded batches, KV cache), steered by ``steer``."""
     heads = [render_chat(tokenizer, p, system=system) for p in prompts]
-    out: list[str] = []
     with _steered(bridge, steer):
-        for i in range(0, len(heads), batch_size):
-            batch = tokenize(heads[i: i + batch_size], tokenizer, device=model_device(bridge))
-            ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                                  do_sample=False, use_past_kv_cache=True, stop_at_eos=True, return_type="tokens",
-                                  verbose=False)
-            out += tokenizer.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        rows = greedy_ids(bridge, tokenizer, heads, max_new_tokens, batch_size)
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def greedy_ids(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+               max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """The generated token ids after each rendered text (greedy, left-padded batches, KV cache; rows that stopped
+    early are filled with what ``generate`` pads them with), under whatever hooks are on the model."""
+    out: list[list[int]] = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenize(texts[i: i + batch_size], tokenizer, device=model_device(bridge))
+        ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                              do_sample=False, use_past_kv_cache=True, stop_at_eos=True, return_type="tokens",
+                              verbose=False)
+        out += ids[:, batch.input_ids.shape[1]:].tolist()
     return out
 
 

@@ -40,11 +40,10 @@ from .capture import Reference, forward_last, reference_pass
 from .config import TrainConfig
 from .data import (
     Batch, ContrastivePair, check_lengths, interleave, last_index, load_json, pair_batches, render_chat, select_pairs,
-    tokenize,
 )
 from .directions import dhs_svd_direction, mean_diff_direction, paired_diff
 from .distributed import World
-from .evaluate import evaluate_pairs, greedy_continuations, reply_batch
+from .evaluate import evaluate_pairs, greedy_continuations, greedy_ids, reply_batch
 from .io import (
     CHECKPOINT_FILES, Checkpoint, SteeringArtifact, check_dir_target, load_checkpoint, remove_checkpoint, resolve_dir,
     save_artifact, save_checkpoint,
@@ -218,7 +217,7 @@ def _continuation_rows(heads: Sequence[list[int]], conts: Sequence[list[int]], p
 
 @torch.no_grad()
 def continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
-                  batch_pairs: int, n_tokens: int, progress: bool = False, gen_batch: int = 64) -> Continuations:
+                  batch_pairs: int, n_tokens: int, gen_batch: int = 64) -> Continuations:
     """Greedy ``n_tokens``-token continuations of every pair prompt (base model, KV cache, ``gen_batch`` prompts
     a call), cut at the first end-of-sequence token, then the four rows per pair of ``Continuations`` in batches
     of ``batch_pairs`` pairs."""
@@ -227,14 +226,8 @@ def continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = interleave(pairs)
     heads = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    conts: list[list[int]] = []
-    for i in tqdm(range(0, len(texts), gen_batch), desc="continuations", disable=not progress, leave=False):
-        batch = tokenize(texts[i: i + gen_batch], tokenizer, device=dev)
-        ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=n_tokens,
-                              do_sample=False, use_past_kv_cache=True, stop_at_eos=True, return_type="tokens",
-                              verbose=False)
-        for row in ids[:, batch.input_ids.shape[1]:].tolist():
-            conts.append(row[: next((k for k, t in enumerate(row) if t in stop), len(row))])
+    conts = [row[: next((k for k, t in enumerate(row) if t in stop), len(row))]
+             for row in greedy_ids(bridge, tokenizer, texts, n_tokens, gen_batch)]
     keep = [k for k in range(len(pairs)) if conts[2 * k] and conts[2 * k + 1] and conts[2 * k] != conts[2 * k + 1]]
     if not keep:
         raise ValueError("no pair has two different non-empty continuations: the behaviour objective has nothing to "
@@ -358,7 +351,7 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     cont = None
     if cfg.loss.objective == "behaviour":
         t = time.perf_counter()
-        cont = continuations(bridge, tokenizer, train_pairs, cfg.batch_pairs, cfg.loss.continuation_tokens, progress)
+        cont = continuations(bridge, tokenizer, train_pairs, cfg.batch_pairs, cfg.loss.continuation_tokens)
         timings["continuations_s"] = time.perf_counter() - t
 
     if cfg.loss.kl_budget is None:
