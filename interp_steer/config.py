@@ -176,6 +176,10 @@ class LossConfig(Config):
     power: int = field(default=2, metadata={"help": "exponent of the coherence hinge"})
     w_mono: float = field(default=1.0, metadata={"help": "weight of the monotonic hinge s(−1) < s(0) < s(+1)"})
     mono_margin: float = field(default=0.0, metadata={"help": "margin of the monotonic hinge"})
+    # with plain shift the direction that moves easily (down, on sentiment: held-out shift 2.5x the upward one)
+    # takes most of the gradient of the shared rotation
+    balance: bool = field(default=False, metadata={
+        "help": "shift only: maximise log(1 + shift) of each direction, so the lagging one gets more gradient"})
     # the coherence term on the pair prompts alone does not bind (its cost shows up on other text): this holds
     # KL(reference ‖ steered) on generic text at the budget, per direction, with a Lagrange multiplier
     kl_budget: float | None = field(default=0.1, metadata={
@@ -192,6 +196,8 @@ class LossConfig(Config):
     def __post_init__(self):
         self._check_types()
         _positive_ints(self, "power", "continuation_tokens")
+        _require(not self.balance or self.objective == "shift",
+                 f"balance applies to objective 'shift', not {self.objective!r}: drop --balance or use --objective shift")
         _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
         _require(self.kl_budget is None or self.kl_budget > 0, f"kl_budget must be > 0 or none, got {self.kl_budget}")
         _require(self.kl_dual_lr > 0, f"kl_dual_lr must be > 0, got {self.kl_dual_lr}")
@@ -239,6 +245,10 @@ class TrainConfig(Config):
                                            metadata={"help": "coefficients of the held-out evaluation"})
     kl_texts: int = field(default=32, metadata={"help": "generic texts for the KL constraint (loss.kl_budget)"})
     kl_batch: int = field(default=4, metadata={"help": "generic texts per step (×2 for c = ±1)"})
+    # greedy replies are the contexts where the model is most sure of itself, so KL there under-reports drift
+    kl_sample: bool = field(default=False, metadata={
+        "help": "sample the generic replies at temperature 1 (one fixed draw, shared by every seed), each prompt "
+                "answered as often as kl_texts needs, instead of one greedy reply per prompt"})
 
     def __post_init__(self):
         self._check_types()

@@ -216,26 +216,32 @@ def truthfulqa_mc(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
 @torch.inference_mode()
 def greedy_continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, steer: Steer | None,
                          prompts: Sequence[str], system: str | None = None, max_new_tokens: int = 32,
-                         batch_size: int = 20) -> list[str]:
-    """Greedy replies to each prompt (chat template, left-padded batches, KV cache), steered by ``steer``."""
+                         batch_size: int = 20, seed: int | None = None) -> list[str]:
+    """Greedy replies to each prompt (chat template, left-padded batches, KV cache), steered by ``steer``; with
+    ``seed``, sampled at temperature 1 instead (``generate_ids``)."""
     heads = [render_chat(tokenizer, p, system=system) for p in prompts]
     with _steered(bridge, steer):
-        rows = greedy_ids(bridge, tokenizer, heads, max_new_tokens, batch_size)
+        rows = generate_ids(bridge, tokenizer, heads, max_new_tokens, batch_size, seed)
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 @torch.no_grad()
-def greedy_ids(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-               max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """The generated token ids after each rendered text (greedy, left-padded batches, KV cache; rows that stopped
-    early are filled with what ``generate`` pads them with), under whatever hooks are on the model."""
+def generate_ids(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                 max_new_tokens: int, batch_size: int, seed: int | None = None) -> list[list[int]]:
+    """The generated token ids after each rendered text (left-padded batches, KV cache; rows that stopped early
+    are filled with what ``generate`` pads them with), under whatever hooks are on the model: greedy, or with
+    ``seed`` sampled at temperature 1 from the torch RNG seeded with it (the caller's RNG state is restored)."""
     out: list[list[int]] = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenize(texts[i: i + batch_size], tokenizer, device=model_device(bridge))
-        ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                              do_sample=False, use_past_kv_cache=True, stop_at_eos=True, return_type="tokens",
-                              verbose=False)
-        out += ids[:, batch.input_ids.shape[1]:].tolist()
+    device = model_device(bridge)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for i in range(0, len(texts), batch_size):
+            batch = tokenize(texts[i: i + batch_size], tokenizer, device=device)
+            ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                                  do_sample=seed is not None, temperature=1.0, use_past_kv_cache=True,
+                                  stop_at_eos=True, return_type="tokens", verbose=False)
+            out += ids[:, batch.input_ids.shape[1]:].tolist()
     return out
 
 

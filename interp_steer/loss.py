@@ -52,9 +52,19 @@ def separation_objective(hs_pi: Float[Tensor, "batch d_model"], c: Float[Tensor,
 
 
 def shift_objective(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"],
-                    d: Float[Tensor, "d_model"], scale: float = 1.0, total: Total | None = None) -> Float[Tensor, ""]:
-    """mean over rows of c · (hs_pi(c) − hs_ref)·d / scale   (every row, chosen and rejected; maximise)."""
-    return _mean(c * ((hs_pi - hs_ref) @ d), total) / scale
+                    d: Float[Tensor, "d_model"], scale: float = 1.0, total: Total | None = None,
+                    balance: bool = False) -> Float[Tensor, ""]:
+    """mean over rows of c · (hs_pi(c) − hs_ref)·d / scale   (every row, chosen and rejected; maximise).
+
+    balance:  ½ Σ_{c = ±1} g(m_c),  m_c = mean over the rows at c of c · (hs_pi − hs_ref)·d / scale,
+              g(x) = log(1 + x) for x ≥ 0, x below (continuous, slope 1 at 0), so the direction that lags gets
+              (1 + m_lead) / (1 + m_lag) times the gradient of the one that leads.
+    """
+    proj = c * ((hs_pi - hs_ref) @ d) / scale
+    if not balance:
+        return _mean(proj, total)
+    g = lambda x: torch.log1p(x.clamp(min=0)) + x.clamp(max=0)  # noqa: E731
+    return 0.5 * (g(_mean(proj[c > 0], total)) + g(_mean(proj[c < 0], total)))
 
 
 def token_logprobs(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
@@ -143,7 +153,7 @@ def steering_loss(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "
     rows are one process's shard of a global batch (module docstring).
     """
     if cfg.objective == "shift":
-        obj = shift_objective(hs_pi, hs_ref, c, d, scale, total)
+        obj = shift_objective(hs_pi, hs_ref, c, d, scale, total, cfg.balance)
     elif cfg.objective == "separation":
         obj = separation_objective(hs_pi, c, d, scale, total)
     else:

@@ -43,7 +43,7 @@ from .data import (
 )
 from .directions import dhs_svd_direction, mean_diff_direction, paired_diff
 from .distributed import World
-from .evaluate import evaluate_pairs, greedy_continuations, greedy_ids, reply_batch
+from .evaluate import evaluate_pairs, generate_ids, greedy_continuations, reply_batch
 from .io import (
     CHECKPOINT_FILES, Checkpoint, SteeringArtifact, check_dir_target, load_checkpoint, remove_checkpoint, resolve_dir,
     save_artifact, save_checkpoint,
@@ -102,25 +102,33 @@ class TrainResult:
         return self.artifact.metrics
 
 
+KL_SAMPLE_SEED = 0  # sampled KL text: one fixed draw, so every run (seed, concept) on a model shares it
+
+
 @dataclass
 class GenericText:
-    """Where the KL constraint is measured in training: the base model's own greedy replies to generic requests
-    (``datasets/coherence_prompts.json``, disjoint from every evaluation text), and the reference's next-token
-    log-probs at the positions that predict reply tokens, cached once (float16: 0.1 MB per token)."""
+    """Where the KL constraint is measured in training: the base model's own replies to generic requests
+    (``datasets/coherence_prompts.json``, disjoint from every evaluation text; greedy, or sampled with
+    ``cfg.kl_sample``), and the reference's next-token log-probs at the positions that predict reply tokens,
+    cached once (float16: 0.1 MB per token)."""
 
     batches: list[Batch | None]  # None: this process has no row of that batch (more processes than its texts)
     masks: list[Float[Tensor, "_batch _pos_1"]]
     ref_logp: list[Float[Tensor, "_tok vocab"]]
+    sample_seed: int | None = None  # None: greedy replies
 
 
 @torch.no_grad()
 def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, n_texts: int, batch_size: int,
-                 max_new_tokens: int = 32, world: World = World()) -> GenericText:
-    """The texts, batched by ``batch_size``; with several processes, rank 0 writes the replies (one set of texts
-    everywhere) and each process keeps, and scores, its shard of every batch (possibly none of a small one)."""
-    prompts = load_json("coherence_prompts.json")["prompts"][:n_texts]
-    replies = greedy_continuations(bridge, tokenizer, None, prompts, max_new_tokens=max_new_tokens) \
-        if world.main else None
+                 max_new_tokens: int = 32, world: World = World(), sample_seed: int | None = None) -> GenericText:
+    """The texts, batched by ``batch_size``: one greedy reply to each of the first ``n_texts`` prompts, or, with
+    ``sample_seed``, ``n_texts`` replies sampled at temperature 1, the prompts taken in turn (so each is answered
+    several times when ``n_texts`` exceeds them). With several processes, rank 0 writes the replies (one set of
+    texts everywhere) and each process keeps, and scores, its shard of every batch (possibly none of a small one)."""
+    prompts = load_json("coherence_prompts.json")["prompts"]
+    prompts = prompts[:n_texts] if sample_seed is None else [prompts[i % len(prompts)] for i in range(n_texts)]
+    replies = greedy_continuations(bridge, tokenizer, None, prompts, max_new_tokens=max_new_tokens,
+                                   seed=sample_seed) if world.main else None
     if world.parallel:
         replies = distributed.broadcast(replies)
     heads, texts = [], []
@@ -134,7 +142,7 @@ def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
         texts.append(r)
     if not texts:
         raise ValueError("no usable generic text for the KL constraint (every base-model reply was empty)")
-    out = GenericText([], [], [])
+    out = GenericText([], [], [], sample_seed)
     for i in range(0, len(texts), batch_size):
         batch, mask = reply_batch(tokenizer, heads[i: i + batch_size], texts[i: i + batch_size], model_device(bridge))
         if world.parallel:
@@ -227,7 +235,7 @@ def continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
     texts = interleave(pairs)
     heads = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     conts = [row[: next((k for k, t in enumerate(row) if t in stop), len(row))]
-             for row in greedy_ids(bridge, tokenizer, texts, n_tokens, gen_batch)]
+             for row in generate_ids(bridge, tokenizer, texts, n_tokens, gen_batch)]
     keep = [k for k in range(len(pairs)) if conts[2 * k] and conts[2 * k + 1] and conts[2 * k] != conts[2 * k + 1]]
     if not keep:
         raise ValueError("no pair has two different non-empty continuations: the behaviour objective has nothing to "
@@ -285,8 +293,9 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
 
     ``data`` records where the pairs came from (stored in the artifact); ``callback(step, adapters)`` runs
     after every optimiser step (e.g. to snapshot directions over training). ``generic``: the KL constraint's text,
-    ``generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch)`` computed once for several runs on one model
-    (it depends on neither the pairs nor the seed); None: computed here when ``cfg.loss.kl_budget`` is set.
+    ``generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, sample_seed=KL_SAMPLE_SEED if cfg.kl_sample
+    else None)`` computed once for several runs on one model (it depends on neither the pairs nor the seed);
+    None: computed here when ``cfg.loss.kl_budget`` is set.
 
     Inside a process group (``torchrun``; ``distributed.joined``) every process calls this with the same
     arguments: each trains on its shard of every global batch of ``cfg.batch_pairs`` pairs, the steps are those
@@ -361,10 +370,15 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             raise ValueError("pass no precomputed generic text under torchrun: each process keeps its own shard")
         if any(b is None or len(b) > cfg.kl_batch for b in generic.batches) or not generic.batches:
             raise ValueError(f"the precomputed generic text does not fit kl_batch={cfg.kl_batch}: compute it with "
-                             "generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch)")
+                             "generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, sample_seed=...)")
+        if (generic.sample_seed is not None) != cfg.kl_sample:
+            raise ValueError(f"the precomputed generic text is {'sampled' if generic.sample_seed is not None else 'greedy'}"
+                             f" but cfg.kl_sample is {cfg.kl_sample}: compute it with sample_seed="
+                             f"{'KL_SAMPLE_SEED' if cfg.kl_sample else 'None'}")
     else:
         t = time.perf_counter()
-        generic = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world)
+        generic = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world,
+                               sample_seed=KL_SAMPLE_SEED if cfg.kl_sample else None)
         timings["generic_text_s"] = time.perf_counter() - t
     duals = [0.0, 0.0]  # λ for c = +1 and c = −1
 

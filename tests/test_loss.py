@@ -43,6 +43,26 @@ def test_shift_matches_loop(states):
     assert math.isclose(shift_objective(hs_pi, hs_ref, c, d).item(), total / 8, rel_tol=1e-5)
 
 
+def test_balanced_shift_is_the_mean_of_each_directions_log1p_and_favours_the_lagging_one(states):
+    """½ Σ_c g(m_c), g = log1p above 0 and the identity below; the direction that moves less gets the larger
+    gradient (in the ratio (1 + m_lead) / (1 + m_lag)); LossConfig refuses balance for other objectives."""
+    hs_pi, hs_ref, d, c = states
+    g = lambda x: math.log1p(x) if x >= 0 else x  # noqa: E731
+    m = {s: sum(s * dot(hs_pi[i] - hs_ref[i], d) for i in range(8) if c[i].item() == s) / 4 for s in (1.0, -1.0)}
+    want = 0.5 * (g(m[1.0]) + g(m[-1.0]))
+    assert math.isclose(shift_objective(hs_pi, hs_ref, c, d, balance=True).item(), want, rel_tol=1e-5)
+    # a state where up moves 1 and down 3 (in units of d): the up rows' gradient is (1 + 3) / (1 + 1) = 2x
+    hs = hs_ref + torch.outer(torch.where(c > 0, 1.0, 3.0) * c, d)
+    hs.requires_grad_(True)
+    shift_objective(hs, hs_ref, c, d, balance=True).backward()
+    up, down = (hs.grad[c > 0] @ d).abs().mean(), (hs.grad[c < 0] @ d).abs().mean()
+    assert up.item() == pytest.approx(2 * down.item(), rel=1e-5)
+    assert shift_objective(hs_pi, hs_ref, c, d, balance=False).item() == pytest.approx(
+        shift_objective(hs_pi, hs_ref, c, d).item())
+    with pytest.raises(ValueError, match="balance applies to objective 'shift'"):
+        LossConfig(objective="separation", balance=True)
+
+
 def test_shift_sees_a_common_move_that_separation_cannot(states):
     hs_pi, _, d, c = states
     moved = hs_pi + 3.0 * d * c[:, None]  # every row moves along d with the sign of c

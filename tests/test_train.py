@@ -260,6 +260,8 @@ def test_the_kl_constraint_measures_generic_text_raises_its_multipliers_and_resu
     assert torch.equal(params(again.adapters), params(straight.adapters)) and "generic_text_s" not in again.timings
     with pytest.raises(ValueError, match="kl_batch=1"):
         train(bridge, tok, pairs, cfg.replace(kl_batch=1), progress=False, generic=shared)
+    with pytest.raises(ValueError, match="greedy but cfg.kl_sample is True"):
+        train(bridge, tok, pairs, cfg.replace(kl_sample=True), progress=False, generic=shared)
 
     def stop_at_step_3(step, adapters):
         if step == 3:
@@ -271,6 +273,29 @@ def test_the_kl_constraint_measures_generic_text_raises_its_multipliers_and_resu
     assert ckpt.duals == [h[2]["lam_plus"], h[2]["lam_minus"]]  # the multipliers of step 2, as written after it
     resumed = train(bridge, tok, pairs, cfg, tmp_path / "k", resume=True, progress=False)
     assert (params(resumed.adapters) - params(straight.adapters)).abs().max() <= 1e-6
+
+
+def test_sampled_kl_text_is_one_fixed_draw_that_cycles_the_prompts_and_leaves_the_rng_alone(tiny):
+    """kl_sample: replies drawn at temperature 1 from a fixed seed (the same text on every call, the caller's RNG
+    state untouched), the prompts taken in turn so there can be more texts than prompts."""
+    bridge, tok = tiny
+    n_prompts = len(train_mod.load_json("coherence_prompts.json")["prompts"])
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6, sample_seed=train_mod.KL_SAMPLE_SEED)
+    assert torch.equal(torch.rand(3), before)
+    b = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6, sample_seed=train_mod.KL_SAMPLE_SEED)
+    greedy = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6)
+    rows = lambda t: [r for bt in t.batches for r in bt.input_ids.tolist()]  # noqa: E731
+    assert a.sample_seed == 0 and greedy.sample_seed is None
+    assert rows(a) == rows(b) and sum(len(bt) for bt in a.batches) == n_prompts + 3  # cycled past the prompts
+    assert sum(len(bt) for bt in greedy.batches) <= n_prompts  # one greedy reply per prompt (empty ones dropped)
+    other = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6, sample_seed=1)
+    assert rows(other) != rows(a)  # a draw: another seed, other text
+    cfg = TrainConfig(**{**TINY, "kl_texts": 2, "kl_batch": 2, "kl_sample": True, "loss": LossConfig(kl_budget=0.1)})
+    trained = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
+    assert all(x["kl_plus"] > 0 for x in trained.history)
 
 
 @pytest.fixture
