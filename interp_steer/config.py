@@ -185,6 +185,10 @@ class LossConfig(Config):
     kl_budget: float | None = field(default=0.1, metadata={
         "help": "KL per token on generic text that c = ±1 may spend (none: off)"})
     kl_dual_lr: float = field(default=1.0, metadata={"help": "dual-ascent step of the KL multipliers"})
+    # the pair prompts name the persona; the evaluation's text does not: this also shifts the generic text's states
+    w_text_shift: float = field(default=0.0, metadata={
+        "help": "weight of the shift objective on the KL constraint's generic text (every reply position; needs "
+                "kl_budget); 0: off"})
     kl_equality: bool = field(default=False, metadata={
         "help": "hold KL at c = ±1 *at* the budget (multipliers may go negative) instead of under it"})
     # objective "behaviour" (BiPO-like): the base model's own continuations of the chosen and rejected prompts
@@ -201,7 +205,9 @@ class LossConfig(Config):
         _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
         _require(self.kl_budget is None or self.kl_budget > 0, f"kl_budget must be > 0 or none, got {self.kl_budget}")
         _require(self.kl_dual_lr > 0, f"kl_dual_lr must be > 0, got {self.kl_dual_lr}")
-        for n in ("margin", "w_coherence", "w_mono", "mono_margin"):
+        _require(self.w_text_shift == 0 or self.kl_budget is not None,
+                 "w_text_shift reads the KL constraint's generic text: set kl_budget (--kl-budget 0.1) or drop it")
+        for n in ("margin", "w_coherence", "w_mono", "mono_margin", "w_text_shift"):
             _require(getattr(self, n) >= 0, f"{n} must be >= 0, got {getattr(self, n)}")
 
 

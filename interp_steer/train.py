@@ -49,7 +49,7 @@ from .io import (
     save_artifact, save_checkpoint,
 )
 from .loss import (
-    Total, behaviour_loss, dual_step, kl_lagrangian, steering_loss, token_kl, token_logprobs, token_mask,
+    Total, behaviour_loss, dual_step, kl_lagrangian, shift_objective, steering_loss, token_kl, token_logprobs, token_mask,
 )
 from .models import model_device
 from .names import resid_post, site_layer, site_name
@@ -116,15 +116,22 @@ class GenericText:
     masks: list[Float[Tensor, "_batch _pos_1"]]
     ref_logp: list[Float[Tensor, "_tok vocab"]]
     sample_seed: int | None = None  # None: greedy replies
+    hook: str | None = None  # with LossConfig.w_text_shift: where the text's shift is read, and the reference there
+    ref_hs: list[Float[Tensor, "_tok d_model"]] = field(default_factory=list)
 
 
 @torch.no_grad()
 def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, n_texts: int, batch_size: int,
-                 max_new_tokens: int = 32, world: World = World(), sample_seed: int | None = None) -> GenericText:
+                 max_new_tokens: int = 32, world: World = World(), sample_seed: int | None = None,
+                 hook: str | None = None) -> GenericText:
     """The texts, batched by ``batch_size``: one greedy reply to each of the first ``n_texts`` prompts, or, with
     ``sample_seed``, ``n_texts`` replies sampled at temperature 1, the prompts taken in turn (so each is answered
     several times when ``n_texts`` exceeds them). With several processes, rank 0 writes the replies (one set of
-    texts everywhere) and each process keeps, and scores, its shard of every batch (possibly none of a small one)."""
+    texts everywhere) and each process keeps, and scores, its shard of every batch (possibly none of a small one).
+    ``hook``: also keep the reference's states there at the positions that predict reply tokens (``text_shift``)."""
+    if hook is not None and world.parallel:
+        raise ValueError("the generic text's shift (w_text_shift) is not sharded across processes yet: "
+                         "train it in one process")
     prompts = load_json("coherence_prompts.json")["prompts"]
     prompts = prompts[:n_texts] if sample_seed is None else [prompts[i % len(prompts)] for i in range(n_texts)]
     replies = greedy_continuations(bridge, tokenizer, None, prompts, max_new_tokens=max_new_tokens,
@@ -142,7 +149,7 @@ def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
         texts.append(r)
     if not texts:
         raise ValueError("no usable generic text for the KL constraint (every base-model reply was empty)")
-    out = GenericText([], [], [], sample_seed)
+    out = GenericText([], [], [], sample_seed, hook)
     for i in range(0, len(texts), batch_size):
         batch, mask = reply_batch(tokenizer, heads[i: i + batch_size], texts[i: i + batch_size], model_device(bridge))
         if world.parallel:
@@ -154,40 +161,67 @@ def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
                 continue
             batch, cols = distributed.take_rows(batch, lo, hi)
             mask = mask[lo:hi, cols.start: cols.stop - 1]  # pos_1 column j predicts token j + 1
-        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        logits, hs = _generic_forward(bridge, batch, hook)
         out.batches.append(batch)
         out.masks.append(mask)
         out.ref_logp.append(logits[:, :-1][mask.bool()].float().log_softmax(-1).half())
+        if hs is not None:
+            out.ref_hs.append(hs[:, :-1][mask.bool()].float())
     return out
 
 
+def _generic_forward(bridge: TransformerBridge, batch: Batch, hook: str | None
+                     ) -> tuple[Float[Tensor, "batch pos vocab"], Float[Tensor, "batch pos d_model"] | None]:
+    """Logits, and the states at ``hook`` (every position) when it is given."""
+    kw = dict(attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    if hook is None:
+        return bridge(batch.input_ids, **kw), None
+    store: dict[str, Tensor] = {}
+    logits = bridge.run_with_hooks(batch.input_ids, fwd_hooks=[(hook, lambda act, hook: store.update(hs=act))],
+                                   **kw)
+    return logits, store["hs"]
+
+
 def kl_both_ways(bridge: TransformerBridge, adapters, text: GenericText, j: int, total: Total | None = None
-                 ) -> tuple[Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, Float[Tensor, "_tok2 d_model"] | None]:
     """Mean per-token KL(reference ‖ steered) on generic batch ``j`` at c = +1 and at c = −1 (one forward);
-    with ``total``, over every process's share of the batch."""
+    with ``total``, over every process's share of the batch. Third: the states at ``text.hook`` at the n reply
+    positions at c = +1, then the n at c = −1 (None without a hook)."""
     if total is None:
-        kl, n = _kl_rows(bridge, adapters, text, j)
-        return kl[:n].mean(), kl[n:].mean()
+        kl, n, hs = _kl_rows(bridge, adapters, text, j)
+        return kl[:n].mean(), kl[n:].mean(), hs
     if text.batches[j] is None:  # none of this batch's texts here: zeros to the sums, nothing to differentiate
         plus = minus = torch.zeros(())
         n = 0
     else:
-        kl, n = _kl_rows(bridge, adapters, text, j)
+        kl, n, _ = _kl_rows(bridge, adapters, text, j)
         plus, minus = kl[:n].sum(), kl[n:].sum()
     count = total(torch.tensor(float(n)))  # the same collectives, in the same order, in every process
-    return total(plus) / count, total(minus) / count
+    return total(plus) / count, total(minus) / count, None
 
 
-def _kl_rows(bridge: TransformerBridge, adapters, text: GenericText, j: int) -> tuple[Float[Tensor, "tok"], int]:
-    """Per-token KL of generic batch ``j``: the n tokens at c = +1, then the n at c = −1."""
+def text_shift(hs: Float[Tensor, "tok2 d_model"], ref_hs: Float[Tensor, "tok d_model"], d: Float[Tensor, "d_model"],
+               scale: float, balance: bool = False) -> Float[Tensor, ""]:
+    """The shift objective on the generic text's n reply positions (``hs``: the n at c = +1, then the n at c = −1):
+    mean over positions of c · (hs(c) − hs_ref)·d / scale (``loss.shift_objective``), i.e. steering text that
+    carries no persona, like the evaluation's, rather than only the pair prompts."""
+    n = len(ref_hs)
+    c = torch.cat([hs.new_ones(n), -hs.new_ones(n)])
+    return shift_objective(hs, torch.cat([ref_hs, ref_hs]), c, d, scale, None, balance)
+
+
+def _kl_rows(bridge: TransformerBridge, adapters, text: GenericText, j: int
+             ) -> tuple[Float[Tensor, "tok"], int, Float[Tensor, "tok d_model"] | None]:
+    """Per-token KL of generic batch ``j``: the n tokens at c = +1, then the n at c = −1 (and the states)."""
     batch, c = text.batches[j].doubled()
     with apply_adapters(bridge, adapters, c):
-        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        logits, hs = _generic_forward(bridge, batch, text.hook)
     mask = text.masks[j].bool()
+    both = torch.cat([mask, mask])
     n = int(mask.sum())
-    logp = logits[:, :-1][torch.cat([mask, mask])].float().log_softmax(-1)
+    logp = logits[:, :-1][both].float().log_softmax(-1)
     ref = text.ref_logp[j].float()
-    return token_kl(torch.cat([ref, ref]), logp), n
+    return token_kl(torch.cat([ref, ref]), logp), n, (hs[:, :-1][both].float() if hs is not None else None)
 
 
 @dataclass
@@ -320,6 +354,10 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     if world.parallel and cfg.loss.objective == "behaviour":
         raise ValueError("objective 'behaviour' runs in one process only (its continuation batches are not sharded "
                          "yet); run it without torchrun, or use objective 'shift'")
+    if world.parallel and cfg.loss.w_text_shift > 0:
+        raise ValueError("w_text_shift runs in one process only (the generic text's states are not sharded yet); "
+                         "run it without torchrun, or set w_text_shift 0")
+    text_hook = hook if cfg.loss.w_text_shift > 0 else None
     progress = progress and world.main
     dev = model_device(bridge)
     batches = list(pair_batches(train_pairs, tokenizer, cfg.batch_pairs, device=dev))
@@ -375,10 +413,13 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             raise ValueError(f"the precomputed generic text is {'sampled' if generic.sample_seed is not None else 'greedy'}"
                              f" but cfg.kl_sample is {cfg.kl_sample}: compute it with sample_seed="
                              f"{'KL_SAMPLE_SEED' if cfg.kl_sample else 'None'}")
+        if generic.hook != text_hook:
+            raise ValueError(f"the precomputed generic text keeps states at {generic.hook} but this run's text shift "
+                             f"needs {text_hook}: compute it with hook={text_hook!r}")
     else:
         t = time.perf_counter()
         generic = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world,
-                               sample_seed=KL_SAMPLE_SEED if cfg.kl_sample else None)
+                               sample_seed=KL_SAMPLE_SEED if cfg.kl_sample else None, hook=text_hook)
         timings["generic_text_s"] = time.perf_counter() - t
     duals = [0.0, 0.0]  # λ for c = +1 and c = −1
 
@@ -432,10 +473,15 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                                             torch.cat([ref.logp[j]] * 2), token_mask(batch.attention_mask), cfg.loss,
                                             scale, total)
             if generic is not None:
-                kl_plus, kl_minus = kl_both_ways(bridge, adapters, generic, step % len(generic.batches), total)
+                g = step % len(generic.batches)
+                kl_plus, kl_minus, text_hs = kl_both_ways(bridge, adapters, generic, g, total)
                 budget = cfg.loss.kl_budget
                 loss = loss + kl_lagrangian(kl_plus, budget, duals[0]) + kl_lagrangian(kl_minus, budget, duals[1])
                 parts.update(kl_plus=kl_plus.item(), kl_minus=kl_minus.item(), lam_plus=duals[0], lam_minus=duals[1])
+                if text_hs is not None:
+                    tshift = text_shift(text_hs, generic.ref_hs[g], d_steer, scale, cfg.loss.balance)
+                    loss = loss - cfg.loss.w_text_shift * tshift
+                    parts["tshift"] = tshift.item()
                 parts["loss"] = loss.item()
             t1 = time.perf_counter()
             if not math.isfinite(parts["loss"]):

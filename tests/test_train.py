@@ -298,6 +298,34 @@ def test_sampled_kl_text_is_one_fixed_draw_that_cycles_the_prompts_and_leaves_th
     assert all(x["kl_plus"] > 0 for x in trained.history)
 
 
+def test_the_text_shift_reads_the_generic_texts_states_at_the_loss_hook_and_trains(tiny):
+    """w_text_shift: the generic text keeps the reference's states at the loss hook at every reply position (those
+    of a plain hooked pass); the objective is c · (hs − ref)·d / scale averaged over them (0 at the reference);
+    training logs it; a precomputed text without those states, or a config without the KL text, is refused."""
+    bridge, tok = tiny
+    pairs = persona_pairs(tok)
+    cfg = TrainConfig(**{**TINY, "kl_texts": 3, "kl_batch": 2,
+                         "loss": LossConfig(kl_budget=0.1, w_text_shift=1.0)})
+    hook = train_mod.loss_hook(cfg, bridge.cfg.n_layers)
+    text = train_mod.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch, hook=hook)
+    _, cache = bridge.run_with_cache(text.batches[0].input_ids, attention_mask=text.batches[0].attention_mask,
+                                     position_ids=text.batches[0].position_ids, names_filter=[hook])
+    mask = text.masks[0].bool()
+    assert torch.allclose(text.ref_hs[0], cache[hook][:, :-1][mask].float(), atol=1e-5)
+    d = torch.nn.functional.normalize(torch.randn(bridge.cfg.d_model), dim=0)
+    ref = text.ref_hs[0]
+    assert train_mod.text_shift(torch.cat([ref, ref]), ref, d, 2.0).item() == 0.0
+    moved = torch.cat([ref + 3 * d, ref - 1 * d])  # +3 along d at c = +1, −1 at c = −1: mean c·shift = 2
+    assert train_mod.text_shift(moved, ref, d, 2.0).item() == pytest.approx(1.0, abs=1e-4)
+    trained = train(bridge, tok, pairs, cfg, progress=False)
+    assert all(math.isfinite(x["tshift"]) for x in trained.history)
+    plain = train_mod.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch)
+    with pytest.raises(ValueError, match="needs blocks"):
+        train(bridge, tok, pairs, cfg, progress=False, generic=plain)
+    with pytest.raises(ValueError, match="w_text_shift reads the KL constraint's generic text"):
+        LossConfig(kl_budget=None, w_text_shift=1.0)
+
+
 @pytest.fixture
 def lively(tiny):
     """The tiny model with its matrices ×4: at its initial scale it continues every prompt with the same token, so
