@@ -22,8 +22,9 @@ from pathlib import Path
 from interp_steer.report import ADDITIVE, paired_difference, seed_groups
 
 
-def load_rows(specs: list[str]) -> tuple[dict, dict[str, dict]]:
-    """``path[:method=label,...]`` -> (first report, {label: iso row}); checks the reports are comparable."""
+def load_rows(specs: list[str], blocks: dict[str, list[int]] | None = None) -> tuple[dict, dict[str, dict]]:
+    """``path[:method=label,...]`` -> (first report, {label: iso row}); checks the reports are comparable.
+    ``blocks``, if given, receives each row's blocks (reports that record them: ``"blocks"``)."""
     first, rows = None, {}
     for spec in specs:
         path, _, renames = spec.partition(":")
@@ -43,8 +44,25 @@ def load_rows(specs: list[str]) -> tuple[dict, dict[str, dict]]:
         for name, iso in report["iso_table"].items():
             if not names or name in names:
                 rows[names.get(name, name)] = iso
+                if blocks is not None and name in report.get("blocks", {}):
+                    blocks[names.get(name, name)] = report["blocks"][name]
     assert first is not None
     return first, rows
+
+
+def block_note(blocks: dict[str, list[int]]) -> str | None:
+    """A warning when the rows act at different blocks (an additive baseline measured at other blocks than an
+    adapter is not the fair comparison: the blocks alone can move every method); None when they agree."""
+    sets = {tuple(b) for b in blocks.values() if b}
+    if len(sets) < 2:
+        return None
+    groups = {}
+    for name, b in blocks.items():
+        if b:
+            groups.setdefault(tuple(b), []).append(name)
+    return ("note: these rows act at different blocks; compare methods at the same blocks (re-run the "
+            "baselines with `interp-steer eval ARTIFACT --methods …` on the adapter's artifact): "
+            + "; ".join(f"{', '.join(n)} at {', '.join(map(str, b))}" for b, n in groups.items()))
 
 
 def table(first: dict, rows: dict[str, dict], reference: str | None) -> str:
@@ -84,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", default=None, help="row to compare with (default: the best additive baseline)")
     args = p.parse_args(argv)
     try:
-        first, rows = load_rows(args.reports)
-        print(table(first, rows, args.reference))
+        blocks: dict[str, list[int]] = {}
+        first, rows = load_rows(args.reports, blocks)
+        note = block_note(blocks)
+        print(table(first, rows, args.reference) + (f"\n\n{note}" if note else ""))
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

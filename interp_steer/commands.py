@@ -146,6 +146,19 @@ def adapted_resid_names(artifact: SteeringArtifact) -> list[str]:
     return [resid_post(L) for L in sorted({site_layer(a.site) for a in artifact.adapters})]
 
 
+def method_blocks(names: Sequence[str], artifacts: dict[str, SteeringArtifact]) -> dict[str, list[int]]:
+    """The blocks each method's row acts at (``build_methods``' rows, by name)."""
+    blocks = lambda a: sorted({site_layer(s.site) for s in a.adapters})  # noqa: E731
+    first = next(iter(artifacts.values()))
+    out: dict[str, list[int]] = {}
+    for name in names:
+        if name == "adapter":
+            out.update({label: blocks(a) for label, a in artifacts.items()})
+        else:
+            out[name] = [] if name == "prompting" else blocks(first)
+    return out
+
+
 def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: SweepConfig, concept: Concept,
                  artifacts: dict[str, SteeringArtifact], hs: dict, batches, extra: dict) -> dict:
     """Sweep every method of ``cfg`` at the same coherence budget on ``concept``'s effects; a JSON-ready report."""
@@ -165,6 +178,9 @@ def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: S
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "timings_s": {"build_methods": build_s, **{r.name: r.seconds for r in results}},
         "iso_table": {r.name: r.iso for r in results},
+        # where each row acts: an adapter at its artifact's blocks, an additive vector at the first artifact's
+        # (their resid_post), prompting nowhere; rows are only a fair comparison at the same blocks
+        "blocks": method_blocks(cfg.methods, artifacts),
         "points": {r.name: [asdict(p) for p in r.points] for r in results},
         "budget_probes": {r.name: [asdict(p) for p in r.probes] for r in results},
         **extra,

@@ -298,6 +298,19 @@ def test_iso_table_joins_comparable_reports_and_refuses_the_rest(tmp_path, capsy
     assert iso_table.main([str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:adapter=learned"]) == 0
     out = capsys.readouterr().out
     assert "| learned | + |" in out and "| learned | − |" in out and "+0.900 [" in out and " *" in out
+    assert "note:" not in out  # neither report records its blocks: nothing to warn about
+    # baselines measured at other blocks than the adapter: the table says so (rows still joined)
+    a, b = _report({"pca_diff": [0.1, 0.2, 0.3]}), _report({"adapter": [1.0, 1.1, 1.2]})
+    a["blocks"], b["blocks"] = {"pca_diff": [8, 10]}, {"adapter": [15, 16]}
+    (tmp_path / "a2.json").write_text(json.dumps(a))
+    (tmp_path / "b2.json").write_text(json.dumps(b))
+    assert iso_table.main([str(tmp_path / "a2.json"), f"{tmp_path / 'b2.json'}:adapter=learned"]) == 0
+    assert "note: these rows act at different blocks" in (out := capsys.readouterr().out)
+    assert "pca_diff at 8, 10; learned at 15, 16" in out
+    b["blocks"] = {"adapter": [8, 10]}
+    (tmp_path / "b2.json").write_text(json.dumps(b))
+    assert iso_table.main([str(tmp_path / "a2.json"), str(tmp_path / "b2.json")]) == 0
+    assert "note:" not in capsys.readouterr().out
     (tmp_path / "c.json").write_text(json.dumps(_report({"adapter": [1.0, 1.0, 1.0]}, zero=0.2)))
     assert iso_table.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
     assert "base model's effects differ" in capsys.readouterr().err

@@ -189,6 +189,8 @@ def test_train_then_eval_end_to_end_through_the_commands(tiny, tmp_path, monkeyp
     assert {"report.json", "REPORT.md", "run_config.json", "figures"} == {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert set(report["iso_table"]) == {"adapter", "mean_diff"}
+    blocks = sorted({int(a.site.split(".")[1]) for a in SteeringArtifact.load(art).adapters})
+    assert report["blocks"] == {"adapter": blocks, "mean_diff": blocks}  # the baseline acts at the adapter's blocks
     assert report["concept"] == "sentiment"  # recorded by train (--personas given: the concept's name still is)
     assert report["effects"] == [{"name": "logodds", "unit": "nat/token"}]
     assert cli.main(["eval", str(art), "--methods", "adapter", "--n-items", "2", "--n-neutral", "2"]) == 2
@@ -220,5 +222,6 @@ def test_demo_end_to_end_two_concepts_two_seeds(tiny, tmp_path, monkeypatch):
         report = json.loads((d / "report.json").read_text())
         assert set(report["iso_table"]) == {"adapter@0", "adapter@1", "adapter (2 seeds)", "mean_diff"}
         assert report["concept"] == concept and report["train"]["seeds"] == [0, 1]
+        assert report["blocks"]["adapter@0"] == report["blocks"]["adapter@1"] == report["blocks"]["mean_diff"] != []
     index = (out / "REPORT.md").read_text()
     assert "[honesty](honesty/REPORT.md)" in index and "| adapter (2 seeds) | + |" in index
