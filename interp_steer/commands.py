@@ -34,7 +34,7 @@ from .models import load_model, model_device, resolve_device, resolve_dtype
 from .names import layer_of, resid_post, site_layer
 from .report import demo_index, iso_table_markdown, write_outputs
 from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
-from .train import KL_SAMPLE_SEED, TrainResult, generic_text, train
+from .train import TrainResult, kl_text, train
 
 ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
 
@@ -212,9 +212,7 @@ def run_demo(cfg: DemoRun) -> dict:
     bridge, tok = load_model(cfg.model, cfg.device, cfg.dtype)
     reports = {}
     # the KL constraint's text depends on the model alone: one set for every concept and seed (~15 s each)
-    generic = (generic_text(bridge, tok, cfg.train.kl_texts, cfg.train.kl_batch,
-                            sample_seed=KL_SAMPLE_SEED if cfg.train.kl_sample else None)
-               if cfg.train.loss.kl_budget is not None else None)
+    generic = kl_text(bridge, tok, cfg.train)
     for concept in concepts:
         t1 = time.perf_counter()
         cdir = prepare_run_dir(out / concept.name, cfg.overwrite)

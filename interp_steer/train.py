@@ -170,6 +170,17 @@ def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
     return out
 
 
+def kl_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, world: World = World()
+            ) -> GenericText | None:
+    """The generic text ``cfg`` trains its KL constraint (and text shift) on: None without ``loss.kl_budget``;
+    sampled with ``kl_sample``; with the loss hook's reference states when ``loss.w_text_shift`` > 0."""
+    if cfg.loss.kl_budget is None:
+        return None
+    hook = loss_hook(cfg, bridge.cfg.n_layers) if cfg.loss.w_text_shift > 0 else None
+    return generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world,
+                        sample_seed=KL_SAMPLE_SEED if cfg.kl_sample else None, hook=hook)
+
+
 def _generic_forward(bridge: TransformerBridge, batch: Batch, hook: str | None
                      ) -> tuple[Float[Tensor, "batch pos vocab"], Float[Tensor, "batch pos d_model"] | None]:
     """Logits, and the states at ``hook`` (every position) when it is given."""
@@ -327,9 +338,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
 
     ``data`` records where the pairs came from (stored in the artifact); ``callback(step, adapters)`` runs
     after every optimiser step (e.g. to snapshot directions over training). ``generic``: the KL constraint's text,
-    ``generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, sample_seed=KL_SAMPLE_SEED if cfg.kl_sample
-    else None)`` computed once for several runs on one model (it depends on neither the pairs nor the seed);
-    None: computed here when ``cfg.loss.kl_budget`` is set.
+    ``kl_text(bridge, tokenizer, cfg)`` computed once for several runs on one model (it depends on neither the
+    pairs nor the seed); None: computed here when ``cfg.loss.kl_budget`` is set.
 
     Inside a process group (``torchrun``; ``distributed.joined``) every process calls this with the same
     arguments: each trains on its shard of every global batch of ``cfg.batch_pairs`` pairs, the steps are those
@@ -408,18 +418,16 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
             raise ValueError("pass no precomputed generic text under torchrun: each process keeps its own shard")
         if any(b is None or len(b) > cfg.kl_batch for b in generic.batches) or not generic.batches:
             raise ValueError(f"the precomputed generic text does not fit kl_batch={cfg.kl_batch}: compute it with "
-                             "generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, sample_seed=...)")
+                             "kl_text(bridge, tokenizer, cfg)")
         if (generic.sample_seed is not None) != cfg.kl_sample:
             raise ValueError(f"the precomputed generic text is {'sampled' if generic.sample_seed is not None else 'greedy'}"
-                             f" but cfg.kl_sample is {cfg.kl_sample}: compute it with sample_seed="
-                             f"{'KL_SAMPLE_SEED' if cfg.kl_sample else 'None'}")
+                             f" but cfg.kl_sample is {cfg.kl_sample}: compute it with kl_text(bridge, tokenizer, cfg)")
         if generic.hook != text_hook:
             raise ValueError(f"the precomputed generic text keeps states at {generic.hook} but this run's text shift "
-                             f"needs {text_hook}: compute it with hook={text_hook!r}")
+                             f"needs {text_hook}: compute it with kl_text(bridge, tokenizer, cfg)")
     else:
         t = time.perf_counter()
-        generic = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world,
-                               sample_seed=KL_SAMPLE_SEED if cfg.kl_sample else None, hook=text_hook)
+        generic = kl_text(bridge, tokenizer, cfg, world)
         timings["generic_text_s"] = time.perf_counter() - t
     duals = [0.0, 0.0]  # λ for c = +1 and c = −1
 

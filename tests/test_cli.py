@@ -204,8 +204,8 @@ def test_demo_end_to_end_two_concepts_two_seeds(tiny, tmp_path, monkeypatch):
     loads = []
     monkeypatch.setattr(commands, "load_model", lambda name=None, device="auto", dtype=None: loads.append(1) or tiny)
     texts = []  # the KL constraint's text: made once for both concepts and both seeds
-    real_generic_text = commands.generic_text
-    monkeypatch.setattr(commands, "generic_text", lambda *a, **k: texts.append(1) or real_generic_text(*a, **k))
+    real_kl_text = commands.kl_text
+    monkeypatch.setattr(commands, "kl_text", lambda *a, **k: texts.append(1) or real_kl_text(*a, **k))
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--concepts", "honesty,sentiment", "--seeds", "0,1",
                      "--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2",

@@ -319,6 +319,9 @@ def test_the_text_shift_reads_the_generic_texts_states_at_the_loss_hook_and_trai
     assert train_mod.text_shift(moved, ref, d, 2.0).item() == pytest.approx(1.0, abs=1e-4)
     trained = train(bridge, tok, pairs, cfg, progress=False)
     assert all(math.isfinite(x["tshift"]) for x in trained.history)
+    # the text the config asks for, made once beforehand (run_demo's path), trains identically
+    again = train(bridge, tok, pairs, cfg, progress=False, generic=train_mod.kl_text(bridge, tok, cfg))
+    assert torch.equal(params(again.adapters), params(trained.adapters))
     plain = train_mod.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch)
     with pytest.raises(ValueError, match="needs blocks"):
         train(bridge, tok, pairs, cfg, progress=False, generic=plain)
