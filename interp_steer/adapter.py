@@ -10,7 +10,8 @@ with θ skew-symmetric, so R(c) is orthogonal, R(0) = I and R(−c) = R(c)ᵀ: c
 c = ±1 steer the two ways, exact inverses in rotation. It is applied through the site's TransformerLens
 hooks as the low-rank delta ``Δy = ((xV) R(c) diag(S_c) − (xV) diag(S)) Uᵀ``: read ``x`` at
 ``{site}.hook_in``, add ``Δy`` at ``{site}.hook_out``. With ``rotate_u`` the output basis turns too,
-``U → U R_u(c)``.
+``U → U R_u(c)``. With ``bias`` the layer also writes ``c·b`` (b learnable, odd in c like the rest): a rotation
+can only redirect what the layer already writes; ``b`` adds a direction of its own, as a steering vector does.
 
 The adapter computes in float32 whatever the model's dtype (U, S, V, θ, λ, the Cayley solve, Δy): the hook
 reads ``x`` as float32 and adds ``Δy`` cast to the activation's dtype, so c = 0 (Δy = 0 exactly) leaves a
@@ -46,6 +47,7 @@ class AdapterSpec:
     rank: int = 32
     scale: Scale = "exp"
     rotate_u: bool = False
+    bias: bool = False
 
     def __post_init__(self):
         check_site(self.site)
@@ -53,6 +55,9 @@ class AdapterSpec:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.scale not in ("exp", "add"):
             raise ValueError(f"scale must be 'exp' or 'add', got {self.scale!r}")
+        for name in ("rotate_u", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,6 +165,8 @@ class SVDAdapter(nn.Module):
         self.theta_v = draw(r, r)
         self.lam = draw(r)
         self.theta_u = draw(r, r) if spec.rotate_u else None
+        # b starts at 0: c·b is odd in c, so c = ±1 already pull it the same way (no saddle to break)
+        self.b = nn.Parameter(torch.zeros(U.shape[0], dtype=f32, device=self.U.device)) if spec.bias else None
 
     @classmethod
     def from_weight(cls, spec: AdapterSpec, W: Float[Tensor, "d_out d_in"], *,
@@ -202,7 +209,7 @@ class SVDAdapter(nn.Module):
         return self.S + c * self.lam
 
     def delta(self, x: Float[Tensor, "batch pos d_in"], c: Float[Tensor, "batch"]) -> Float[Tensor, "batch pos d_out"]:
-        """Δy = ((xV) R(c) diag(S_c) [R_u(c)ᵀ] − (xV) diag(S)) Uᵀ, one c per batch row."""
+        """Δy = ((xV) R(c) diag(S_c) [R_u(c)ᵀ] − (xV) diag(S)) Uᵀ [+ c·b], one c per batch row."""
         # one Cayley solve per distinct c (training has two, ±1; evaluation one), not one per row
         cs, row = torch.unique(c, return_inverse=True)
         R, S_c = self.rotation(cs)[row], self.singular_values(cs)[row]  # batch r r, batch r
@@ -210,7 +217,10 @@ class SVDAdapter(nn.Module):
         zr = torch.einsum("bpr,brs->bps", z, R) * S_c[:, None, :]
         if self.theta_u is not None:
             zr = torch.einsum("bps,bts->bpt", zr, self.rotation(cs, "u")[row])  # (U R_u)ᵀ = R_uᵀ Uᵀ
-        return (zr - z * self.S) @ self.U.T
+        out = (zr - z * self.S) @ self.U.T
+        if self.b is not None:
+            out = out + c.to(out.dtype)[:, None, None] * self.b
+        return out
 
     def factors(self, c: float) -> tuple[Float[Tensor, "d_out rank"], Float[Tensor, "rank d_in"]]:
         """ΔW(c) = W(c) − W = B A with B = U (R_u diag(S_c) Rᵀ − diag(S)) and A = Vᵀ: rank ≤ r, so exactly a LoRA."""
@@ -219,6 +229,10 @@ class SVDAdapter(nn.Module):
         if self.theta_u is not None:
             core = self.rotation(cc, "u")[0] @ core
         return self.U @ (core - torch.diag(self.S)), self.V.T
+
+    def bias_delta(self, c: float) -> Float[Tensor, "d_out"] | None:
+        """Δbias(c) = c·b (``spec.bias``), or None: what merging adds to the layer's bias."""
+        return None if self.b is None else float(c) * self.b
 
     def merge(self, W: Float[Tensor, "d_out d_in"], c: float) -> Float[Tensor, "d_out d_in"]:
         """W(c) = W_res + (U R_u) diag(S_c) (V R)ᵀ = W + U (R_u diag(S_c) Rᵀ − diag(S)) Vᵀ = W + B A (``factors``),
@@ -272,6 +286,11 @@ def apply_adapters(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c:
 @contextmanager
 def merged_weights(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: float) -> Iterator[TransformerBridge]:
     """Bake ``W(c)`` into the model's weights inside the block; the originals come back on exit."""
+    adapters = list(adapters)
+    for a in adapters:
+        if a.b is not None and _linear(bridge, a.site).bias is None:  # type: ignore[union-attr]
+            raise ValueError(f"adapter at {a.site} has a bias term (bias=True) but that layer has no bias to merge "
+                             f"it into; apply it through hooks (apply_adapters) or export a LoRA (peft's lora_bias holds it)")
     saved = []
     try:
         with torch.no_grad():
@@ -279,6 +298,11 @@ def merged_weights(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c:
                 W = linear_weight(bridge, a.site)  # a view for Conv1D: copy_ writes the model's weight
                 saved.append((W, W.detach().clone()))
                 W.copy_(a.merge(W.detach(), c))  # float32 math, rounded once to the weight's dtype
+                db = a.bias_delta(c)
+                if db is not None:
+                    bias = _linear(bridge, a.site).bias  # type: ignore[union-attr]
+                    saved.append((bias, bias.detach().clone()))
+                    bias.copy_(bias.detach().float() + db)
         yield bridge
     finally:
         with torch.no_grad():

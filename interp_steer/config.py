@@ -241,6 +241,8 @@ class TrainConfig(Config):
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (> 0)"})
     scale: Scale = field(default="exp", metadata={"help": "S_c = exp(cλ)⊙S or S + cλ"})
     rotate_u: bool = field(default=False, metadata={"help": "also rotate the output basis U"})
+    bias: bool = field(default=False, metadata={
+        "help": "each adapted layer also writes c·b (b learnable): a direction of its own beside the rotation"})
     # θ and λ start small and non-zero (symmetry breaking: seed-guide.md)
     init_scale: float = field(default=1e-2, metadata={"help": "std of the initial θ, λ (> 0)"})
     held_out: float = field(default=0.2, metadata={"help": "fraction of pairs held out, in [0, 1)"})

@@ -6,7 +6,9 @@
 - **lora** — ``ΔW(c) = U (R_u(c) diag(S_c) R(c)ᵀ − diag S) Vᵀ`` has rank ≤ r, so it *is* a LoRA:
   ``B = U (R_u diag(S_c) Rᵀ − diag S)`` (d_out × r), ``A = Vᵀ`` (r × d_in) (``SVDAdapter.factors``), written in
   peft's format with ``lora_alpha = r`` so that peft's scaling α/r is 1 and ``W x + B A x = W(c) x``. One
-  directory per c; a multi-LoRA server holds c = +1 and c = −1 side by side over one base model.
+  directory per c; a multi-LoRA server holds c = +1 and c = −1 side by side over one base model. An adapter's bias
+  term ``c·b`` (``bias=True``) goes into ``lora_B.bias`` (peft's ``lora_bias``); a merged export of it needs the
+  layer to have a bias and is refused otherwise.
 - **control-vector** — an additive steer ``h_L ← h_L + c · scale_L · d_L`` (every position) as a llama.cpp control
   vector: a GGUF file with ``general.architecture = "controlvector"``, ``controlvector.model_hint``,
   ``controlvector.layer_count`` and one F32 tensor ``direction.N`` per layer. llama.cpp adds ``direction.N`` to the
@@ -154,20 +156,28 @@ def save_merged(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, a
 
 def lora_tensors(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: float
                  ) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """peft's tensors for ``ΔW(c) = B A`` at every site, and the rank of each HF module."""
+    """peft's tensors for ``ΔW(c) = B A`` at every site, and the rank of each HF module.
+
+    Adapters with a bias term (``bias=True``) write ``c·b`` as ``lora_B.bias`` (peft's ``lora_bias``); when any
+    adapter has one, every module gets a ``lora_B.bias`` (zeros where its adapter has none), as peft expects."""
     adapters = list(adapters)
     modules = hf_module_names(bridge, [a.site for a in adapters])
+    with_bias = any(a.b is not None for a in adapters)
     tensors, ranks = {}, {}
     for a in adapters:
         name = modules[a.site]
         B, A = a.factors(c)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().contiguous()  # r × d_in
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous()  # d_out × r
+        if with_bias:
+            db = a.bias_delta(c)
+            db = torch.zeros(B.shape[0], dtype=B.dtype, device=B.device) if db is None else db
+            tensors[f"base_model.model.{name}.lora_B.bias"] = db.detach().float().contiguous()
         ranks[name] = a.spec.rank
     return tensors, ranks
 
 
-def lora_config(ranks: Mapping[str, int], base_model: str) -> dict:
+def lora_config(ranks: Mapping[str, int], base_model: str, lora_bias: bool = False) -> dict:
     """peft's ``adapter_config.json``: ``lora_alpha = r`` for every module, so peft's scaling α/r is exactly 1."""
     r = max(ranks.values())
     odd = {name: k for name, k in ranks.items() if k != r}
@@ -176,7 +186,7 @@ def lora_config(ranks: Mapping[str, int], base_model: str) -> dict:
         "r": r, "lora_alpha": r, "rank_pattern": odd, "alpha_pattern": dict(odd),
         "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
-        "inference_mode": True,
+        "inference_mode": True, "lora_bias": lora_bias,
     }
 
 
@@ -189,7 +199,7 @@ def save_lora(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: floa
     c = check_coeff(c)
     adapters = list(adapters)
     tensors, ranks = lora_tensors(bridge, adapters, c)
-    config = json_text(lora_config(ranks, base_model))
+    config = json_text(lora_config(ranks, base_model, lora_bias=any(a.b is not None for a in adapters)))
     modules = hf_module_names(bridge, [a.site for a in adapters])
     text = json_text(_manifest("lora", c, {**(manifest or {}), "modules": modules}))
 

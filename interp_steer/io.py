@@ -4,7 +4,7 @@ An artifact is one directory::
 
     config.json          format_version, architecture, base_model, fingerprints, adapter specs, loss_hook,
                          the full TrainConfig, where the pairs came from, metrics
-    adapter.safetensors  every adapter tensor as "{site}.{name}" (U, S, V, theta_v, lam[, theta_u]) and "d_steer"
+    adapter.safetensors  every adapter tensor as "{site}.{name}" (U, S, V, theta_v, lam[, theta_u][, b]) and "d_steer"
 
 A checkpoint is an artifact plus ``optimizer.safetensors`` and ``trainer.json``, written by the same writer.
 Every directory is written whole into a temporary sibling and renamed into place; an existing one is kept
@@ -330,7 +330,8 @@ def save_artifact(path: str | Path, artifact: SteeringArtifact, *, overwrite: bo
     return write_dir_atomic(path, writers, overwrite)
 
 
-_SPEC_KEYS = {"site", "rank", "scale", "rotate_u"}
+_SPEC_KEYS = {"site", "rank", "scale", "rotate_u", "bias"}
+_SPEC_OPTIONAL = {"bias": False}  # spec keys added later: the value an artifact written without them had
 # TrainConfig fields whose default changed after artifacts were written without them: the value such an
 # artifact was trained with (before the field existed every run rotated the largest triplets)
 _BEFORE_FIELD = {"triplets": "top"}
@@ -384,9 +385,10 @@ def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> 
         train_config = TrainConfig.from_dict(written_train_config(config["train_config"]))
         specs = []
         for d in config["adapters"]:
-            if not isinstance(d, dict) or set(d) != _SPEC_KEYS:
-                raise ValueError(f"adapter spec {d!r} must have exactly the keys {sorted(_SPEC_KEYS)}")
-            specs.append(AdapterSpec(**d))
+            if not isinstance(d, dict) or not set(_SPEC_KEYS) - set(_SPEC_OPTIONAL) <= set(d) <= _SPEC_KEYS:
+                raise ValueError(f"adapter spec {d!r} must have the keys {sorted(_SPEC_KEYS)} "
+                                 f"({', '.join(sorted(_SPEC_OPTIONAL))} may be missing)")
+            specs.append(AdapterSpec(**{**_SPEC_OPTIONAL, **d}))
     except (ConfigError, ValueError, TypeError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
     fps = config["fingerprints"]

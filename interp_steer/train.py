@@ -74,7 +74,7 @@ def adapter_specs(cfg: TrainConfig, n_layers: int) -> list[AdapterSpec]:
     last = resolve_layer(cfg.loss_layer, n_layers)
     if layers[-1] > last:
         raise ValueError(f"adapted layer {layers[-1]} is after the loss layer {last}: it cannot move it")
-    return [AdapterSpec(site_name(L, cfg.site), cfg.rank, cfg.scale, cfg.rotate_u) for L in layers]
+    return [AdapterSpec(site_name(L, cfg.site), cfg.rank, cfg.scale, cfg.rotate_u, cfg.bias) for L in layers]
 
 
 @dataclass

@@ -95,6 +95,31 @@ def test_lora_export_is_exact_in_peft(tiny, adapters, tmp_path, c):
     assert wrapped == {hf_module_name(bridge, s) for s in SITES}
 
 
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # peft: such a LoRA cannot be merged by peft
+def test_an_adapter_bias_term_exports_as_peft_lora_bias_and_is_refused_as_merged(tiny, tmp_path):
+    bridge, tok = tiny
+    specs = [AdapterSpec("blocks.0.mlp.out", rank=4, bias=True), AdapterSpec("blocks.1.attn.q", rank=4)]
+    ads = make_adapters(bridge, specs, init_scale=0.3)
+    with torch.no_grad():
+        ads[0].b.normal_(generator=torch.Generator().manual_seed(6))
+    for c in (1.0, -1.0):
+        out = save_lora(bridge, ads, c, tmp_path / f"l{c}", base_model="tiny")
+        assert json.loads((out / LORA_CONFIG_FILE).read_text())["lora_bias"] is True
+        model = peft.PeftModel.from_pretrained(fresh_base(bridge), out).eval()
+        with torch.no_grad():
+            lora = model(ids()).logits
+        hooked = hooked_logits(bridge, ads, c)
+        assert (lora - hooked).abs().max().item() < TOL
+        with torch.no_grad():
+            ads[0].b.zero_()
+            without = hooked_logits(bridge, ads, c)
+            ads[0].b.normal_(generator=torch.Generator().manual_seed(6))
+        assert (hooked - without).abs().max().item() > 100 * TOL  # the bias really is in the export
+    with pytest.raises(ValueError, match="no bias to merge"):
+        save_merged(bridge, tok, ads, 1.0, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_the_lora_factors_are_the_merge_and_have_rank_r(adapters):
     for a in adapters:
         B, A = a.factors(0.8)
