@@ -18,6 +18,7 @@ from jaxtyping import Bool, Float, Int
 from numpy.typing import ArrayLike
 from scipy.stats import spearmanr
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
@@ -227,16 +228,18 @@ def greedy_continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokeniz
 
 @torch.no_grad()
 def generate_ids(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                 max_new_tokens: int, batch_size: int, seed: int | None = None) -> list[list[int]]:
+                 max_new_tokens: int, batch_size: int, seed: int | None = None, desc: str | None = None
+                 ) -> list[list[int]]:
     """The generated token ids after each rendered text (left-padded batches, KV cache; rows that stopped early
     are filled with what ``generate`` pads them with), under whatever hooks are on the model: greedy, or with
-    ``seed`` sampled at temperature 1 from the torch RNG seeded with it (the caller's RNG state is restored)."""
+    ``seed`` sampled at temperature 1 from the torch RNG seeded with it (the caller's RNG state is restored).
+    With ``desc``, a progress bar of that name counts the batches."""
     out: list[list[int]] = []
     device = model_device(bridge)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        for i in range(0, len(texts), batch_size):
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=desc is None, leave=False):
             batch = tokenize(texts[i: i + batch_size], tokenizer, device=device)
             ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=seed is not None, temperature=1.0, use_past_kv_cache=True,

@@ -270,17 +270,18 @@ def _continuation_rows(heads: Sequence[list[int]], conts: Sequence[list[int]], p
 
 @torch.no_grad()
 def continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
-                  batch_pairs: int, n_tokens: int, gen_batch: int = 64) -> Continuations:
+                  batch_pairs: int, n_tokens: int, gen_batch: int = 64, progress: bool = False) -> Continuations:
     """Greedy ``n_tokens``-token continuations of every pair prompt (base model, KV cache, ``gen_batch`` prompts
     a call), cut at the first end-of-sequence token, then the four rows per pair of ``Continuations`` in batches
-    of ``batch_pairs`` pairs."""
+    of ``batch_pairs`` pairs. Generating them takes minutes on a CPU: ``progress`` shows a bar."""
     dev = model_device(bridge)
     stop = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = interleave(pairs)
     heads = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     conts = [row[: next((k for k, t in enumerate(row) if t in stop), len(row))]
-             for row in generate_ids(bridge, tokenizer, texts, n_tokens, gen_batch)]
+             for row in generate_ids(bridge, tokenizer, texts, n_tokens, gen_batch,
+                                     desc="continuations" if progress else None)]
     keep = [k for k in range(len(pairs)) if conts[2 * k] and conts[2 * k + 1] and conts[2 * k] != conts[2 * k + 1]]
     if not keep:
         raise ValueError("no pair has two different non-empty continuations: the behaviour objective has nothing to "
@@ -408,7 +409,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     cont = None
     if cfg.loss.objective == "behaviour":
         t = time.perf_counter()
-        cont = continuations(bridge, tokenizer, train_pairs, cfg.batch_pairs, cfg.loss.continuation_tokens)
+        cont = continuations(bridge, tokenizer, train_pairs, cfg.batch_pairs, cfg.loss.continuation_tokens,
+                             progress=progress)
         timings["continuations_s"] = time.perf_counter() - t
 
     if cfg.loss.kl_budget is None:
