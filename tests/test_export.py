@@ -117,7 +117,7 @@ def test_an_adapter_bias_term_exports_as_peft_lora_bias_and_is_refused_as_merged
         assert (hooked - without).abs().max().item() > 100 * TOL  # the bias really is in the export
     with pytest.raises(ValueError, match="no bias to merge"):
         save_merged(bridge, tok, ads, 1.0, tmp_path / "m")
-    assert not (tmp_path / "m").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l-1.0", "l1.0"]  # no merged directory, no debris
 
 
 def test_the_lora_factors_are_the_merge_and_have_rank_r(adapters):
