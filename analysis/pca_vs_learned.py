@@ -11,7 +11,8 @@ principal angles between the k-dim subspaces.
 
 A ceiling: ΔW's columns lie in span(U), the top-r left singular subspace of W (also with ``rotate_u``: U R_u
 spans the same space). So no output direction of the adapter can be closer to the PCA axis p than
-``‖U Uᵀ p‖ = sqrt(energy(p, U))``; ``ceiling`` reports it next to the cosine.
+``‖U Uᵀ p‖ = sqrt(energy(p, U))``; ``ceiling`` reports it next to the cosine. An adapter's bias term ``c·b``
+(``bias=True``) is not part of ΔW and has no ceiling: ``cos_bias = |cos(p, b)|`` (None without one).
 """
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ def output_subspace(adapter: SVDAdapter, k: int, c: float = 1.0
 
 
 def compare(dhs: Float[Tensor, "pairs d_model"], adapter: SVDAdapter, k: int, c: float = 1.0) -> dict:
-    """|cos| of the top PCA axis and ΔW's top output vector, principal angles (deg), and the span(U) ceiling."""
+    """|cos| of the top PCA axis and ΔW's top output vector, principal angles (deg), the span(U) ceiling, and |cos|
+    of the PCA axis and the bias term (None without one, or while it is 0)."""
     p = pca_subspace(dhs, k)
     a, sigma = output_subspace(adapter, k, c)
+    b = None if adapter.b is None else adapter.b.detach().double()
     return {
         "cos_top": abs(float(p[:, 0].double() @ a[:, 0].double())),
+        "cos_bias": None if b is None or b.norm() == 0 else abs(float(p[:, 0].double() @ b / b.norm())),
         "angles": principal_angles_deg(p, a).tolist(),
         "ceiling": math.sqrt(energy_fraction(p[:, :1].T, adapter.U)),
         "sigma": sigma.tolist(),
@@ -74,6 +78,7 @@ class PcaVsLearned:
     angles: list[list[float]]      # principal angles (deg) between PCA top-k and ΔW top-k
     random_cos: float              # E|cos| of two random unit vectors in d_model, ≈ sqrt(2/(π d))
     random_angles: list[float]     # mean principal angles of random k-dim subspaces
+    cos_bias: list[float | None] = field(default_factory=list)  # |cos(pca_1, b)|, None without a bias term
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +88,7 @@ def per_layer(hs_ref: dict[int, Float[Tensor, "batch d_model"]], adapters: Itera
               c: float = 1.0) -> PcaVsLearned:
     """``compare`` for every adapter, against the reference states at its own layer."""
     adapters = list(adapters)
-    rows = {f: [] for f in ("cos_top", "ceiling", "angles")}
+    rows = {f: [] for f in ("cos_top", "ceiling", "angles", "cos_bias")}
     layers = []
     for a in adapters:
         L = site_layer(a.site)

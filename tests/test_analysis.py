@@ -143,8 +143,22 @@ def test_pca_vs_learned_cosines_lie_in_unit_interval_below_the_span_u_ceiling(sm
     for cos, ceiling in zip(res.cos_top, res.ceiling):
         assert 0 <= cos <= ceiling + 1e-6 <= 1 + 1e-6  # ΔW writes inside span(U): no closer than that
     assert all(0 <= a <= 90 for row in res.angles for a in row)
+    assert res.cos_bias == [None, None]  # no bias term
     with pytest.raises(ValueError, match="no reference states"):
         P.per_layer({0: hs[0]}, moved)
+
+
+def test_the_bias_term_is_compared_with_the_pca_axis_without_a_ceiling(tiny, small):
+    bridge, _, _, hs = small
+    a = SVDAdapter.from_bridge(bridge, AdapterSpec("blocks.1.mlp.out", 4, bias=True), init_scale=0.3)
+    assert P.compare(D.dhs_reference(hs[1]), a, 2)["cos_bias"] is None  # b = 0: no direction yet
+    p = D.pca_subspace(D.dhs_reference(hs[1]), 1)[:, 0]
+    with torch.no_grad():
+        a.b.copy_(-3.0 * p + 0.1 * a.U[:, 0])  # mostly the PCA axis, sign flipped
+    r = P.compare(D.dhs_reference(hs[1]), a, 2)
+    b = a.b.detach()
+    expected = abs(float(p @ b)) / b.norm().item()
+    assert r["cos_bias"] == pytest.approx(expected, rel=1e-5) and r["cos_bias"] > 0.99
 
 
 def test_subspace_tracker_snapshots_during_training(tiny):
