@@ -12,7 +12,7 @@ principal angles between the k-dim subspaces.
 A ceiling: ΔW's columns lie in span(U), the top-r left singular subspace of W (also with ``rotate_u``: U R_u
 spans the same space). So no output direction of the adapter can be closer to the PCA axis p than
 ``‖U Uᵀ p‖ = sqrt(energy(p, U))``; ``ceiling`` reports it next to the cosine. An adapter's bias term ``c·b``
-(``bias=True``) is not part of ΔW and has no ceiling: ``cos_bias = |cos(p, b)|`` (None without one).
+(``bias`` 'free' or 'span') is not part of ΔW and has no ceiling: ``cos_bias = |cos(p, b)|`` (None without one).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def compare(dhs: Float[Tensor, "pairs d_model"], adapter: SVDAdapter, k: int, c:
     of the PCA axis and the bias term (None without one, or while it is 0)."""
     p = pca_subspace(dhs, k)
     a, sigma = output_subspace(adapter, k, c)
-    b = None if adapter.b is None else adapter.b.detach().double()
+    b = adapter.bias_vector()
+    b = None if b is None else b.detach().double()
     return {
         "cos_top": abs(float(p[:, 0].double() @ a[:, 0].double())),
         "cos_bias": None if b is None or b.norm() == 0 else abs(float(p[:, 0].double() @ b / b.norm())),

@@ -12,6 +12,8 @@ hooks as the low-rank delta ``Δy = ((xV) R(c) diag(S_c) − (xV) diag(S)) Uᵀ`
 ``{site}.hook_in``, add ``Δy`` at ``{site}.hook_out``. With ``rotate_u`` the output basis turns too,
 ``U → U R_u(c)``. With ``bias`` the layer also writes ``c·b`` (b learnable, odd in c like the rest): a rotation
 can only redirect what the layer already writes; ``b`` adds a direction of its own, as a steering vector does.
+``bias="free"`` lets b be any output vector; ``bias="span"`` keeps it in the adapter's own output subspace,
+``b = U w``, so that everything the adapter writes lies in span(U).
 
 The adapter computes in float32 whatever the model's dtype (U, S, V, θ, λ, the Cayley solve, Δy): the hook
 reads ``x`` as float32 and adds ``Δy`` cast to the activation's dtype, so c = 0 (Δy = 0 exactly) leaves a
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformers.pytorch_utils import Conv1D
 
-from .config import Scale
+from .config import Bias, Scale
 from .names import SITES, check_site, hook_in, hook_out, site_layer
 
 COMPUTE_DTYPE = torch.float32  # the adapter's own dtype, whatever the model's
@@ -47,7 +49,7 @@ class AdapterSpec:
     rank: int = 32
     scale: Scale = "exp"
     rotate_u: bool = False
-    bias: bool = False
+    bias: Bias = "none"
 
     def __post_init__(self):
         check_site(self.site)
@@ -55,9 +57,10 @@ class AdapterSpec:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.scale not in ("exp", "add"):
             raise ValueError(f"scale must be 'exp' or 'add', got {self.scale!r}")
-        for name in ("rotate_u", "bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.rotate_u, bool):
+            raise ValueError(f"rotate_u must be True or False, got {self.rotate_u!r}")
+        if self.bias not in ("none", "free", "span"):
+            raise ValueError(f"bias must be 'none', 'free' or 'span', got {self.bias!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,8 +168,10 @@ class SVDAdapter(nn.Module):
         self.theta_v = draw(r, r)
         self.lam = draw(r)
         self.theta_u = draw(r, r) if spec.rotate_u else None
-        # b starts at 0: c·b is odd in c, so c = ±1 already pull it the same way (no saddle to break)
-        self.b = nn.Parameter(torch.zeros(U.shape[0], dtype=f32, device=self.U.device)) if spec.bias else None
+        # b starts at 0: c·b is odd in c, so c = ±1 already pull it the same way (no saddle to break).
+        # 'free': b in the layer's output space (d_out); 'span': its coordinates w in U's basis (b = U w)
+        size = {"none": 0, "free": U.shape[0], "span": r}[spec.bias]
+        self.b = nn.Parameter(torch.zeros(size, dtype=f32, device=self.U.device)) if size else None
 
     @classmethod
     def from_weight(cls, spec: AdapterSpec, W: Float[Tensor, "d_out d_in"], *,
@@ -209,7 +214,8 @@ class SVDAdapter(nn.Module):
         return self.S + c * self.lam
 
     def delta(self, x: Float[Tensor, "batch pos d_in"], c: Float[Tensor, "batch"]) -> Float[Tensor, "batch pos d_out"]:
-        """Δy = ((xV) R(c) diag(S_c) [R_u(c)ᵀ] − (xV) diag(S)) Uᵀ [+ c·b], one c per batch row."""
+        """Δy = ((xV) R(c) diag(S_c) [R_u(c)ᵀ] − (xV) diag(S)) Uᵀ [+ c·b], one c per batch row (b = U w for
+        bias='span')."""
         # one Cayley solve per distinct c (training has two, ±1; evaluation one), not one per row
         cs, row = torch.unique(c, return_inverse=True)
         R, S_c = self.rotation(cs)[row], self.singular_values(cs)[row]  # batch r r, batch r
@@ -217,9 +223,12 @@ class SVDAdapter(nn.Module):
         zr = torch.einsum("bpr,brs->bps", z, R) * S_c[:, None, :]
         if self.theta_u is not None:
             zr = torch.einsum("bps,bts->bpt", zr, self.rotation(cs, "u")[row])  # (U R_u)ᵀ = R_uᵀ Uᵀ
-        out = (zr - z * self.S) @ self.U.T
-        if self.b is not None:
-            out = out + c.to(out.dtype)[:, None, None] * self.b
+        coef = zr - z * self.S
+        if self.spec.bias == "span":  # c·U w: add c·w to the coefficients in U's basis
+            coef = coef + cs[row].to(coef.dtype)[:, None, None] * self.b
+        out = coef @ self.U.T
+        if self.spec.bias == "free":
+            out = out + cs[row].to(out.dtype)[:, None, None] * self.b
         return out
 
     def factors(self, c: float) -> tuple[Float[Tensor, "d_out rank"], Float[Tensor, "rank d_in"]]:
@@ -230,9 +239,16 @@ class SVDAdapter(nn.Module):
             core = self.rotation(cc, "u")[0] @ core
         return self.U @ (core - torch.diag(self.S)), self.V.T
 
+    def bias_vector(self) -> Float[Tensor, "d_out"] | None:
+        """b in the layer's output space (``U w`` for bias='span'), or None without a bias term."""
+        if self.b is None:
+            return None
+        return self.U @ self.b if self.spec.bias == "span" else self.b
+
     def bias_delta(self, c: float) -> Float[Tensor, "d_out"] | None:
-        """Δbias(c) = c·b (``spec.bias``), or None: what merging adds to the layer's bias."""
-        return None if self.b is None else float(c) * self.b
+        """Δbias(c) = c·b, or None without a bias term: what merging adds to the layer's bias."""
+        b = self.bias_vector()
+        return None if b is None else float(c) * b
 
     def merge(self, W: Float[Tensor, "d_out d_in"], c: float) -> Float[Tensor, "d_out d_in"]:
         """W(c) = W_res + (U R_u) diag(S_c) (V R)ᵀ = W + U (R_u diag(S_c) Rᵀ − diag(S)) Vᵀ = W + B A (``factors``),
@@ -289,7 +305,7 @@ def merged_weights(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c:
     adapters = list(adapters)
     for a in adapters:
         if a.b is not None and _linear(bridge, a.site).bias is None:  # type: ignore[union-attr]
-            raise ValueError(f"adapter at {a.site} has a bias term (bias=True) but that layer has no bias to merge "
+            raise ValueError(f"adapter at {a.site} has a bias term (bias={a.spec.bias!r}) but that layer has no bias to merge "
                              f"it into; apply it through hooks (apply_adapters) or export a LoRA (peft's lora_bias holds it)")
     saved = []
     try:

@@ -25,6 +25,7 @@ from .names import RESID_WRITERS, SITES
 
 Objective = Literal["shift", "separation", "behaviour"]
 Scale = Literal["exp", "add"]
+Bias = Literal["none", "free", "span"]
 Triplets = Literal["top", "aligned"]
 Site = Literal["mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "attn.o"]
 BudgetMetric = Literal["kl", "dnll"]
@@ -241,8 +242,9 @@ class TrainConfig(Config):
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (> 0)"})
     scale: Scale = field(default="exp", metadata={"help": "S_c = exp(cλ)⊙S or S + cλ"})
     rotate_u: bool = field(default=False, metadata={"help": "also rotate the output basis U"})
-    bias: bool = field(default=False, metadata={
-        "help": "each adapted layer also writes c·b (b learnable): a direction of its own beside the rotation"})
+    bias: Bias = field(default="none", metadata={
+        "help": "each adapted layer also writes c·b, b learnable: anywhere in its output space ('free'), or inside "
+                "the adapter's own output subspace span(U), b = U w ('span'); 'none': rotation and scaling only"})
     # θ and λ start small and non-zero (symmetry breaking: seed-guide.md)
     init_scale: float = field(default=1e-2, metadata={"help": "std of the initial θ, λ (> 0)"})
     held_out: float = field(default=0.2, metadata={"help": "fraction of pairs held out, in [0, 1)"})
@@ -439,5 +441,5 @@ def run_config_doc(command: str, cfg: Config) -> dict:
 
 
 __all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "ExportRun",
-           "METHODS", "ExportFormat", "VectorMethod", "Objective", "Scale", "Site", "Triplets", "MethodName", "Device",
+           "METHODS", "ExportFormat", "VectorMethod", "Objective", "Scale", "Bias", "Site", "Triplets", "MethodName", "Device",
            "DType", "load_run_config", "run_config_doc", "COMMANDS"]

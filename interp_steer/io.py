@@ -331,7 +331,7 @@ def save_artifact(path: str | Path, artifact: SteeringArtifact, *, overwrite: bo
 
 
 _SPEC_KEYS = {"site", "rank", "scale", "rotate_u", "bias"}
-_SPEC_OPTIONAL = {"bias": False}  # spec keys added later: the value an artifact written without them had
+_SPEC_OPTIONAL = {"bias": "none"}  # spec keys added later: the value an artifact written without them had
 # TrainConfig fields whose default changed after artifacts were written without them: the value such an
 # artifact was trained with (before the field existed every run rotated the largest triplets)
 _BEFORE_FIELD = {"triplets": "top"}

@@ -213,29 +213,35 @@ def test_real_model_adapter_identity_and_merge(real):
     assert (hooked - base).abs().max() > 1e-3
 
 
-def test_the_bias_term_adds_c_times_b_and_keeps_every_invariant(tiny):
-    """``bias=True``: Δy gains exactly c·b (odd in c), c = 0 stays the base model bit for bit, save of the rest is
-    unchanged; merging into a layer without a bias is refused, naming the way out."""
+@pytest.mark.parametrize("kind", ["free", "span"])
+def test_the_bias_term_adds_c_times_b_and_keeps_every_invariant(tiny, kind):
+    """``bias``: Δy gains exactly c·b (odd in c; b = U w inside span(U) for 'span'), c = 0 stays the base model bit
+    for bit; merging into a layer without a bias is refused, naming the way out."""
     bridge, tok = tiny
     x = ids(tok)
     site = "blocks.1.mlp.out"
     plain, biased = make_adapters(bridge, [AdapterSpec(site, rank=8)], init_scale=0.3)[0], \
-        make_adapters(bridge, [AdapterSpec(site, rank=8, bias=True)], init_scale=0.3)[0]
-    assert plain.b is None and torch.equal(biased.b, torch.zeros(bridge.cfg.d_model))  # starts as the base model
+        make_adapters(bridge, [AdapterSpec(site, rank=8, bias=kind)], init_scale=0.3)[0]
+    assert plain.b is None and plain.bias_vector() is None and plain.bias_delta(1.0) is None
+    assert biased.b.shape == ((bridge.cfg.d_model,) if kind == "free" else (8,))
+    assert biased.bias_vector().abs().max() == 0  # starts as the base model
     with torch.no_grad():
         biased.b.normal_(generator=torch.Generator().manual_seed(4))
+        b = biased.bias_vector()
+        if kind == "span":
+            assert torch.allclose(b, biased.U @ biased.b) and torch.allclose(biased.U @ (biased.U.T @ b), b, atol=1e-5)
         xs = torch.randn(3, 5, plain.V.shape[0])
         c = torch.tensor([1.0, -0.5, 0.0])
         diff = biased.delta(xs, c) - plain.delta(xs, c)  # same seed: same θ, λ
-        assert (diff - c[:, None, None] * biased.b).abs().max() <= 1e-6
+        assert (diff - c[:, None, None] * b).abs().max() <= 1e-5
+        assert torch.equal(biased.bias_delta(-0.5), -0.5 * b) and biased.bias_delta(0.0).abs().max() == 0
         base = bridge(x)
         with apply_adapters(bridge, [biased], 0.0):
             assert torch.equal(bridge(x), base)
         with apply_adapters(bridge, [biased], 1.0):
             assert (bridge(x) - base).abs().max() > 1e-2
-    assert biased.bias_delta(0.0).abs().max() == 0 and plain.bias_delta(1.0) is None
-    with pytest.raises(ValueError, match="has a bias term.*no bias to merge.*LoRA"):
+    with pytest.raises(ValueError, match=f"has a bias term \\(bias='{kind}'\\).*no bias to merge.*LoRA"):
         with merged_weights(bridge, [biased], 1.0):
             pass
-    with pytest.raises(ValueError, match="bias must be True or False"):
-        AdapterSpec(site, bias=1)
+    with pytest.raises(ValueError, match="bias must be 'none', 'free' or 'span'"):
+        AdapterSpec(site, bias=True)

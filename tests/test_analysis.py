@@ -150,7 +150,7 @@ def test_pca_vs_learned_cosines_lie_in_unit_interval_below_the_span_u_ceiling(sm
 
 def test_the_bias_term_is_compared_with_the_pca_axis_without_a_ceiling(tiny, small):
     bridge, _, _, hs = small
-    a = SVDAdapter.from_bridge(bridge, AdapterSpec("blocks.1.mlp.out", 4, bias=True), init_scale=0.3)
+    a = SVDAdapter.from_bridge(bridge, AdapterSpec("blocks.1.mlp.out", 4, bias="free"), init_scale=0.3)
     assert P.compare(D.dhs_reference(hs[1]), a, 2)["cos_bias"] is None  # b = 0: no direction yet
     p = D.pca_subspace(D.dhs_reference(hs[1]), 1)[:, 0]
     with torch.no_grad():

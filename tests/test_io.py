@@ -20,11 +20,13 @@ SITES = ["blocks.0.mlp.out", "blocks.1.attn.o", "blocks.2.mlp.in"]
 @pytest.fixture
 def art(tiny):
     bridge, _ = tiny
-    specs = [AdapterSpec(s, rank=4, rotate_u=(i == 1), scale="add" if i == 2 else "exp", bias=(i == 2))
+    specs = [AdapterSpec(s, rank=4, rotate_u=(i == 1), scale="add" if i == 2 else "exp",
+                         bias=("none", "span", "free")[i])
              for i, s in enumerate(SITES)]
     adapters = make_adapters(bridge, specs, init_scale=0.3)
     with torch.no_grad():
-        adapters[2].b.normal_(generator=torch.Generator().manual_seed(5))  # a bias term that is not zero
+        for a in adapters[1:]:
+            a.b.normal_(generator=torch.Generator().manual_seed(5))  # bias terms that are not zero
     cfg = TrainConfig(layers=(0, 1), loss_layer=2, rank=4, loss=LossConfig(objective="shift", margin=0.25))
     d = torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(0))
     return SteeringArtifact.build(bridge, adapters, d / d.norm(), "blocks.2.hook_resid_post", cfg,
@@ -104,11 +106,11 @@ def test_an_artifact_written_before_a_field_existed_reads_as_it_was_trained(art,
 
 def test_an_adapter_spec_written_before_the_bias_term_existed_has_none(art, tmp_path):
     art.save(tmp_path / "a")
-    edit_config(tmp_path / "a", lambda c: {**c, "adapters": [{k: v for k, v in d.items() if not (k == "bias" and not v)}
+    edit_config(tmp_path / "a", lambda c: {**c, "adapters": [{k: v for k, v in d.items() if not (k == "bias" and v == "none")}
                                                              for d in c["adapters"]]})
     back = load_artifact(tmp_path / "a")
     assert [a.spec for a in back.adapters] == [a.spec for a in art.adapters]
-    assert [a.b is None for a in back.adapters] == [True, True, False]
+    assert [a.b is None for a in back.adapters] == [True, False, False]
 
 
 def test_garbage_and_truncated_files_are_refused_naming_the_file(art, tmp_path):

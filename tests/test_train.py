@@ -72,12 +72,12 @@ def test_train_writes_a_loadable_adapter(tiny, tmp_path):
 
 def test_a_bias_term_is_trained_saved_and_loaded(tiny, tmp_path):
     bridge, tok = tiny
-    cfg = TrainConfig(**{**TINY, "bias": True})
-    assert all(s.bias for s in adapter_specs(cfg, bridge.cfg.n_layers))
+    cfg = TrainConfig(**{**TINY, "bias": "span"})
+    assert all(s.bias == "span" for s in adapter_specs(cfg, bridge.cfg.n_layers))
     result = train(bridge, tok, persona_pairs(tok), cfg, tmp_path / "run", progress=False)
     assert all(a.b is not None and a.b.abs().max() > 0 for a in result.adapters)  # it moved from 0
     art = SteeringArtifact.load(tmp_path / "run", bridge)
-    assert art.config.bias and all(torch.equal(a.b, b.b) for a, b in zip(art.adapters, result.adapters))
+    assert art.config.bias == "span" and all(torch.equal(a.b, b.b) for a, b in zip(art.adapters, result.adapters))
 
 
 def test_aligned_triplets_take_each_sites_triplets_from_the_pairs_mean_difference(tiny):
