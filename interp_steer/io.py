@@ -332,9 +332,10 @@ def save_artifact(path: str | Path, artifact: SteeringArtifact, *, overwrite: bo
 
 _SPEC_KEYS = {"site", "rank", "scale", "rotate_u", "bias"}
 _SPEC_OPTIONAL = {"bias": "none"}  # spec keys added later: the value an artifact written without them had
-# TrainConfig fields whose default changed after artifacts were written without them: the value such an
-# artifact was trained with (before the field existed every run rotated the largest triplets)
-_BEFORE_FIELD = {"triplets": "top"}
+# TrainConfig fields added after artifacts were written without them: the value such an artifact was trained
+# with (before the field existed every run rotated the largest triplets, and no adapter had a bias term), so
+# that a later change of the default cannot change what an old artifact says it was
+_BEFORE_FIELD = {"triplets": "top", "bias": "none"}
 
 
 def written_train_config(d):

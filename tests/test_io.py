@@ -108,6 +108,12 @@ def test_an_adapter_spec_written_before_the_bias_term_existed_has_none(art, tmp_
     art.save(tmp_path / "a")
     edit_config(tmp_path / "a", lambda c: {**c, "adapters": [{k: v for k, v in d.items() if not (k == "bias" and v == "none")}
                                                              for d in c["adapters"]]})
+    assert load_artifact(tmp_path / "a").config.bias == "none"  # the fixture's TrainConfig has the default
+    edit_config(tmp_path / "a", lambda c: {**c, "train_config": {**c["train_config"], "bias": "span"}})
+    assert load_artifact(tmp_path / "a").config.bias == "span"  # a written field wins
+    edit_config(tmp_path / "a", lambda c: {**c, "train_config": {k: v for k, v in c["train_config"].items()
+                                                                   if k != "bias"}})
+    assert load_artifact(tmp_path / "a").config.bias == "none"  # a missing one is what it was before the field
     back = load_artifact(tmp_path / "a")
     assert [a.spec for a in back.adapters] == [a.spec for a in art.adapters]
     assert [a.b is None for a in back.adapters] == [True, False, False]
