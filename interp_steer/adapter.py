@@ -305,8 +305,9 @@ def merged_weights(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c:
     adapters = list(adapters)
     for a in adapters:
         if a.b is not None and _linear(bridge, a.site).bias is None:  # type: ignore[union-attr]
-            raise ValueError(f"adapter at {a.site} has a bias term (bias={a.spec.bias!r}) but that layer has no bias to merge "
-                             f"it into; apply it through hooks (apply_adapters) or export a LoRA (peft's lora_bias holds it)")
+            raise ValueError(f"adapter at {a.site} has a bias term (bias={a.spec.bias!r}) but that layer has no bias "
+                             "to merge it into; apply it through hooks (apply_adapters) or export a LoRA (peft's "
+                             "lora_bias holds it)")
     saved = []
     try:
         with torch.no_grad():

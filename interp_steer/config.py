@@ -441,5 +441,5 @@ def run_config_doc(command: str, cfg: Config) -> dict:
 
 
 __all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "ExportRun",
-           "METHODS", "ExportFormat", "VectorMethod", "Objective", "Scale", "Bias", "Site", "Triplets", "MethodName", "Device",
-           "DType", "load_run_config", "run_config_doc", "COMMANDS"]
+           "METHODS", "ExportFormat", "VectorMethod", "Objective", "Scale", "Bias", "Site", "Triplets", "MethodName",
+           "Device", "DType", "load_run_config", "run_config_doc", "COMMANDS"]

@@ -7,8 +7,8 @@
   ``B = U (R_u diag(S_c) Rᵀ − diag S)`` (d_out × r), ``A = Vᵀ`` (r × d_in) (``SVDAdapter.factors``), written in
   peft's format with ``lora_alpha = r`` so that peft's scaling α/r is 1 and ``W x + B A x = W(c) x``. One
   directory per c; a multi-LoRA server holds c = +1 and c = −1 side by side over one base model. An adapter's bias
-  term ``c·b`` (``bias`` 'free' or 'span') goes into ``lora_B.bias`` (peft's ``lora_bias``); a merged export of it needs the
-  layer to have a bias and is refused otherwise.
+  term ``c·b`` (``bias`` 'free' or 'span') goes into ``lora_B.bias`` (peft's ``lora_bias``); a merged export of
+  it needs the layer to have a bias (GPT-2's do; Llama's ``down_proj`` does not) and is refused otherwise.
 - **control-vector** — an additive steer ``h_L ← h_L + c · scale_L · d_L`` (every position) as a llama.cpp control
   vector: a GGUF file with ``general.architecture = "controlvector"``, ``controlvector.model_hint``,
   ``controlvector.layer_count`` and one F32 tensor ``direction.N`` per layer. llama.cpp adds ``direction.N`` to the
@@ -158,8 +158,8 @@ def lora_tensors(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: f
                  ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """peft's tensors for ``ΔW(c) = B A`` at every site, and the rank of each HF module.
 
-    Adapters with a bias term (``bias`` 'free' or 'span') write ``c·b`` as ``lora_B.bias`` (peft's ``lora_bias``); when any
-    adapter has one, every module gets a ``lora_B.bias`` (zeros where its adapter has none), as peft expects."""
+    Adapters with a bias term (``bias`` 'free' or 'span') write ``c·b`` as ``lora_B.bias`` (peft's ``lora_bias``);
+    when any adapter has one, every module gets a ``lora_B.bias`` (zeros where its adapter has none)."""
     adapters = list(adapters)
     modules = hf_module_names(bridge, [a.site for a in adapters])
     with_bias = any(a.b is not None for a in adapters)

@@ -204,3 +204,25 @@ def test_pairs_that_differ_outside_every_window_are_refused_before_training(tmp_
     with pytest.raises(ValueError, match="same last-token states at blocks.1.hook_resid_post.*sliding"):
         train(bridge, tok, persona_pairs(tok), tc, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2"], indirect=True)
+def test_a_bias_term_merges_into_a_layer_that_has_a_bias(model):
+    """GPT-2's Conv1D layers have biases: an adapter's c·b merges into them, merged = hooks, and they come back."""
+    _, bridge, tok = model
+    specs = [AdapterSpec("blocks.0.mlp.out", 4, bias="free"), AdapterSpec("blocks.1.attn.o", 4, bias="span"),
+             AdapterSpec("blocks.2.mlp.in", 4, bias="free")]
+    ads = make_adapters(bridge, specs, init_scale=0.3)
+    with torch.no_grad():
+        for i, a in enumerate(ads):
+            a.b.normal_(generator=torch.Generator().manual_seed(i))
+    b = batch_of(tok)
+    with torch.no_grad():
+        base = logits(bridge, b)
+        for c in (1.0, -0.6):
+            with apply_adapters(bridge, ads, c):
+                hooked = logits(bridge, b)
+            with merged_weights(bridge, ads, c):
+                merged = logits(bridge, b)
+            assert (hooked - merged).abs().max() <= 1e-4, c
+        assert torch.equal(logits(bridge, b), base)  # weights and biases restored exactly

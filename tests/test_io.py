@@ -106,8 +106,8 @@ def test_an_artifact_written_before_a_field_existed_reads_as_it_was_trained(art,
 
 def test_an_adapter_spec_written_before_the_bias_term_existed_has_none(art, tmp_path):
     art.save(tmp_path / "a")
-    edit_config(tmp_path / "a", lambda c: {**c, "adapters": [{k: v for k, v in d.items() if not (k == "bias" and v == "none")}
-                                                             for d in c["adapters"]]})
+    edit_config(tmp_path / "a", lambda c: {**c, "adapters": [
+        {k: v for k, v in d.items() if not (k == "bias" and v == "none")} for d in c["adapters"]]})
     assert load_artifact(tmp_path / "a").config.bias == "none"  # the fixture's TrainConfig has the default
     edit_config(tmp_path / "a", lambda c: {**c, "train_config": {**c["train_config"], "bias": "span"}})
     assert load_artifact(tmp_path / "a").config.bias == "span"  # a written field wins
