@@ -225,10 +225,10 @@ class SVDAdapter(nn.Module):
             zr = torch.einsum("bps,bts->bpt", zr, self.rotation(cs, "u")[row])  # (U R_u)ᵀ = R_uᵀ Uᵀ
         coef = zr - z * self.S
         if self.spec.bias == "span":  # c·U w: add c·w to the coefficients in U's basis
-            coef = coef + cs[row].to(coef.dtype)[:, None, None] * self.b
+            coef = coef + c.to(coef.dtype)[:, None, None] * self.b
         out = coef @ self.U.T
         if self.spec.bias == "free":
-            out = out + cs[row].to(out.dtype)[:, None, None] * self.b
+            out = out + c.to(out.dtype)[:, None, None] * self.b
         return out
 
     def factors(self, c: float) -> tuple[Float[Tensor, "d_out rank"], Float[Tensor, "rank d_in"]]:

@@ -141,21 +141,25 @@ def training_batches(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, c
     return list(pair_batches(train_pairs, tok, tc.batch_pairs, device=device))
 
 
+def adapted_blocks(artifact: SteeringArtifact) -> list[int]:
+    """Every adapted block, once each, in order."""
+    return sorted({site_layer(a.site) for a in artifact.adapters})
+
+
 def adapted_resid_names(artifact: SteeringArtifact) -> list[str]:
-    """``resid_post`` of every adapted block, once each, in block order: where the additive baselines act."""
-    return [resid_post(L) for L in sorted({site_layer(a.site) for a in artifact.adapters})]
+    """``resid_post`` of every adapted block: where the additive baselines act."""
+    return [resid_post(L) for L in adapted_blocks(artifact)]
 
 
 def method_blocks(names: Sequence[str], artifacts: dict[str, SteeringArtifact]) -> dict[str, list[int]]:
     """The blocks each method's row acts at (``build_methods``' rows, by name)."""
-    blocks = lambda a: sorted({site_layer(s.site) for s in a.adapters})  # noqa: E731
     first = next(iter(artifacts.values()))
     out: dict[str, list[int]] = {}
     for name in names:
         if name == "adapter":
-            out.update({label: blocks(a) for label, a in artifacts.items()})
+            out.update({label: adapted_blocks(a) for label, a in artifacts.items()})
         else:
-            out[name] = [] if name == "prompting" else blocks(first)
+            out[name] = [] if name == "prompting" else adapted_blocks(first)
     return out
 
 

@@ -199,7 +199,7 @@ def save_lora(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: floa
     c = check_coeff(c)
     adapters = list(adapters)
     tensors, ranks = lora_tensors(bridge, adapters, c)
-    config = json_text(lora_config(ranks, base_model, lora_bias=any(a.b is not None for a in adapters)))
+    config = json_text(lora_config(ranks, base_model, lora_bias=any(k.endswith(".lora_B.bias") for k in tensors)))
     modules = hf_module_names(bridge, [a.site for a in adapters])
     text = json_text(_manifest("lora", c, {**(manifest or {}), "modules": modules}))
 
