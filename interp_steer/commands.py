@@ -21,16 +21,16 @@ from transformers import PreTrainedTokenizerBase
 from . import distributed
 from .capture import capture
 from .concepts import Concept, every_kth, get_concept
-from .config import DemoRun, EvalRun, ExportRun, SweepConfig, TrainRun, run_config_doc
+from .config import ConfigError, DemoRun, EvalRun, ExportRun, SweepConfig, TrainRun, run_config_doc
 from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
 from .directions import SteeringVector, gradient_directions, steering_vector
 from .evaluate import coherence_reference, load_neutral_texts
-from .export import is_export_file, save_control_vector, save_lora, save_merged
+from .export import save_control_vector, save_lora, save_merged
 from .io import (
-    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, load_artifact, model_name, prepare_run_dir,
-    write_json_atomic, write_text_atomic,
+    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, check_run_dir, load_artifact, model_name, prepare_run_dir,
+    seal_run_dir, write_json_atomic, write_text_atomic,
 )
-from .models import load_model, model_device, resolve_device, resolve_dtype
+from .models import DEFAULT_MODEL, check_model_source, load_model, model_device, resolve_device, resolve_dtype
 from .names import layer_of, resid_post, site_layer
 from .report import demo_index, iso_table_markdown, write_outputs
 from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
@@ -58,8 +58,43 @@ def data_source(model: str | None, pairs: str | None, personas: Sequence[str] | 
 
 
 def check_device(cfg: TrainRun | EvalRun | DemoRun) -> None:
-    """Refuse a device this machine lacks, or a dtype it cannot run, before anything is written or loaded."""
+    """Refuse a device this machine lacks, a dtype it cannot run, or a model path that holds no model, before
+    anything is written or loaded."""
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    check_model_source(cfg.model)
+
+
+def check_outside(out: str | Path, artifact: str | Path, option: str = "--out") -> None:
+    """Refuse an output directory equal to or inside the artifact it reads (it would write into the artifact)."""
+    o, a = Path(out).resolve(), Path(artifact).resolve()
+    if o == a or a in o.parents:
+        raise ConfigError(f"{option} {out} is inside the artifact {artifact}; an artifact is never written into. "
+                          "Choose an output directory outside it.")
+
+
+def model_for(artifact: SteeringArtifact, model: str | None, where: str) -> str | None:
+    """The model to load for ``artifact``: the one the user names. What the artifact records is compared,
+    never followed: an artifact does not choose what is downloaded or run."""
+    recorded = artifact.data.get("model")
+    if model is None and recorded not in (None, DEFAULT_MODEL):
+        raise ConfigError(f"{where} was trained on model {recorded!r}; interp-steer does not load a model because "
+                          f"an artifact names it. Pass --model {recorded} (or the directory holding it) if you "
+                          "trust that source.")
+    return model
+
+
+def pairs_for(artifact: SteeringArtifact, pairs_file: str | None, personas: Sequence[str] | None, where: str
+              ) -> tuple[str | None, Sequence[str] | None]:
+    """The pairs source for ``artifact``'s baselines: what the user gives, else the recorded personas (strings,
+    not a file); a recorded pairs file is never opened because the artifact names it."""
+    recorded = artifact.data
+    if pairs_file is None and personas is None:
+        if recorded.get("pairs"):
+            raise ConfigError(f"{where} was trained on the pairs file {recorded['pairs']!r}; interp-steer does not "
+                              "read a file because an artifact names it. Pass --pairs FILE to rebuild its "
+                              "training pairs.")
+        personas = recorded.get("personas")
+    return pairs_file, personas
 
 
 def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
@@ -67,7 +102,7 @@ def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
     (train.py): each joins the process group here, and rank 0 alone writes and prints."""
     check_device(cfg)
     get_concept(cfg.concept)  # an unknown name fails before minutes of work, and so does a bad output path
-    check_dir_target(cfg.out, cfg.overwrite)
+    check_dir_target(cfg.out, cfg.overwrite, siblings=(".ckpt",))
     with distributed.joined() as world:
         t0 = time.perf_counter()
         bridge, tok = load_model(cfg.model, distributed.process_device(cfg.device, world), cfg.dtype)
@@ -132,10 +167,9 @@ def additive_vector(bridge: TransformerBridge, name: str, artifact: SteeringArti
 def training_batches(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, concept: Concept,
                      pairs_file: str | None = None, personas: Sequence[str] | None = None,
                      device: torch.device | str | None = None) -> list:
-    """The artifact's own training pairs (what it records, unless given), batched as in training."""
-    recorded = artifact.data
-    if pairs_file is None and personas is None:
-        pairs_file, personas = recorded.get("pairs"), recorded.get("personas")
+    """The artifact's own training pairs (``pairs_for``: what the user gives, else the recorded personas or the
+    concept's pairs), batched as in training."""
+    pairs_file, personas = pairs_for(artifact, pairs_file, personas, "the artifact")
     tc = artifact.config
     train_pairs, _ = select_pairs(load_pairs(tok, pairs_file, personas, concept.name), tc.n_pairs, tc.held_out, tc.seed)
     return list(pair_batches(train_pairs, tok, tc.batch_pairs, device=device))
@@ -207,13 +241,15 @@ def run_demo(cfg: DemoRun) -> dict:
     distributed.single_process_only("demo")
     check_device(cfg)
     concepts = [get_concept(c) for c in cfg.concepts]  # an unknown name fails before any work
-    out = prepare_run_dir(cfg.out, cfg.overwrite)
+    out = check_run_dir(cfg.out, cfg.overwrite)
     for c in concepts:
         for seed in cfg.seeds:
-            check_dir_target(out / c.name / f"{ARTIFACT_DIR}-s{seed}", cfg.overwrite)
-    write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("demo", cfg))
+            check_dir_target(out / c.name / f"{ARTIFACT_DIR}-s{seed}", cfg.overwrite, siblings=(".ckpt",))
     t0 = time.perf_counter()
-    bridge, tok = load_model(cfg.model, cfg.device, cfg.dtype)
+    bridge, tok = load_model(cfg.model, cfg.device, cfg.dtype)  # a model that fails to load has written nothing
+    prepare_run_dir(out, cfg.overwrite)
+    write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("demo", cfg))
+    seal_run_dir(out)
     reports = {}
     # the KL constraint's text depends on the model alone: one set for every concept and seed (~15 s each)
     generic = kl_text(bridge, tok, cfg.train)
@@ -235,8 +271,10 @@ def run_demo(cfg: DemoRun) -> dict:
                               {"train": {"seconds": train_s, "loss_hook": first.loss_hook, "seeds": list(cfg.seeds),
                                          "runs": train_info, "config": cfg.train.to_dict()}})
         reports[concept.name] = _finish(report, cdir, t1)
+        seal_run_dir(out)
     total = time.perf_counter() - t0
     write_text_atomic(out / "REPORT.md", demo_index(reports, total))
+    seal_run_dir(out)
     print(f"\nwrote {out / 'REPORT.md'}\ndemo finished in {total:.0f}s")
     return reports
 
@@ -248,19 +286,25 @@ def run_eval(cfg: EvalRun) -> dict:
     artifact = load_artifact(cfg.artifact)  # a bad artifact fails before the model loads; checked against it below
     recorded = artifact.data
     concept = get_concept(cfg.concept or recorded.get("concept") or "honesty")
-    out = prepare_run_dir(cfg.out_dir, cfg.overwrite)
+    check_outside(cfg.out_dir, cfg.artifact)
+    out = check_run_dir(cfg.out_dir, cfg.overwrite)
+    where = f"artifact {cfg.artifact}"
+    model = model_for(artifact, cfg.model, where)
+    pairs_for(artifact, cfg.pairs, cfg.personas, where)
     t0 = time.perf_counter()
-    model = cfg.model if cfg.model is not None else recorded.get("model")
     bridge, tok = load_model(model, cfg.device, cfg.dtype)
-    artifact.check_model(bridge, where=f"artifact {cfg.artifact}")
+    artifact.check_model(bridge, where=where)
     artifact = artifact.to(model_device(bridge))
+    prepare_run_dir(out, cfg.overwrite)
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("eval", cfg))
     batches = training_batches(tok, artifact, concept, cfg.pairs, cfg.personas, model_device(bridge))  # baselines' too
     names = adapted_resid_names(artifact)
     hs = capture(bridge, batches, names) if any(m != "adapter" for m in cfg.sweep.methods) else {}
     report = sweep_report(bridge, tok, cfg.sweep, concept, {"adapter": artifact}, hs, batches,
                           {"artifact": str(cfg.artifact)})
-    return _finish(report, out, t0)
+    report = _finish(report, out, t0)
+    seal_run_dir(out)
+    return report
 
 
 def run_export(cfg: ExportRun) -> Path:
@@ -270,13 +314,18 @@ def run_export(cfg: ExportRun) -> Path:
     artifact's weight fingerprints, so an export never bakes an adapter into weights it was not made for.
     """
     artifact = load_artifact(cfg.artifact)
-    check_dir_target(cfg.out, cfg.overwrite, own=is_export_file, what="an export")
+    check_outside(cfg.out, cfg.artifact)
+    check_model_source(cfg.model)
+    check_dir_target(cfg.out, cfg.overwrite, what="an export")
+    where = f"artifact {cfg.artifact}"
+    model = model_for(artifact, cfg.model, where)
+    if cfg.format == "control-vector":
+        pairs_for(artifact, None, None, where)
     concept = get_concept(artifact.data.get("concept") or "honesty")  # a control vector's pairs
     names = [n for n in adapted_resid_names(artifact) if layer_of(n) != 0]  # and its layers
     if cfg.format == "control-vector" and not names:
         raise ValueError(f"artifact {cfg.artifact} adapts only block 0, whose output a llama.cpp control vector "
                          "cannot reach")
-    model = cfg.model if cfg.model is not None else artifact.data.get("model")
     bridge, tok = load_model(model, device="cpu")  # exports are written from an exact float32 CPU copy
     artifact.check_model(bridge, where=f"artifact {cfg.artifact}")
     manifest = {"artifact": str(cfg.artifact), "base_model": artifact.base_model,

@@ -30,6 +30,8 @@ from .evalsets import (  # noqa: F401  (re-exported: the loaders are part of the
     load_truthfulqa_csv,
 )
 from .loss import delta_nll, token_logprobs, token_mask
+from . import generation_check
+from .generation_check import CHECK_ROWS, CHECK_TOKENS
 from .models import model_device
 
 Steer = Callable[[TransformerBridge], ContextManager]
@@ -244,7 +246,15 @@ def generate_ids(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
             ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=seed is not None, temperature=1.0, use_past_kv_cache=True,
                                   stop_at_eos=True, return_type="tokens", verbose=False)
-            out += ids[:, batch.input_ids.shape[1]:].tolist()
+            new = ids[:, batch.input_ids.shape[1]:]
+            if i == 0 and not generation_check.is_checked(bridge):
+                greedy = new if seed is None else bridge.generate(
+                    batch.input_ids[:CHECK_ROWS], attention_mask=batch.attention_mask[:CHECK_ROWS],
+                    max_new_tokens=min(CHECK_TOKENS, max_new_tokens), do_sample=False, use_past_kv_cache=True,
+                    stop_at_eos=True, return_type="tokens", verbose=False)[:, batch.input_ids.shape[1]:]
+                generation_check.check_once(bridge, batch.input_ids, batch.attention_mask, greedy,
+                                            tokenizer.eos_token_id)
+            out += new.tolist()
     return out
 
 

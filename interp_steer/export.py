@@ -59,7 +59,8 @@ EXPORT_FILES = frozenset({MANIFEST_FILE, LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, CO
 
 
 def is_export_file(name: str) -> bool:
-    """A file name an export directory may hold (anything else there is someone else's: never replaced)."""
+    """A file name an export directory may hold. Says nothing about who wrote a file of that name: what may
+    be replaced is decided by the directory's manifest (``ownership``)."""
     return name in EXPORT_FILES or bool(_SHARD.match(name))
 
 
@@ -127,7 +128,7 @@ def _manifest(fmt: str, c: float, extra: Mapping[str, Any] | None) -> dict:
 
 
 def _write_dir(out: str | Path, fill: Callable[[Path], None], overwrite: bool) -> Path:
-    return write_dir_atomic(out, fill, overwrite, own=is_export_file, what="an export")
+    return write_dir_atomic(out, fill, overwrite, what="an export")
 
 
 def save_merged(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, adapters: Iterable[SVDAdapter],

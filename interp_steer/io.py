@@ -14,11 +14,13 @@ Nothing the project did not write is ever deleted or overwritten.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Union
@@ -33,6 +35,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from .adapter import AdapterSpec, SVDAdapter, linear_weight
 from .config import ConfigError, TrainConfig
 from .models import model_device
+from .ownership import claim, follow_umask, remove_owned, why_not_owned, write_manifest
 
 FORMAT_VERSION = 2
 ARCHITECTURE = "svd_rotation_adapter"
@@ -43,8 +46,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_FILE = "trainer.json"
 ARTIFACT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 CHECKPOINT_FILES = (*ARTIFACT_FILES, OPTIMIZER_FILE, TRAINER_FILE)
-OWN_FILES = frozenset((*CHECKPOINT_FILES, RUN_CONFIG_FILE))  # the only names a replaced directory may hold
-Own = Callable[[str], bool]  # is a file name one the project writes in this kind of directory?
 DirWriters = Union[Mapping[str, Callable[[Path], None]], Callable[[Path], None]]
 
 
@@ -66,6 +67,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    follow_umask(Path(tmp), directory=False)
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -116,114 +118,165 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
 
 # ------------------------------------------------------------------------------------ directories
 
-def _foreign(path: Path, own: Own) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if not (p.is_file() and own(p.name)))
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a symbolic link (to {os.readlink(path)}); interp-steer never writes through "
+                              "one, since replacing it would replace files in its target. Give the real directory's "
+                              "path or a new one.")
 
 
-def check_dir_target(path: str | Path, overwrite: bool = False, own: Own = OWN_FILES.__contains__,
-                     what: str = "an artifact") -> Path:
-    """Raise unless ``write_dir_atomic(path, …, overwrite, own)`` can succeed; creates the parent directory.
+def _check_sibling(sibling: Path, name: str, path: Path, what: str) -> None:
+    """``sibling`` (``X.prev``, ``X.ckpt``) may be replaced or removed only if it is the project's copy of ``name``."""
+    if sibling.is_symlink() or sibling.exists():
+        reason = why_not_owned(sibling, name)
+        if reason is not None:
+            raise FileExistsError(f"{sibling} is in the way of writing {what} at {path} ({reason}); interp-steer "
+                                  "uses that name for its own copy and will not touch it. Move it away or choose "
+                                  "another output path.")
 
-    ``own`` says which file names this kind of directory is made of: a directory holding anything else (a
-    sub-directory included) is never replaced. Called before any model work, so a bad output path costs nothing.
+
+def _stale_temporaries(path: Path) -> list[Path]:
+    """Temporary directories a killed run (SIGKILL) left beside ``path``."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*") if p.is_dir())
+
+
+def check_dir_target(path: str | Path, overwrite: bool = False, what: str = "an artifact",
+                     siblings: Iterable[str] = ()) -> Path:
+    """Raise unless ``write_dir_atomic(path, …, overwrite)`` can succeed; writes nothing.
+
+    An existing ``path`` is replaced only if it is provably the project's (``ownership``: a manifest naming every
+    file under it, all unchanged), and only with ``overwrite``. ``path.prev`` and each of ``siblings`` (suffixes,
+    e.g. ``.ckpt``) must be absent or the project's own copy. Never follows a symbolic link. Called before any
+    model work, so a bad output path costs nothing.
     """
     path = Path(path)
+    _refuse_link(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
     if path.is_dir() and any(path.iterdir()):
-        foreign = _foreign(path, own)
-        if foreign:
-            raise FileExistsError(f"{path} holds files interp-steer did not write ({', '.join(foreign[:5])}"
-                                  f"{', …' if len(foreign) > 5 else ''}); it will not replace that directory. "
-                                  "Choose a new or empty output directory.")
+        reason = why_not_owned(path, path.name)
+        if reason is not None:
+            raise FileExistsError(f"{path} is not {what} interp-steer wrote ({reason}); it will not replace that "
+                                  "directory. Choose a new or empty output directory.")
         if not overwrite:
             raise FileExistsError(f"{path} already holds {what}; pass --overwrite (overwrite=True) to replace "
                                   "it, or choose another output directory")
+    _check_sibling(path.with_name(path.name + ".prev"), path.name, path, what)
+    for suffix in siblings:
+        sib = path.with_name(path.name + suffix)
+        _check_sibling(sib, sib.name, path, what)
+        _check_sibling(sib.with_name(sib.name + ".prev"), sib.name, path, what)
+    stale = _stale_temporaries(path)
+    if stale:
+        warnings.warn(f"{len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} left beside {path} by a "
+                      f"run that was killed ({', '.join(p.name for p in stale[:3])}); interp-steer cannot prove what "
+                      "is in them and leaves them: delete them yourself.", stacklevel=2)
     check_writable(path.parent)
     return path
 
 
 def check_writable(directory: str | Path) -> Path:
-    """Create ``directory`` if needed and prove a file can be written there (``OSError`` naming it if not)."""
+    """Raise ``OSError`` unless ``directory`` can be created and written to; creates nothing."""
     directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OSError(f"cannot write to {directory}: {e.strerror or e}; choose a writable output path") from None
+    probe = directory
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OSError(f"cannot write to {directory}: {probe} is not a directory; choose a writable output path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write to {directory}: {probe} is not writable; choose a writable output path")
     return directory
 
 
-def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """The output directory of an eval or demo run, created and proven writable before any model work.
+def check_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Raise unless ``path`` can be an eval or demo run's output directory; writes nothing.
 
-    A non-empty directory is refused unless ``overwrite``; even then only this run's own file names are
-    written, and nothing else in it is touched.
+    A non-empty directory is refused unless it is provably an earlier run's (its manifest) and ``overwrite``;
+    files of the earlier run that this one does not rewrite are kept.
     """
     path = Path(path)
+    _refuse_link(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is not empty; pass --overwrite to write this run's files over an earlier "
-                              "run's (files with other names are never touched), or choose another directory")
+    if path.is_dir() and any(path.iterdir()):
+        reason = why_not_owned(path, path.name)
+        if reason is not None:
+            raise FileExistsError(f"{path} is not a run directory interp-steer wrote ({reason}); it will not write "
+                                  "into it. Choose a new or empty directory.")
+        if not overwrite:
+            raise FileExistsError(f"{path} holds an earlier run; pass --overwrite to write this run over it, or "
+                                  "choose another directory")
     return check_writable(path)
 
 
-def _remove_own(path: Path, own: Own = OWN_FILES.__contains__) -> None:
-    """Delete the project's own files in ``path`` and the directory if nothing else is left in it."""
-    for p in list(path.iterdir()) if path.is_dir() else []:
-        if p.is_file() and (own(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp"))):
-            p.unlink(missing_ok=True)
-    try:
-        path.rmdir()
-    except OSError:
-        pass  # something else lives there: leave it
+def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """``check_run_dir``, then create the directory (the first write of a run)."""
+    path = check_run_dir(path, overwrite)
+    _mkdirs(path)
+    return path
 
 
-def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = False,
-                     own: Own = OWN_FILES.__contains__, what: str = "an artifact") -> Path:
-    """Write every file into a temporary sibling directory, then swap it into place at once.
+def _mkdirs(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def seal_run_dir(path: str | Path) -> None:
+    """Record every file now under a run directory in its manifest: what a later ``--overwrite`` may replace."""
+    write_manifest(Path(path), Path(path).name)
+
+
+def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = False, what: str = "an artifact"
+                     ) -> Path:
+    """Write every file into a temporary sibling directory, add its manifest, then swap it into place at once.
 
     ``writers`` is ``{file name: write(file path)}``, or one ``fill(directory)`` that writes its files itself
-    (``save_pretrained``); every name written must be one of ``own``. An existing ``path`` (only with
-    ``overwrite``, and only if it holds nothing but ``own`` files) is renamed to ``path.prev`` first and removed
-    after the swap: a kill at any moment leaves ``path`` or ``path.prev`` whole (``resolve_dir`` finds it).
+    (``save_pretrained``). An existing ``path`` (only with ``overwrite``, only if provably the project's:
+    ``check_dir_target``) is renamed to ``path.prev`` first and removed after the swap: a kill at any moment
+    leaves ``path`` or ``path.prev`` whole (``resolve_dir`` finds it). Another process writing the same path
+    gets a clear error (``ownership.claim``).
     """
-    path = check_dir_target(path, overwrite, own, what)
-    if not callable(writers) and any(not own(n) for n in writers):
-        raise ValueError(f"unknown file names {sorted(n for n in writers if not own(n))}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    prev = path.with_name(path.name + ".prev")
-    try:
-        if callable(writers):
-            writers(tmp)
-        else:
-            for name, write in writers.items():
-                write(tmp / name)
-        unknown = _foreign(tmp, own)
-        if unknown:  # a later run would refuse to replace what this one wrote: fail now instead
-            raise ValueError(f"wrote unexpected files {unknown[:5]} for {path}; nothing was put in place")
-        if path.exists():
-            if prev.exists():  # a stale one from an earlier kill; ``path`` itself is whole
-                _remove_own(prev, own)
-            os.replace(path, prev)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a fresh directory of this call's own making
-        raise
-    if prev.exists():
-        _remove_own(prev, own)
+    path = Path(path)
+    with claim(path):
+        check_dir_target(path, overwrite, what)
+        _mkdirs(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        follow_umask(tmp, directory=True)
+        prev = path.with_name(path.name + ".prev")
+        try:
+            if callable(writers):
+                writers(tmp)
+            else:
+                for name, write in writers.items():
+                    write(tmp / name)
+            write_manifest(tmp, path.name)
+            if path.is_dir():
+                if not any(path.iterdir()):
+                    path.rmdir()  # an empty directory holds nothing to keep
+                else:
+                    if prev.exists() and not remove_owned(prev, path.name):  # a stale one from an earlier kill
+                        raise FileExistsError(f"{prev} could not be removed; nothing was replaced")
+                    os.replace(path, prev)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a fresh directory of this call's own making
+            raise
+        if prev.exists():
+            remove_owned(prev, path.name)
     return path
 
 
 def resolve_dir(path: str | Path, required: Iterable[str]) -> Path | None:
-    """``path`` if it holds every required file, else ``path.prev`` if that does (a swap was interrupted)."""
+    """``path`` if it holds every required file, else ``path.prev`` if that is the project's copy of ``path``
+    holding them (a swap was interrupted)."""
     path = Path(path)
-    for p in (path, path.with_name(path.name + ".prev")):
-        if p.is_dir() and all((p / n).is_file() for n in required):
-            return p
+    required = tuple(required)
+    if path.is_dir() and not path.is_symlink() and all((path / n).is_file() for n in required):
+        return path
+    prev = path.with_name(path.name + ".prev")
+    if why_not_owned(prev, path.name) is None and all((prev / n).is_file() for n in required):
+        return prev
     return None
 
 
@@ -486,8 +539,7 @@ def load_checkpoint(path: str | Path, bridge: TransformerBridge) -> Checkpoint |
 
 
 def remove_checkpoint(path: str | Path) -> None:
-    """Remove a finished run's checkpoint directories (the project's own files only)."""
+    """Remove a finished run's checkpoint directories, where they are provably the project's (``ownership``)."""
     path = Path(path)
     for p in (path, path.with_name(path.name + ".prev")):
-        if p.is_dir():
-            _remove_own(p)
+        remove_owned(p, path.name)

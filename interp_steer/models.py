@@ -167,12 +167,38 @@ def _build_default_cache(target: Path) -> None:
         raise
 
 
+def check_model_source(name: str | None) -> None:
+    """Raise ``ValueError`` if ``name`` reads as a local path (absolute, ``./``, ``~``, or an existing entry)
+    that holds no HF model: checked before anything is written, so a typo costs nothing. Hub ids pass."""
+    if name is None or name == DEFAULT_MODEL:
+        return
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or os.sep in name and path.exists() or path.exists()
+    if not looks_local:
+        return
+    if not path.exists():
+        raise ValueError(f"model {name!r}: no such directory. Give a directory holding config.json, the weights and "
+                         "the tokenizer, a hub id (online), or leave --model out for the packaged default.")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ValueError(f"model {name!r} is not a model directory (no config.json in it)")
+    try:
+        import json
+
+        arch = json.loads((path / "config.json").read_text()).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        arch = None
+    if arch == "svd_rotation_adapter":
+        raise ValueError(f"model {name!r} is an interp-steer artifact, not a model: pass it as the artifact and "
+                         "name its base model with --model (or leave --model out for the packaged default)")
+
+
 def load_hf(name: str | None = None, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None
             ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
     """The HF model (eval mode, eager attention, on ``device`` in ``dtype``), its tokenizer and the name to boot
     it as. The device and dtype are checked before anything is read."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_model_source(name)
     if name is None or name == DEFAULT_MODEL:
         source, boot_name = str(_default_cache_path()), DEFAULT_MODEL
     else:

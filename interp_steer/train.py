@@ -23,6 +23,7 @@ import math
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -53,6 +54,8 @@ from .loss import (
 )
 from .models import model_device
 from .names import resid_post, site_layer, site_name
+from .ownership import claim
+from .signals import Terminated
 
 
 def resolve_layer(v: int | float, n_layers: int) -> int:
@@ -305,27 +308,35 @@ def continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
 
 
 class _DeferredInterrupt:
-    """The first Ctrl-C lets the running step finish (then the loop checkpoints and stops), so a checkpoint's
-    step counter always matches its weights; a second Ctrl-C stops at once, keeping the last checkpoint."""
+    """The first Ctrl-C or SIGTERM lets the running step finish (then the loop checkpoints and stops), so a
+    checkpoint's step counter always matches its weights; a second one stops at once, keeping the last
+    checkpoint. ``stop()`` raises what the signal means: ``KeyboardInterrupt`` or ``signals.Terminated``."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def stop(self) -> None:
+        raise Terminated if self.signum == signal.SIGTERM else KeyboardInterrupt
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
+            self.stop()
+        self.requested, self.signum = True, signum
+        name = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
+        tqdm.write(f"{name}: finishing this step and writing a checkpoint (send it again to stop at once)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
         return False
 
 
@@ -334,6 +345,18 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
           overwrite: bool = False, progress: bool = True, data: dict | None = None, run_config: dict | None = None,
           callback: Callable[[int, nn.ModuleList], None] | None = None, generic: GenericText | None = None
           ) -> TrainResult:
+    """``_train`` holding the claim on ``out_dir`` (and its checkpoint) for the whole run: a second process
+    training into the same path fails at once (``ownership.claim``)."""
+    mine = out_dir is not None and distributed.current().main
+    with claim(Path(out_dir)) if mine else nullcontext():  # type: ignore[arg-type]
+        return _train(bridge, tokenizer, pairs, cfg, out_dir, resume=resume, overwrite=overwrite, progress=progress,
+                      data=data, run_config=run_config, callback=callback, generic=generic)
+
+
+def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
+           cfg: TrainConfig, out_dir: str | Path | None, *, resume: bool, overwrite: bool, progress: bool,
+           data: dict | None, run_config: dict | None, callback: Callable[[int, nn.ModuleList], None] | None,
+           generic: GenericText | None) -> TrainResult:
     """Train SVD rotation adapters on ``pairs``; write the artifact to ``out_dir`` and checkpoints to
     ``out_dir.ckpt`` (removed when the run completes).
 
@@ -350,8 +373,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     """
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out.with_name(out.name + ".ckpt") if out is not None else None
-    if out is not None:  # a bad output path is found now, not after training
-        check_dir_target(out, overwrite)
+    if out is not None:  # a bad output path (or a checkpoint beside it that is not ours) is found now
+        check_dir_target(out, overwrite, siblings=(".ckpt",))
     torch.manual_seed(cfg.seed)
     train_pairs, test_pairs = select_pairs(pairs, cfg.n_pairs, cfg.held_out, cfg.seed)
     if not train_pairs:
@@ -522,7 +545,7 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                 checkpoint(done)
             if stop:
                 tqdm.write(f"interrupted: checkpoint at {ckpt_path} (step {done}); rerun with --resume")
-                raise KeyboardInterrupt
+                interrupt.stop()
     n_steps = max(1, len(history))
     timings.update(policy_forward_s_per_step=fwd_s / n_steps, backward_s_per_step=bwd_s / n_steps,
                    train_s=fwd_s + bwd_s)

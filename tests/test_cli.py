@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from interp_steer.ownership import MANIFEST
+
 from interp_steer import cli, commands
 from interp_steer.config import DemoRun, EvalRun, LossConfig, SweepConfig, TrainConfig, TrainRun
 from interp_steer.io import SteeringArtifact
@@ -137,8 +139,9 @@ def test_unwritable_or_foreign_output_is_found_before_the_model(no_model, tmp_pa
     assert code == 2 and "did not write" in err
     code, err = run_main(["train", "--out", str(thesis), "--overwrite"], capsys)
     assert code == 2 and "did not write" in err
-    code, err = run_main(["demo", "--out", str(thesis)], capsys)
-    assert code == 2 and "--overwrite" in err
+    for extra in ([], ["--overwrite"]):
+        code, err = run_main(["demo", "--out", str(thesis), *extra], capsys)
+        assert code == 2 and "did not write" in err
     assert [p.name for p in thesis.iterdir()] == ["thesis.tex"] and (thesis / "thesis.tex").read_text() == "precious"
     (tmp_path / "a-file").write_text("x")
     code, err = run_main(["train", "--out", str(tmp_path / "a-file" / "sub" / "a")], capsys)
@@ -180,13 +183,14 @@ def test_train_then_eval_end_to_end_through_the_commands(tiny, tmp_path, monkeyp
                      "--steps", "2", "--batch-pairs", "2", "--n-pairs", "8", "--concept", "sentiment",
                      "--kl-budget", "none", "--device", "cpu"]) == 0
     assert loads == [(None, "cpu", "float32")]  # --device reaches the loader; --dtype's default is float32
-    assert sorted(p.name for p in art.iterdir()) == ["adapter.safetensors", "config.json", "run_config.json"]
+    assert sorted(p.name for p in art.iterdir()) == [MANIFEST, "adapter.safetensors", "config.json",
+                                                     "run_config.json"]
     saved = json.loads((art / "run_config.json").read_text())
     assert parse("train", "--config", str(art / "run_config.json")) == TrainRun.from_dict(saved["config"])
     assert cli.main(["eval", str(art), "--methods", "adapter,mean_diff", "--n-items", "2", "--n-neutral", "2",
                      "--n-secondary", "0", "--bisect", "0", "--grid", "0.5", "--budget-metric", "dnll"]) == 0
     out = tmp_path / "a-eval"
-    assert {"report.json", "REPORT.md", "run_config.json", "figures"} == {p.name for p in out.iterdir()}
+    assert {"report.json", "REPORT.md", "run_config.json", "figures", MANIFEST} == {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert set(report["iso_table"]) == {"adapter", "mean_diff"}
     blocks = sorted({int(a.site.split(".")[1]) for a in SteeringArtifact.load(art).adapters})
@@ -213,7 +217,7 @@ def test_demo_end_to_end_two_concepts_two_seeds(tiny, tmp_path, monkeypatch):
                      "--n-neutral", "2", "--n-secondary", "0", "--bisect", "0", "--grid", "0.5",
                      "--budget-metric", "dnll"]) == 0
     assert loads == [1] and texts == [1]
-    assert {p.name for p in out.iterdir()} == {"honesty", "sentiment", "REPORT.md", "run_config.json"}
+    assert {p.name for p in out.iterdir()} == {"honesty", "sentiment", "REPORT.md", "run_config.json", MANIFEST}
     for concept in ("honesty", "sentiment"):
         d = out / concept
         assert {p.name for p in d.iterdir()} == {"adapter-s0", "adapter-s1", "report.json", "REPORT.md", "figures"}

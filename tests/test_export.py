@@ -6,6 +6,8 @@ import json
 import numpy as np
 import peft  # the test extra has it (pyproject): a missing peft fails here, it is not skipped
 import pytest
+
+from interp_steer.ownership import MANIFEST, why_not_owned
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -164,7 +166,7 @@ def test_control_vector_reads_back_exactly(tiny, tmp_path):
     assert torch.allclose(want[2], -0.3 * 3.0 * vec.directions[resid_post(2)])
     assert meta["general.architecture"] == "controlvector"
     assert meta["controlvector.model_hint"] == "llama" and meta["controlvector.layer_count"] == 2
-    assert sorted(p.name for p in out.iterdir()) == [CONTROL_VECTOR_FILE, MANIFEST_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, CONTROL_VECTOR_FILE, MANIFEST_FILE]
 
 
 def test_control_vector_lands_where_llama_cpp_adds_it(tiny, tmp_path):
@@ -235,13 +237,17 @@ def test_a_failed_export_leaves_nothing(tiny, adapters, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_directory_writer_that_writes_a_name_it_does_not_own_puts_nothing_in_place(tmp_path):
+def test_every_file_a_directory_writer_writes_is_in_its_manifest_and_only_those_are_replaced(tmp_path):
     def fill(d):
         (d / "config.json").write_text("{}")
-        (d / "notes.txt").write_text("a name no later run could replace")
-    with pytest.raises(ValueError, match="unexpected files"):
-        write_dir_atomic(tmp_path / "e", fill, own=is_export_file)
-    assert list(tmp_path.iterdir()) == []
+        (d / "notes.txt").write_text("any name: the manifest, not the name, says it is ours")
+    out = write_dir_atomic(tmp_path / "e", fill)
+    assert why_not_owned(out) is None
+    write_dir_atomic(out, fill, overwrite=True)  # ours, unchanged: replaced
+    (out / "notes.txt").write_text("edited by the user")
+    with pytest.raises(FileExistsError, match="'notes.txt' has changed"):
+        write_dir_atomic(out, fill, overwrite=True)
+    assert (out / "notes.txt").read_text() == "edited by the user"
 
 
 # ----------------------------------------------------------------------------------- the command

@@ -4,6 +4,8 @@ by name, and nothing the project did not write is ever deleted."""
 import json
 
 import pytest
+
+from interp_steer.ownership import MANIFEST
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -40,7 +42,7 @@ def ids(n=3):
 def test_round_trip_of_every_field_and_bit_identical_logits(tiny, art, tmp_path):
     bridge, _ = tiny
     art.save(tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, MANIFEST])
     back = SteeringArtifact.load(tmp_path / "a", bridge)
     assert back.config == art.config and back.loss_hook == art.loss_hook and back.base_model == art.base_model
     assert back.fingerprints == art.fingerprints and back.metrics == art.metrics and back.data == art.data
