@@ -23,6 +23,8 @@ bfloat16 model bit-identical too. GPT-2-style ``Conv1D`` layers store ``Wᵀ`` (
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence, no_type_check
@@ -289,14 +291,26 @@ def apply_adapters(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c:
                    ) -> Iterator[TransformerBridge]:
     """Apply ``adapters`` at coefficient ``c`` (scalar, or one per batch row) inside the block.
 
-    Every hook is registered or none; on exit, also by exception, exactly these hooks are removed.
+    Every hook is registered or none; on exit, also by exception, exactly these hooks are removed. ``c`` must be
+    a finite real number (or a tensor of them): anything else is refused before a hook is registered.
     """
+    check_coefficient(c)
     hooks = [h for a in adapters for h in a.hooks(c)]
     missing = [n for n, _ in hooks if n not in bridge.hook_dict]
     if missing:
         raise ValueError(f"adapter hook points missing in this model: {missing}")
     with bridge.hooks(fwd_hooks=hooks):
         yield bridge
+
+
+def check_coefficient(c: object) -> None:
+    """Raise ``ValueError`` unless ``c`` is a finite real number or a floating tensor of them."""
+    if isinstance(c, Tensor):
+        if not c.is_floating_point() or not bool(torch.isfinite(c).all()):
+            raise ValueError(f"coefficient tensor must be floating point and finite, got {c.dtype} {c.tolist()[:4]}")
+        return
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+        raise ValueError(f"coefficient c must be a finite number, got {c!r}")
 
 
 @contextmanager

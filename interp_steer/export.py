@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from .adapter import SVDAdapter, merged_weights
+from .adapter import SVDAdapter, linear_weight, merged_weights
 from .directions import SteeringVector
 from .io import json_text, read_json, write_dir_atomic
 from .names import layer_of, resid_post
@@ -68,6 +68,14 @@ def check_coeff(c: float) -> float:
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
         raise ValueError(f"coeff must be a finite number, got {c!r}")
     return float(c)
+
+
+def check_finite(tensors: Mapping[str, Tensor], c: float) -> None:
+    """Refuse to write tensors that are not finite (a coefficient so large that exp(c·λ) or c·d overflows)."""
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"at coeff {c:g} the export's tensors are not finite ({len(bad)} of {len(tensors)}, e.g. "
+                         f"{bad[0]}); use a smaller --coeff (the steer is meant for |c| of about 1)")
 
 
 # ------------------------------------------------------------------------------------- HF names
@@ -145,6 +153,8 @@ def save_merged(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, a
     skeleton.generation_config = hf.generation_config
     text = json_text(_manifest("merged", c, {**(manifest or {}), "sites": [a.site for a in adapters]}))
 
+    check_finite({a.site: a.merge(linear_weight(bridge, a.site).detach(), c) for a in adapters}, c)
+
     def fill(tmp: Path) -> None:
         with merged_weights(bridge, adapters, c):  # the originals come back on exit, also on error
             state = {k: v.detach().contiguous() for k, v in hf_state_dict(bridge).items()}
@@ -200,6 +210,7 @@ def save_lora(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: floa
     c = check_coeff(c)
     adapters = list(adapters)
     tensors, ranks = lora_tensors(bridge, adapters, c)
+    check_finite(tensors, c)
     config = json_text(lora_config(ranks, base_model, lora_bias=any(k.endswith(".lora_B.bias") for k in tensors)))
     modules = hf_module_names(bridge, [a.site for a in adapters])
     text = json_text(_manifest("lora", c, {**(manifest or {}), "modules": modules}))
@@ -238,6 +249,7 @@ def save_control_vector(vector: SteeringVector, c: float, out: str | Path, *, n_
     >>> save_control_vector(vec, 0.03, "runs/cv", n_layers=30, model_hint="llama")  # doctest: +SKIP
     """
     layers = control_vector_layers(vector, c, n_layers)
+    check_finite({f"direction.{L}": v for L, v in layers.items()}, c)
     text = json_text(_manifest("control-vector", float(c), {**(manifest or {}), "layers": list(layers)}))
 
     def fill(tmp: Path) -> None:
