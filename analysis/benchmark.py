@@ -32,6 +32,7 @@ from interp_steer.directions import steering_vector  # noqa: E402
 from interp_steer.loss import steering_loss, token_logprobs, token_mask  # noqa: E402
 from interp_steer.models import load_model  # noqa: E402
 from interp_steer.names import resid_names  # noqa: E402
+from interp_steer.prefix import first_block, reuse_prefix  # noqa: E402
 from interp_steer.train import adapter_specs, loss_hook  # noqa: E402
 
 
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
         "forward with 7 adapters (c=1)": adapter_forward,
         "forward with additive vector, 2 layers": vector_forward,
     }
+    start = first_block([sp.site for sp in specs] + [hook])
     base = None
     print(f"{len(pairs)} pairs, {len(batches)} batches, {n_tokens} real tokens, torch threads {torch.get_num_threads()}")
     for name, fn in rows.items():
@@ -144,25 +146,44 @@ def main(argv=None) -> int:
         base = base or s
         results[name] = s
         print(f"{name:45s} {s:8.2f} s   x{s / base:5.2f}")
+    # the same steered pass reusing the residual entering the first adapted block (the warm-up pass stores it)
+    with reuse_prefix(bridge, start):
+        s = timed(adapter_forward, args.repeats)
+    results[f"forward with 7 adapters (c=1), blocks < {start} reused"] = s
+    prefix = {"start_block": start, "steered_pass": s / results["forward with 7 adapters (c=1)"]}
+    print(f"{'  ... blocks < ' + str(start) + ' reused':45s} {s:8.2f} s   x{s / base:5.2f}   "
+          f"(x{prefix['steered_pass']:.2f} of the full steered pass)")
     # the training step is measured on 64 pairs; compare with a plain forward of the same 64 pairs
     s_fwd = timed(train_forward_only, 1)
     s_step = timed(train_steps, 1)
+    with reuse_prefix(bridge, start):
+        s_step_reused = timed(train_steps, 1)
+    prefix["train_step"] = s_step_reused / s_step
     results["train: 8 steps (64 pairs, c=±1, fwd+bwd, incl. ref)"] = s_step
+    results[f"train: the same 8 steps, blocks < {start} reused"] = s_step_reused
     results["train: plain forward of the same 64 pairs"] = s_fwd
     print(f"{'8 training steps (64 pairs) / plain fwd of them':45s} {s_step:8.2f} s   x{s_step / s_fwd:5.2f}")
-    evaluation = {} if args.no_eval else eval_parts(bridge, tok, adapters)
+    print(f"{'  ... blocks < ' + str(start) + ' reused':45s} {s_step_reused:8.2f} s   x{s_step_reused / s_fwd:5.2f}   "
+          f"(x{prefix['train_step']:.2f} of the full steps)")
+    evaluation = {} if args.no_eval else eval_parts(bridge, tok, adapters, start)
+    if evaluation:
+        full = sum(v["seconds"] for k, v in evaluation.items() if "reused" not in k and "(old)" not in k)
+        reused = sum(v["seconds"] for k, v in evaluation.items() if "reused" in k)
+        prefix["dose_point"] = reused / full
+        print(f"one dose point (every part above): {full:.1f} s full, {reused:.1f} s reused: x{reused / full:.2f}")
     print(f"model load (cached): {results['load_cached_s']:.2f} s" +
           (f"; first load (empty cache): {results['load_first_s']:.1f} s" if "load_first_s" in results else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"n_pairs": len(pairs), "n_tokens": n_tokens, "seconds": results, "evaluation": evaluation,
+                               "prefix_reuse_ratios": prefix, "torch_threads": torch.get_num_threads(),
                                "ratios": {k: v / base for k, v in results.items() if not k.startswith(("load", "train"))}},
                               indent=2))
     print(f"wrote {out}")
     return 0
 
 
-def eval_parts(bridge, tok, adapters) -> dict[str, dict]:
+def eval_parts(bridge, tok, adapters, start: int) -> dict[str, dict]:
     """Seconds of each evaluation part at one steered coefficient (c = 1, the 7 default adapters), per item and in
     all; forced choice also the old way (full-vocabulary logits at every position) to show what reading one
     position's logits saves."""
@@ -201,11 +222,17 @@ def eval_parts(bridge, tok, adapters) -> dict[str, dict]:
         "coherence: KL + dNLL on 16 neutral texts": (lambda: coherence(bridge, tok, steer, texts, ref), 16),
     }
     out = {}
-    print("\nevaluation parts at one coefficient (7 adapters, c = 1):")
+    print("\nevaluation parts at one coefficient (7 adapters, c = 1), full and with the prefix reused:")
     for name, (fn, n) in parts.items():
         s = timed(fn, 1)
         out[name] = {"seconds": s, "items": n, "seconds_per_item": s / n}
         print(f"{name:58s} {s:7.2f} s  {1000 * s / n:7.1f} ms/item")
+        if "(old)" in name:
+            continue
+        with reuse_prefix(bridge, start):  # the warm-up pass of ``timed`` stores what the timed pass reuses
+            r = timed(fn, 1)
+        out[name + f", blocks < {start} reused"] = {"seconds": r, "items": n, "seconds_per_item": r / n}
+        print(f"{'  ... reused':58s} {r:7.2f} s  {1000 * r / n:7.1f} ms/item   x{r / s:.2f}")
     return out
 
 

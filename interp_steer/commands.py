@@ -32,6 +32,7 @@ from .io import (
 )
 from .models import DEFAULT_MODEL, check_model_source, load_model, model_device, resolve_device, resolve_dtype
 from .names import layer_of, resid_post, site_layer
+from .prefix import reuse_prefix
 from .report import demo_index, iso_table_markdown, write_outputs
 from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
 from .train import TrainResult, kl_text, train
@@ -202,12 +203,16 @@ def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: S
     """Sweep every method of ``cfg`` at the same coherence budget on ``concept``'s effects; a JSON-ready report."""
     effects = concept.effects(cfg.n_items, cfg.n_secondary)
     texts = every_kth(load_neutral_texts(), cfg.n_neutral)
-    data = SweepData(effects, coherence_reference(bridge, tok, texts), budget=cfg.budget,
-                     budget_metric=cfg.budget_metric, bisect_iters=cfg.bisect, grid=cfg.grid, verbose=True)
-    t = time.perf_counter()
-    methods = build_methods(bridge, cfg.methods, artifacts, hs, batches, concept)
-    build_s = time.perf_counter() - t
-    results = run_sweep(bridge, tok, methods, data)
+    blocks = method_blocks(cfg.methods, artifacts)
+    # every method but prompting acts at these blocks or later: blocks below run once per text and item
+    start = min((min(b) for b in blocks.values() if b), default=0)
+    with reuse_prefix(bridge, start) as prefix:
+        data = SweepData(effects, coherence_reference(bridge, tok, texts), budget=cfg.budget,
+                         budget_metric=cfg.budget_metric, bisect_iters=cfg.bisect, grid=cfg.grid, verbose=True)
+        t = time.perf_counter()
+        methods = build_methods(bridge, cfg.methods, artifacts, hs, batches, concept)
+        build_s = time.perf_counter() - t
+        results = run_sweep(bridge, tok, methods, data)
     zero = results[0].points[[p.coeff for p in results[0].points].index(0.0)] if results else None
     return {
         "concept": concept.name, "budget": cfg.budget, "budget_metric": cfg.budget_metric,
@@ -218,7 +223,8 @@ def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: S
         "iso_table": {r.name: r.iso for r in results},
         # where each row acts: an adapter at its artifact's blocks, an additive vector at the first artifact's
         # (their resid_post), prompting nowhere; rows are only a fair comparison at the same blocks
-        "blocks": method_blocks(cfg.methods, artifacts),
+        "blocks": blocks,
+        "prefix_reuse": {"start_block": start, "reused": prefix.reused, "full": prefix.full + prefix.filled},
         "points": {r.name: [asdict(p) for p in r.points] for r in results},
         "budget_probes": {r.name: [asdict(p) for p in r.probes] for r in results},
         **extra,

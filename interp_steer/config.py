@@ -364,6 +364,17 @@ class EvalRun(Config):
         return Path(self.out) if self.out else Path(self.artifact.rstrip("/") + "-eval")
 
 
+# The quick demo (`interp-steer demo`, `make demo`): the methods the field compares, a short training run and a
+# coarse sweep, so both concepts finish in minutes on 2 CPU cores (CONTRIBUTING.md, "Demo"). `--powered` is the
+# full protocol; its measured duration is in CONTRIBUTING.md too.
+DEMO_TRAIN = {"steps": 24, "kl_texts": 16}
+DEMO_SWEEP = {"methods": ("adapter", "mean_diff", "pca_diff", "random", "prompting"), "n_items": 34,
+              "n_secondary": 8, "n_neutral": 12, "bisect": 2, "grid": (0.5, 1.5)}
+POWERED = {"train": {"steps": 48, "kl_texts": 32},
+           "sweep": {"methods": METHODS, "n_items": 100, "n_secondary": 16, "n_neutral": 45, "bisect": 3,
+                     "grid": (0.25, 0.5, 0.75, 1.25, 1.5, 2.0)}}
+
+
 @no_type_check
 @dataclass(frozen=True)
 class DemoRun(Config):
@@ -379,11 +390,20 @@ class DemoRun(Config):
                                       metadata={"help": "what to steer, each with its own pairs and effects"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={
         "help": "training seeds of the adapter (>= 3 for a CI over seeds; each seed is a training run)"})
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    powered: bool = field(default=False, metadata={
+        "help": "the full protocol (every method, 100 items, 45 neutral texts, finer sweep, 48 training steps) "
+                "instead of the quick demo; options given beside it still apply"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**DEMO_TRAIN))
+    sweep: SweepConfig = field(default_factory=lambda: SweepConfig(**DEMO_SWEEP))
 
     def __post_init__(self):
         self._check_types()
+        if self.powered:  # the powered values replace the quick ones wherever a field still holds the quick value
+            for name, preset in POWERED.items():
+                current, quick = getattr(self, name), {**DEMO_TRAIN, **DEMO_SWEEP}
+                changes = {k: v for k, v in preset.items() if getattr(current, k) == quick.get(k, getattr(
+                    TrainConfig() if name == "train" else SweepConfig(), k))}
+                object.__setattr__(self, name, current.replace(**changes))
         _require(bool(self.out.strip()), "out must be a directory path")
         _model_name(self.model)
         _require(len(self.concepts) > 0 and len(set(self.concepts)) == len(self.concepts),

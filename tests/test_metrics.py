@@ -1,0 +1,38 @@
+"""Steering F1 on a hand-computed example (the arithmetic is in the comments)."""
+
+import math
+
+import pytest
+
+from interp_steer.metrics import steering_f1
+
+# target y0 = [-2, -1, 1, 2]: σ = sqrt(2.5), weights |y0|/σ normalised = [1/3, 1/6, 1/6, 1/3]
+TARGET = ([-3, -2, 1, 1], [-2, -1, 1, 2], [1, -1, -1, 3])  # (y−, y0, y+)
+ARBITRARY = ([1, -1], [1, -1], [1, 1])                       # item 1 flips from y0 to y+: weight 1/2
+
+
+def test_hand_computed_example():
+    r = steering_f1(TARGET, ARBITRARY, (0.97, 0.99, 0.98))
+    assert not r.swapped
+    assert r.fixes_w == pytest.approx(1 / 3) and r.breaks_w == pytest.approx(1 / 6)  # item 0 fixed, item 2 broken
+    assert r.recall == pytest.approx(1 / 6) and r.arbitrary_w == pytest.approx(0.5)
+    assert r.precision == pytest.approx(0.25)                                  # (1/6) / (1/6 + 1/2)
+    assert r.f1_raw == pytest.approx(20.0)                                     # 2·0.25·(1/6) / (0.25 + 1/6) = 0.2
+    assert r.mass_ratio == pytest.approx((0.97 / 0.99) ** 2)
+    assert r.f1 == pytest.approx(20.0 * (0.97 / 0.99) ** 2)
+    assert (r.fix_rate, r.break_rate, r.arbitrary_rate) == (0.25, 0.25, 0.5)
+    assert r.focus == pytest.approx(1.0)                                       # 2/4 target vs 1/2 arbitrary
+
+
+def test_sign_is_canonicalised_and_low_choice_mass_is_nan():
+    swap = lambda t: (t[2], t[1], t[0])  # noqa: E731
+    r = steering_f1(swap(TARGET), swap(ARBITRARY), (0.98, 0.99, 0.97))
+    assert r.swapped and r.f1 == pytest.approx(20.0 * (0.97 / 0.99) ** 2)
+    assert math.isnan(steering_f1(TARGET, ARBITRARY, (0.90, 0.99, 0.98)).f1)
+    assert steering_f1(TARGET, ARBITRARY, (0.90, 0.99, 0.98), min_mass=0.5).f1 > 0
+    # breaks outweighing fixes give net 0, not a negative score
+    assert steering_f1(([0, 0], [1, 2], [-1, -2]), ARBITRARY, (1.0, 1.0, 1.0)).f1 == 0.0
+    with pytest.raises(ValueError, match="finite"):
+        steering_f1(([0, float("nan")], [1, 2], [1, 2]), ARBITRARY, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="one length"):
+        steering_f1(([0], [1, 2], [1, 2]), ARBITRARY, (1.0, 1.0, 1.0))
