@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--first-load", action="store_true", help="also time a first load into an empty cache (~30 s)")
     ap.add_argument("--no-eval", action="store_true", help="skip the evaluation parts (~2 min)")
+    ap.add_argument("--eval-fraction", type=float, default=1.0,
+                    help="run the evaluation parts on this fraction of their items (a slow machine: 0.25)")
     ap.add_argument("--out", default="runs/benchmark.json")
     args = ap.parse_args(argv)
 
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     print(f"{'8 training steps (64 pairs) / plain fwd of them':45s} {s_step:8.2f} s   x{s_step / s_fwd:5.2f}")
     print(f"{'  ... blocks < ' + str(start) + ' reused':45s} {s_step_reused:8.2f} s   x{s_step_reused / s_fwd:5.2f}   "
           f"(x{prefix['train_step']:.2f} of the full steps)")
-    evaluation = {} if args.no_eval else eval_parts(bridge, tok, adapters, start)
+    evaluation = {} if args.no_eval else eval_parts(bridge, tok, adapters, start, args.eval_fraction)
     if evaluation:
         full = sum(v["seconds"] for k, v in evaluation.items() if "reused" not in k and "(old)" not in k)
         reused = sum(v["seconds"] for k, v in evaluation.items() if "reused" in k)
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def eval_parts(bridge, tok, adapters, start: int) -> dict[str, dict]:
+def eval_parts(bridge, tok, adapters, start: int, fraction: float = 1.0) -> dict[str, dict]:
     """Seconds of each evaluation part at one steered coefficient (c = 1, the 7 default adapters), per item and in
     all; forced choice also the old way (full-vocabulary logits at every position) to show what reading one
     position's logits saves."""
@@ -196,11 +198,12 @@ def eval_parts(bridge, tok, adapters, start: int) -> dict[str, dict]:
     def steer(b):
         return apply_adapters(b, adapters, 1.0)
 
-    honesty = get_concept("honesty").effects(220, 0)  # 220 dilemmas, 55 MC questions
-    sentiment = get_concept("sentiment").effects(200, 16)  # 200 reply pairs, 16 generations
-    texts = load_neutral_texts()[:16]
+    k = lambda n: max(1, round(n * fraction))  # noqa: E731
+    honesty = get_concept("honesty").effects(k(220), 0)  # 220 dilemmas, 55 MC questions
+    sentiment = get_concept("sentiment").effects(k(200), k(16))  # 200 reply pairs, 16 generations
+    texts = load_neutral_texts()[:k(16)]
     ref = coherence_reference(bridge, tok, texts)
-    dilemmas = load_dilemmas()
+    dilemmas = load_dilemmas()[:k(220)]
     yes, no = choice_token_ids(tok)
 
     def forced_choice_full_logits():
@@ -213,13 +216,12 @@ def eval_parts(bridge, tok, adapters, start: int) -> dict[str, dict]:
                 (logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1)).sum().item()
 
     parts = {
-        "honesty: forced choice, 220 dilemmas": (lambda: honesty[0].measure(bridge, tok, steer, None), 220),
-        "honesty: forced choice, 220 dilemmas, full logits (old)": (forced_choice_full_logits, 220),
-        "honesty: MC margin, 55 questions": (lambda: honesty[1].measure(bridge, tok, steer, None), 55),
-        "sentiment: reply log-odds, 200 items": (lambda: sentiment[0].measure(bridge, tok, steer, None), 200),
-        "sentiment: VADER of 32-token greedy replies, 16 prompts": (
-            lambda: sentiment[1].measure(bridge, tok, steer, None), 16),
-        "coherence: KL + dNLL on 16 neutral texts": (lambda: coherence(bridge, tok, steer, texts, ref), 16),
+        "honesty: forced choice": (lambda: honesty[0].measure(bridge, tok, steer, None), k(220)),
+        "honesty: forced choice, full logits (old)": (forced_choice_full_logits, k(220)),
+        "honesty: MC margin": (lambda: honesty[1].measure(bridge, tok, steer, None), k(55)),
+        "sentiment: reply log-odds": (lambda: sentiment[0].measure(bridge, tok, steer, None), k(200)),
+        "sentiment: VADER of 32-token greedy replies": (lambda: sentiment[1].measure(bridge, tok, steer, None), k(16)),
+        "coherence: KL + dNLL on neutral texts": (lambda: coherence(bridge, tok, steer, texts, ref), k(16)),
     }
     out = {}
     print("\nevaluation parts at one coefficient (7 adapters, c = 1), full and with the prefix reused:")

@@ -167,6 +167,8 @@ def claim(path: Path) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
+    made = [p for p in [lock.parent, *lock.parent.parents] if not p.exists()]  # created here; removed on failure
+    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         try:
@@ -184,8 +186,10 @@ def claim(path: Path) -> Iterator[None]:
             pass
         os.close(fd)
     _held[key], _fds[key] = 1, fd
+    ok = False
     try:
         yield
+        ok = True
     finally:
         _held[key] -= 1
         if _held[key] == 0:
@@ -195,3 +199,8 @@ def claim(path: Path) -> Iterator[None]:
             except FileNotFoundError:
                 pass
             os.close(_fds.pop(key))
+            for p in made if not ok else []:  # a failed command leaves no directory it created
+                try:
+                    p.rmdir()
+                except OSError:
+                    break

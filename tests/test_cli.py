@@ -229,3 +229,15 @@ def test_demo_end_to_end_two_concepts_two_seeds(tiny, tmp_path, monkeypatch):
         assert report["blocks"]["adapter@0"] == report["blocks"]["adapter@1"] == report["blocks"]["mean_diff"] != []
     index = (out / "REPORT.md").read_text()
     assert "[honesty](honesty/REPORT.md)" in index and "| adapter (2 seeds) | + |" in index
+
+
+def test_demo_is_quick_by_default_and_powered_is_one_option_away():
+    from interp_steer.config import DEMO_SWEEP, DEMO_TRAIN, METHODS, POWERED
+
+    quick = parse("demo")
+    assert quick.sweep.methods == ("adapter", "mean_diff", "pca_diff", "random", "prompting")
+    assert quick.train.steps == DEMO_TRAIN["steps"] and quick.sweep.grid == DEMO_SWEEP["grid"]
+    powered = parse("demo", "--powered", "--n-items", "7")
+    assert powered.sweep.methods == METHODS and powered.train.steps == POWERED["train"]["steps"]
+    assert powered.sweep.n_items == 7 and powered.sweep.n_neutral == POWERED["sweep"]["n_neutral"]  # options win
+    assert DemoRun.from_dict(powered.to_dict()) == powered  # its run_config.json runs it again

@@ -170,6 +170,16 @@ def test_permissions_follow_the_umask(tmp_path):
     assert (out.stat().st_mode & 0o777) == 0o755 and ((out / "f.txt").stat().st_mode & 0o777) == 0o644
 
 
+def test_a_claim_makes_missing_parents_and_a_failed_one_removes_them(tmp_path):
+    with claim(tmp_path / "a" / "b" / "X"):
+        assert (tmp_path / "a" / "b").is_dir()
+    assert (tmp_path / "a" / "b").is_dir()
+    with pytest.raises(RuntimeError):
+        with claim(tmp_path / "c" / "d" / "X"):
+            raise RuntimeError("the command failed")
+    assert not (tmp_path / "c").exists()
+
+
 def test_two_writers_of_one_path_one_wins_the_other_is_told(tmp_path):
     target = tmp_path / "X"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
