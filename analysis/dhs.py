@@ -1,6 +1,6 @@
 """dHS per layer: how the pair difference looks, and where it sits among the weights' singular subspaces.
 
-Symbols of ``shared/design/seed-guide.md``, at the last non-padded token of ``blocks.L.hook_resid_post``::
+Symbols of docs/method.md, at the last non-padded token of ``blocks.L.hook_resid_post``::
 
     dHS_ref = hs_ref_cho − hs_ref_rej               (both at c = 0: the base model)
     dHS_pi  = hs_pi_cho(c = +1) − hs_ref_rej         (the steered chosen row against the reference rejected one)

@@ -119,7 +119,7 @@ def aligned_triplets(U: Float[Tensor, "d_out k"], d: Float[Tensor, "d"], r: int)
     singular-value order.
 
     An adapter changes its site's output only inside span(U_r); the top-r triplets by singular value hold about
-    as much of a concept direction as a random subspace, the r most aligned about twice as much (NOTES.md).
+    as much of a concept direction as a random subspace, the r most aligned about twice as much (docs/results.md).
     """
     if d.shape != (U.shape[0],):
         raise ValueError(f"alignment direction has shape {tuple(d.shape)}; this site writes {U.shape[0]} features")
@@ -166,7 +166,7 @@ class SVDAdapter(nn.Module):
         def draw(*shape: int) -> nn.Parameter:
             return nn.Parameter((init_scale * torch.randn(*shape, generator=g, dtype=f32)).to(self.U.device))
         # λ must start non-zero: at λ = 0 and small θ, c = +1 and c = −1 get mirrored gradients and the
-        # pair can sit at a saddle (seed-guide.md). θ starts small so R(±1) ≈ I.
+        # pair can sit at a saddle (docs/method.md). θ starts small so R(±1) ≈ I.
         self.theta_v = draw(r, r)
         self.lam = draw(r)
         self.theta_u = draw(r, r) if spec.rotate_u else None

@@ -247,7 +247,7 @@ class TrainConfig(Config):
     bias: Bias = field(default="none", metadata={
         "help": "each adapted layer also writes c·b, b learnable: anywhere in its output space ('free'), or inside "
                 "the adapter's own output subspace span(U), b = U w ('span'); 'none': rotation and scaling only"})
-    # θ and λ start small and non-zero (symmetry breaking: seed-guide.md)
+    # θ and λ start small and non-zero (symmetry breaking: docs/method.md)
     init_scale: float = field(default=1e-2, metadata={"help": "std of the initial θ, λ (> 0)"})
     held_out: float = field(default=0.2, metadata={"help": "fraction of pairs held out, in [0, 1)"})
     n_pairs: int | None = field(default=None, metadata={"help": "subsample the pair set (none: all)"})
@@ -396,13 +396,25 @@ class DemoRun(Config):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**DEMO_TRAIN))
     sweep: SweepConfig = field(default_factory=lambda: SweepConfig(**DEMO_SWEEP))
 
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "") -> Any:
+        """Fields given (the CLI's options, a run_config.json) over the preset: quick, or ``POWERED``."""
+        if isinstance(d, dict):
+            preset = POWERED if d.get("powered") is True else {"train": DEMO_TRAIN, "sweep": DEMO_SWEEP}
+            d = dict(d)
+            for name, values in preset.items():
+                given = d.get(name, {})
+                if isinstance(given, dict):
+                    d[name] = {**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, **given}
+        return super().from_dict(d, where)
+
     def __post_init__(self):
         self._check_types()
-        if self.powered:  # the powered values replace the quick ones wherever a field still holds the quick value
+        if self.powered:  # DemoRun(powered=True) in Python: powered values wherever a field holds the quick one
+            quick = {"train": DEMO_TRAIN, "sweep": DEMO_SWEEP}
             for name, preset in POWERED.items():
-                current, quick = getattr(self, name), {**DEMO_TRAIN, **DEMO_SWEEP}
-                changes = {k: v for k, v in preset.items() if getattr(current, k) == quick.get(k, getattr(
-                    TrainConfig() if name == "train" else SweepConfig(), k))}
+                current = getattr(self, name)
+                changes = {k: v for k, v in preset.items() if getattr(current, k) == quick[name][k]}
                 object.__setattr__(self, name, current.replace(**changes))
         _require(bool(self.out.strip()), "out must be a directory path")
         _model_name(self.model)

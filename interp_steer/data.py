@@ -2,7 +2,7 @@
 
 A pair is two prompts that differ by a few tokens early on (an honest / a dishonest persona, "I love X" /
 "I hate X") and share everything after. The model must already encode at the last token how it will go on,
-so the last-token hidden states of a pair differ by the concept (seed-guide.md: trajectory hypothesis).
+so the last-token hidden states of a pair differ by the concept (docs/method.md: the trajectory hypothesis).
 
 Batches interleave the pair: rows ``0, 2, 4, …`` are chosen and ``1, 3, 5, …`` rejected, so
 ``hs[::2] - hs[1::2]`` is the per-pair difference.

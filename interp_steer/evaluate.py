@@ -3,7 +3,7 @@
 A *steer* changes the model inside a ``with`` block: ``Steer = bridge -> context manager``, e.g.
 ``lambda b: apply_adapters(b, adapters, c)`` or ``vec.scaled(c).apply``; ``None`` is the unsteered reference
 (c = 0). Prompting baselines change the text instead, through ``system`` (the chat system turn). Methods are
-compared at equal coherence (``iso_coherence``), both directions, never at equal coefficient (NOTES.md).
+compared at equal coherence (``iso_coherence``), both directions, never at equal coefficient (docs/method.md).
 """
 
 from __future__ import annotations

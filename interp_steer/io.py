@@ -135,6 +135,21 @@ def _check_sibling(sibling: Path, name: str, path: Path, what: str) -> None:
                                   "another output path.")
 
 
+def _check_existing(path: Path, overwrite: bool, what: str) -> None:
+    """``path`` may be written: absent, empty, or provably the project's ``what`` and ``overwrite`` given."""
+    _refuse_link(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
+    if path.is_dir() and any(path.iterdir()):
+        reason = why_not_owned(path, path.name)
+        if reason is not None:
+            raise FileExistsError(f"{path} is not {what} interp-steer wrote ({reason}); it will not replace it or "
+                                  "write into it. Choose a new or empty output directory.")
+        if not overwrite:
+            raise FileExistsError(f"{path} already holds {what}; pass --overwrite (overwrite=True) to replace "
+                                  "it, or choose another output directory")
+
+
 def _stale_temporaries(path: Path) -> list[Path]:
     """Temporary directories a killed run (SIGKILL) left beside ``path``."""
     if not path.parent.is_dir():
@@ -152,17 +167,7 @@ def check_dir_target(path: str | Path, overwrite: bool = False, what: str = "an 
     model work, so a bad output path costs nothing.
     """
     path = Path(path)
-    _refuse_link(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
-    if path.is_dir() and any(path.iterdir()):
-        reason = why_not_owned(path, path.name)
-        if reason is not None:
-            raise FileExistsError(f"{path} is not {what} interp-steer wrote ({reason}); it will not replace that "
-                                  "directory. Choose a new or empty output directory.")
-        if not overwrite:
-            raise FileExistsError(f"{path} already holds {what}; pass --overwrite (overwrite=True) to replace "
-                                  "it, or choose another output directory")
+    _check_existing(path, overwrite, what)
     _check_sibling(path.with_name(path.name + ".prev"), path.name, path, what)
     for suffix in siblings:
         sib = path.with_name(path.name + suffix)
@@ -197,17 +202,7 @@ def check_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     files of the earlier run that this one does not rewrite are kept.
     """
     path = Path(path)
-    _refuse_link(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
-    if path.is_dir() and any(path.iterdir()):
-        reason = why_not_owned(path, path.name)
-        if reason is not None:
-            raise FileExistsError(f"{path} is not a run directory interp-steer wrote ({reason}); it will not write "
-                                  "into it. Choose a new or empty directory.")
-        if not overwrite:
-            raise FileExistsError(f"{path} holds an earlier run; pass --overwrite to write this run over it, or "
-                                  "choose another directory")
+    _check_existing(path, overwrite, "a run directory")
     return check_writable(path)
 
 

@@ -1,6 +1,6 @@
 """The training objective: move along a frozen direction, stay coherent token by token.
 
-Symbols (seed-guide.md): ``hs_pi`` are last-token hidden states of the steered policy at coefficient ``c``,
+Symbols (docs/method.md): ``hs_pi`` are last-token hidden states of the steered policy at coefficient ``c``,
 ``hs_ref`` those of the reference (the same model at c = 0, no grad), ``d`` the frozen unit direction
 ``d_steer`` (PCA of dHS at c = 0, pointing from rejected to chosen). Rows are interleaved pairs: even rows
 chosen, odd rows rejected.
@@ -45,7 +45,7 @@ def separation_objective(hs_pi: Float[Tensor, "batch d_model"], c: Float[Tensor,
     """mean over pairs of c · (hs_pi_cho − hs_pi_rej)·d / scale   (the seed's separation; maximise).
 
     Blind to moving chosen and rejected together, so it can reward amplifying the contrast without
-    steering (NOTES.md).
+    steering (docs/method.md).
     """
     per_pair = (hs_pi[0::2] - hs_pi[1::2]) @ d
     return _mean(c[0::2] * per_pair, total) / scale
@@ -86,7 +86,7 @@ def coherence_penalty(logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Ten
     """mean over real tokens of relu(logp_ref(t) − logp_pi(t) − margin) ** power.
 
     Per token, so no single easy token can buy slack for the rest; against the c = 0 reference, so drift
-    from the base model is bounded (the seed's detached-self baseline bounds nothing, NOTES.md).
+    from the base model is bounded (the seed's detached-self baseline bounds nothing, docs/method.md).
     """
     excess = F.relu(logp_ref - logp_pi - margin) ** power
     return _ratio((excess * mask).sum(), mask.sum(), total)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import torch
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -140,6 +141,8 @@ def reuse_prefix(bridge: TransformerBridge, start: int, budget_bytes: int = DEFA
                     stats.bytes += size
             stats.filled += 1
             return out
+        if residual.is_inference() and not torch.is_inference_mode_enabled():
+            residual = store[key] = residual.clone()  # stored under inference_mode, now needed by autograd
         # blocks 0..start-1 return their input untouched; block ``start`` swaps in the stored residual
         for b in bridge.blocks[:start]:
             b.__dict__["forward"] = skip  # (the components route setattr to the HF module they wrap)

@@ -10,7 +10,7 @@ import torch
 from jaxtyping import install_import_hook
 
 # Runtime checking of every annotation (jaxtyping shapes with one dimension vocabulary, and plain types) over the
-# whole package and analysis/, for the whole test run (STYLE.md §3). It must be installed before anything imports
+# whole package and analysis/, for the whole test run (runtime type checks). It must be installed before anything imports
 # them. Classes that validate their own options with clearer messages opt out with `@no_type_check`.
 CHECKED = ("interp_steer", "analysis")
 install_import_hook(CHECKED, "beartype.beartype")

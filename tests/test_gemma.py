@@ -32,8 +32,9 @@ def test_gemma_loads_by_name_offline_with_a_chat_template(gemma):
     assert render_chat(tok, None, system="P").endswith("<start_of_turn>user\nP<end_of_turn>\n<start_of_turn>model\n")
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = bridge.original_model.generate(ids, max_new_tokens=6, do_sample=False)
-    assert "France" in tok.decode(out[0, ids.shape[1]:]) or "Paris" in tok.decode(out[0, ids.shape[1]:])
+        out = bridge.original_model.generate(ids, max_new_tokens=10, do_sample=False)
+    # a base model: it answers, greedily, like this (the GGUF dequantized by transformers, checked by hand)
+    assert tok.decode(out[0, ids.shape[1]:]).startswith(" the capital of the country of France")
 
 
 @pytest.mark.slow

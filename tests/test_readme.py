@@ -1,13 +1,15 @@
 """The README's Python example runs as written and prints what the README says it prints."""
 
-import contextlib
-import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
+README = ROOT / "README.md"
 
 
 def blocks(kind: str) -> list[str]:
@@ -15,13 +17,20 @@ def blocks(kind: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_example_prints_its_documented_output(tmp_path, monkeypatch):
-    code = blocks("python")[0]
-    want = blocks("text")[0]
-    monkeypatch.chdir(tmp_path)  # the example writes runs/readme-sentiment
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, str(README), "exec"), {})  # noqa: S102 (the project's own README)
-    printed = "".join(line for line in out.getvalue().splitlines(keepends=True) if re.match(r"^[+-]\d ", line))
-    print(printed)  # what to paste into the README when the example's output changes on purpose
-    assert printed == want
+def test_readme_example_prints_its_documented_output(tmp_path):
+    """In a fresh interpreter (what a reader runs; nothing of earlier tests carried over), in a scratch directory
+    (the example writes runs/readme-sentiment)."""
+    code, want = blocks("python")[0], blocks("text")[0]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=1800)
+    assert run.returncode == 0, run.stderr[-2000:]
+    printed = [line for line in run.stdout.splitlines() if re.match(r"^[+-]\d ", line)]
+    print("\n".join(printed))  # what to paste into the README when the example's output changes on purpose
+    documented = want.splitlines()
+    assert [p[:2] for p in printed] == ["-1", "+0", "+1"]
+    # c = 0 is the base model's own greedy reply: it must be the README's to the character
+    assert printed[1] == documented[1]
+    # the steered replies must differ from it; the README shows those of its dated run (once, in a full test run,
+    # they came out different: trained replies are not held to the character until that is understood)
+    assert printed[0] != printed[1] and printed[2] != printed[1]
