@@ -15,6 +15,8 @@ Names resolve lazily, so ``import interp_steer`` (and the CLI's argument checkin
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _EXPORTS = {
@@ -43,6 +45,20 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
+# Functions named like the module that holds them. Importing a submodule makes Python set it as an attribute of
+# its package, which would make ``ist.train`` the module once anything imported ``interp_steer.train``: the
+# package keeps these names for the functions (the modules stay importable: ``importlib.import_module``).
+_SHADOWED = frozenset(n for n in _WHERE if n == _WHERE[n])
+
+
+class _Face(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Face
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import interp_steer.commands as commands_mod
-import interp_steer.train as train_mod
+import importlib
+
+train_mod = importlib.import_module("interp_steer.train")  # (ist.train is the function)
 from interp_steer import distributed
 from interp_steer.config import DemoRun, EvalRun, LossConfig, TrainConfig, TrainRun
 from interp_steer.data import persona_pairs

@@ -57,3 +57,14 @@ def test_the_core_never_imports_analysis_or_the_cli():
 def test_the_public_face_names_only_what_exists():
     for name in interp_steer.__all__:
         assert getattr(interp_steer, name) is not None
+
+
+def test_the_public_face_keeps_function_names_that_are_also_module_names():
+    import importlib
+
+    import interp_steer as ist
+
+    importlib.import_module("interp_steer.train")  # Python records a submodule on its package when it loads
+    importlib.import_module("interp_steer.capture")
+    assert callable(ist.train) and ist.train.__module__ == "interp_steer.train"
+    assert callable(ist.capture) and ist.capture.__module__ == "interp_steer.capture"

@@ -7,7 +7,9 @@ import signal
 import pytest
 import torch
 
-import interp_steer.train as train_mod
+import importlib
+
+train_mod = importlib.import_module("interp_steer.train")  # (ist.train is the function)
 from interp_steer.adapter import apply_adapters, linear_weight
 from interp_steer.config import LossConfig, TrainConfig
 from interp_steer.data import ContrastivePair, persona_pairs, select_pairs
