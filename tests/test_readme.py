@@ -27,10 +27,4 @@ def test_readme_example_prints_its_documented_output(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     printed = [line for line in run.stdout.splitlines() if re.match(r"^[+-]\d ", line)]
     print("\n".join(printed))  # what to paste into the README when the example's output changes on purpose
-    documented = want.splitlines()
-    assert [p[:2] for p in printed] == ["-1", "+0", "+1"]
-    # c = 0 is the base model's own greedy reply: it must be the README's to the character
-    assert printed[1] == documented[1]
-    # the steered replies must differ from it; the README shows those of its dated run (once, in a full test run,
-    # they came out different: trained replies are not held to the character until that is understood)
-    assert printed[0] != printed[1] and printed[2] != printed[1]
+    assert printed == want.splitlines()  # c = 0 is the base model's own reply; ±1 the trained steer's
