@@ -209,12 +209,8 @@ def check_run_dir(path: str | Path, overwrite: bool = False) -> Path:
 def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     """``check_run_dir``, then create the directory (the first write of a run)."""
     path = check_run_dir(path, overwrite)
-    _mkdirs(path)
-    return path
-
-
-def _mkdirs(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def seal_run_dir(path: str | Path) -> None:
@@ -235,7 +231,7 @@ def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = Fa
     path = Path(path)
     with claim(path):
         check_dir_target(path, overwrite, what)
-        _mkdirs(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         follow_umask(tmp, directory=True)
         prev = path.with_name(path.name + ".prev")

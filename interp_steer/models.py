@@ -18,6 +18,7 @@ model's dtype (adapter.py).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -210,8 +211,7 @@ def check_model_source(name: str | None) -> None:
     if name is None or name == DEFAULT_MODEL or name in GEMMA_NAMES:
         return
     path = Path(name).expanduser()
-    looks_local = name.startswith(("/", ".", "~")) or os.sep in name and path.exists() or path.exists()
-    if not looks_local:
+    if not (name.startswith(("/", ".", "~")) or path.exists()):
         return
     if not path.exists():
         raise ValueError(f"model {name!r}: no such directory. Give a directory holding config.json, the weights and "
@@ -219,8 +219,6 @@ def check_model_source(name: str | None) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ValueError(f"model {name!r} is not a model directory (no config.json in it)")
     try:
-        import json
-
         arch = json.loads((path / "config.json").read_text()).get("architecture")
     except (OSError, ValueError, AttributeError):
         arch = None
