@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from . import progress as command_progress
 from transformer_lens.model_bridge import TransformerBridge
 
 from .data import Batch
@@ -116,4 +118,5 @@ def reference_pass(bridge: TransformerBridge, batches: Sequence[Batch], hook: st
             logp.append(token_logprobs(logits, b.input_ids).clone())
             for n in extra:
                 more[n].append(h[n].clone())
+            command_progress.tick("capture")
     return Reference(hs, logp, {n: torch.cat(v) for n, v in more.items()})

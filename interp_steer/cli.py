@@ -1,4 +1,4 @@
-"""Command line: ``interp-steer train | eval | demo | export``.
+"""Command line: ``interp-steer train | eval | demo | study | export``.
 
 Every option is made from the annotations of the command's config dataclass (config.py), nested configs
 flattened (``--objective`` sets ``train.loss.objective``), so the CLI and the Python API cannot drift.
@@ -22,6 +22,7 @@ from .signals import Terminated, sigterm_raises
 HELP = {"train": "train an SVD rotation adapter on contrastive pairs",
         "eval": "sweep a trained adapter (and baselines) at equal coherence",
         "demo": "per concept: train the adapter (per seed), sweep every method, write reports and figures",
+        "study": "models × concepts × seeds, one resumable cell each (shardable), then one report over them",
         "export": "write the steer at a coefficient as a merged HF model, a peft LoRA or a llama.cpp control vector"}
 
 
@@ -145,11 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args.command, args)
-        from . import commands  # heavy imports (torch, transformers) only once the config is known to be good
+        from . import commands, study  # heavy imports (torch, transformers) once the config is known to be good
 
+        run = study.run_study if args.command == "study" else getattr(commands, f"run_{args.command}")
         with sigterm_raises():
-            {"train": commands.run_train, "eval": commands.run_eval, "demo": commands.run_demo,
-             "export": commands.run_export}[args.command](cfg)
+            run(cfg)
     except (ValueError, OSError) as e:  # ConfigError, FileNotFoundError, FileExistsError among them
         print(f"error: {e}", file=sys.stderr)
         return 2

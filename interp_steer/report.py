@@ -85,6 +85,10 @@ def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
                          "dnll": mean([rows[lb][side].get("dnll") for lb in labels]),
                          "effects": {primary: {"delta": m, "ci95": [m - half, m + half], "item_deltas": items,
                                                "seed_deltas": deltas}, **others}}
+        ends = [rows[lb].get("ends") for lb in labels]
+        if all(ends):
+            row["ends"] = {key: mean([e.get(key) for e in ends]) for key, v in ends[0].items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
         out[f"{name} ({k} seeds)"] = row
     return out
 
@@ -135,7 +139,8 @@ def iso_table_markdown(report: dict) -> str:
     primary = effects[0]
     head = (f"| method | dir | coeff at {metric.upper()}={b} | Δ {primary} [95% CI] | "
             + " | ".join(f"Δ {e}" for e in effects[1:]) + (" | " if effects[1:] else "")
-            + "KL | ΔNLL | budget reached | vs random | vs best additive | monotonic (ρ) | symmetry |")
+            + "KL | ΔNLL | budget reached | peak within budget [95% CI] @ c | vs random | vs best additive | "
+            "monotonic (ρ) | symmetry |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     comps = report.get("comparisons", {})
     for name, iso in report["iso_table"].items():
@@ -156,9 +161,42 @@ def iso_table_markdown(report: dict) -> str:
                 f"| {name}", sign, _f(s["coeff"], ".3g"),
                 f"{_f(pe.get('delta_paired', pe['delta']), '+.3f')} [{_f(ci[0], '+.3f')}, {_f(ci[1], '+.3f')}]",
                 *rest, _f(s["kl_mean"], ".3f"), _f(s["dnll"], "+.3f"), "yes" if s["budget_reached"] else "no",
-                verdict("vs_random"), verdict("vs_best_additive"),
+                peak_cell(s.get("peak")), verdict("vs_random"), verdict("vs_best_additive"),
                 _f(iso["monotonicity"], ".2f") if side == "plus" else "",
                 _f(iso["symmetry"], ".2f") if side == "plus" else ""]) + " |")
+    return "\n".join(lines)
+
+
+def peak_cell(peak: dict | None) -> str:
+    """``Δ [lo, hi] @ c``, with "turns back" where the effect at the budget is significantly below the peak."""
+    if not peak or peak.get("coeff") is None or (isinstance(peak["coeff"], float) and math.isnan(peak["coeff"])):
+        return "–"
+    ci = peak.get("ci95") or [math.nan, math.nan]
+    d = peak.get("delta_paired", peak.get("delta"))
+    return (f"{_f(d, '+.3f')} [{_f(ci[0], '+.3f')}, {_f(ci[1], '+.3f')}] @ {_f(peak['coeff'], '+.3g')}"
+            + (" (turns back)" if peak.get("turns_back") else ""))
+
+
+F1_COLUMNS = (("steering_f1", "Steering F1", ".1f"), ("f1_raw", "F1 without mass factor", ".1f"),
+              ("precision", "precision", ".2f"), ("recall", "recall (net fixes)", ".3f"),
+              ("fix_rate", "fix rate", ".2f"), ("break_rate", "break rate", ".2f"),
+              ("arbitrary_rate", "control flip rate", ".2f"), ("focus", "focus", ".2f"),
+              ("mass_ratio", "mass ratio²", ".3f"))
+
+
+def ends_table_markdown(report: dict) -> str:
+    """Steering F1 (the concept's ``ends`` metric) per method, at the budget's coefficients; '' if none."""
+    rows = {k: v["ends"] for k, v in report["iso_table"].items() if v.get("ends")}
+    if not rows:
+        return ""
+    head = "| method | c− / c+ | " + " | ".join(t for _, t, _ in F1_COLUMNS) + " | choice mass −/0/+ | items |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, e in rows.items():
+        cs, m = e.get("coeffs", {}), e.get("mass", {})
+        lines.append(" | ".join([f"| {name}", f"{_f(cs.get('minus'), '+.3g')} / {_f(cs.get('plus'), '+.3g')}",
+                                 *(_f(e.get(k), spec) for k, _, spec in F1_COLUMNS),
+                                 "/".join(_f(m.get(k), ".2f") for k in ("minus", "zero", "plus")),
+                                 f"{e.get('n_target', '–')} + {e.get('n_control', '–')}"]) + " |")
     return "\n".join(lines)
 
 
@@ -179,6 +217,14 @@ def markdown_report(report: dict, figures: Sequence[Path], out: Path) -> str:
         iso_table_markdown(report),
         "",
     ]
+    if f1 := ends_table_markdown(report):
+        parts += ["## Steering F1 at the budget", "",
+                  "AntiPaSTO's Steering F1 (arXiv 2601.07473), from the forced choice at each method's budget "
+                  "coefficients: fixes (dishonest at c = 0, honest at +c) minus breaks, weighted by |y0|/σ, "
+                  "against any flip of a control question (arithmetic checks, free preferences); × (min choice "
+                  "mass ratio)², NaN when the choice mass at ±c falls below the threshold "
+                  f"({next(iter(r['ends'] for r in report['iso_table'].values() if r.get('ends'))).get('min_mass', 0.95)}). "
+                  "No CI: a single number per method.", "", f1, ""]
     if "train" in report:
         t = report["train"]
         parts += ["## Training", "", f"{t.get('seconds', 0):.0f} s; held-out projection on d_steer at "

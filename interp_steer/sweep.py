@@ -19,14 +19,16 @@ from typing import Callable, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from . import progress as command_progress
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from .adapter import apply_adapters
-from .concepts import Effect
+from .concepts import Effect, Ends
 from .directions import SteeringVector
 from .evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
-from .report import mean_ci
+from .report import mean_ci, paired_difference
 
 BudgetMetric = Literal["kl", "dnll"]
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.25, 1.5, 2.0)  # × c*, beside the bracket ends: 8 points per direction
@@ -85,6 +87,7 @@ class SweepData:
     bisect_iters: int = 4
     grid: tuple[float, ...] = DEFAULT_GRID
     verbose: bool = False  # one line per measured point
+    ends: Ends | None = None  # the concept's metric of both directions at the budget (Concept.ends)
 
     @property
     def primary(self) -> str:
@@ -98,10 +101,14 @@ def measure(bridge, tok, method: Method, c: float, data: SweepData, effect: bool
     p = Point(method.name, c, coh.dnll, coh.kl_mean, coh.kl_p95)
     if effect:
         for e in data.effects:
-            items = e.measure(bridge, tok, steer, system).cpu().double()  # statistics on the CPU (MPS: no float64)
-            ok = items[torch.isfinite(items)]
-            p.effects[e.name] = ok.mean().item() if len(ok) else math.nan
-            p.items[e.name] = items.tolist()
+            out = e.measure(bridge, tok, steer, system)
+            for name, items in (out.items() if isinstance(out, dict) else ((e.name, out),)):
+                items = items.cpu().double()  # statistics on the CPU (MPS has no float64)
+                ok = items[torch.isfinite(items)]
+                p.effects[name] = ok.mean().item() if len(ok) else math.nan
+                p.items[name] = items.tolist()
+    full = steer is None  # c = 0 and prompting: the whole model runs (no prefix to reuse)
+    command_progress.tick(("point_full:" if full else "point:") + data.primary if effect else "probe")
     if data.verbose:
         shown = "  ".join(f"{k}={v:+.3f}" for k, v in p.effects.items()) if effect else "(budget search)"
         tqdm.write(f"  {method.name:>10s} c={c:+.4g}  KL={p.kl_mean:.4f}  dNLL={p.dnll:+.4f}  {shown}"
@@ -179,7 +186,23 @@ def sweep_method(bridge, tok, method: Method, data: SweepData, zero: Point) -> M
     points = [Point(**{**asdict(p), "method": method.name}) for p in points]
     res = MethodResult(method.name, points, probes, seconds=time.perf_counter() - t)
     res.iso = iso_summary(points, data.budget, data.budget_metric, data.primary)
+    if data.ends is not None:
+        res.iso["ends"] = ends_at_budget(points, res.iso, data.ends)
     return res
+
+
+def items_at(points: Sequence[Point], coeff: float) -> dict[str, list[float]]:
+    """Every per-item series at ``coeff``, each item interpolated between the measured points (NaN outside)."""
+    c = [p.coeff for p in points]
+    return {k: [_interp(c, [p.items[k][i] for p in points], coeff) for i in range(len(points[0].items[k]))]
+            for k in points[0].items}
+
+
+def ends_at_budget(points: Sequence[Point], iso: dict, ends: Ends) -> dict:
+    """``ends(minus, zero, plus)`` on the per-item series at the budget's coefficient in each direction."""
+    at = {side: items_at(points, iso[side]["coeff"]) for side in ("minus", "plus")}
+    return {**ends(at["minus"], items_at(points, 0.0), at["plus"]),
+            "coeffs": {"minus": iso["minus"]["coeff"], "plus": iso["plus"]["coeff"]}}
 
 
 def iso_summary(points: Sequence[Point], budget: float, budget_metric: BudgetMetric, primary: str) -> dict:
@@ -197,7 +220,31 @@ def iso_summary(points: Sequence[Point], budget: float, budget_metric: BudgetMet
             s["effects"][e] = paired_delta(points, ip.coeff, e)
         for key in ("kl_mean", "dnll"):
             s[key] = _interp(c, [getattr(p, key) for p in points], ip.coeff)
+        s["peak"] = peak_within_budget(points, side, budget, budget_metric, primary, ip.coeff)
         out[side] = s
+    return out
+
+
+def peak_within_budget(points: Sequence[Point], side: str, budget: float, budget_metric: BudgetMetric,
+                       primary: str, at_budget: float) -> dict:
+    """The largest primary effect that way (+: highest, −: lowest) at any measured coefficient of that sign
+    whose cost is within the budget, with its paired CI against c = 0, and whether the curve *turns back*: the
+    peak lies below the budget's |c| and the effect at the budget is smaller than the peak's, paired over
+    items with a 95 % CI excluding zero."""
+    sign = 1.0 if side == "plus" else -1.0
+    within = [p for p in points if sign * p.coeff > 0 and p.cost(budget_metric) <= budget
+              and math.isfinite(p.effects.get(primary, math.nan))]
+    if not within:
+        return {"coeff": math.nan, "turns_back": False}
+    best = max(within, key=lambda p: sign * p.effects[primary])
+    out = {"coeff": best.coeff, "cost": best.cost(budget_metric), **paired_delta(points, best.coeff, primary)}
+    out.pop("item_deltas")
+    out["turns_back"] = False
+    if math.isfinite(at_budget) and abs(best.coeff) < abs(at_budget):
+        at = items_at(points, at_budget)[primary]
+        gap = paired_difference([sign * x for x in best.items[primary]], [sign * x for x in at])
+        out["vs_budget"] = gap
+        out["turns_back"] = bool(gap["significant"] and gap["diff"] > 0)
     return out
 
 
@@ -231,6 +278,6 @@ def run_sweep(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, methods: 
     """Sweep every method; c = 0 (the base model) is measured once and shared."""
     zero = measure(bridge, tok, Method("base", lambda c: None), 0.0, data)
     results = []
-    for m in tqdm(methods, desc="methods", disable=not progress):
+    for m in tqdm(methods, desc="methods", disable=not progress or command_progress.active()):
         results.append(sweep_method(bridge, tok, m, data, zero))
     return results

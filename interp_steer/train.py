@@ -32,6 +32,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from . import progress as command_progress
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
@@ -181,8 +183,10 @@ def kl_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, cfg: 
     if cfg.loss.kl_budget is None:
         return None
     hook = loss_hook(cfg, bridge.cfg.n_layers) if cfg.loss.w_text_shift > 0 else None
-    return generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world,
+    text = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world,
                         sample_seed=KL_SAMPLE_SEED if cfg.kl_sample else None, hook=hook)
+    command_progress.tick("kl_text")
+    return text
 
 
 def _generic_forward(bridge: TransformerBridge, batch: Batch, hook: str | None
@@ -407,7 +411,7 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
     t0 = time.perf_counter()
     # the residual stream at each adapted layer comes free with the reference pass: baselines reuse it
     resid = [resid_post(site_layer(s.site)) for s in specs]
-    ref = reference_pass(bridge, local, hook, progress, extra=resid)
+    ref = reference_pass(bridge, local, hook, progress and not command_progress.active(), extra=resid)
     whole = distributed.whole_reference(ref, local, [len(b) // 2 for b in batches], world) if world.parallel else ref
     timings["reference_s"] = time.perf_counter() - t0
     # the direction's float64 SVD on the CPU (MPS has no float64), then d_steer lives on the model's device
@@ -482,7 +486,8 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
 
     history: list[dict] = []
     fwd_s = bwd_s = 0.0
-    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress or command_progress.active(),
+               initial=start, total=cfg.steps)
     # every pass of the loop hooks blocks >= start only: the residual entering it is computed once per batch
     start = first_block([*(sp.site for sp in specs), hook, *([text_hook] if text_hook else [])])
     with _DeferredInterrupt() as interrupt, reuse_prefix(bridge, start) as prefix:
@@ -541,6 +546,7 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
             if callback is not None:
                 callback(step, adapters)
             bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k != "loss"})
+            command_progress.tick("step")
             done = step + 1
             # under torchrun every process gets the Ctrl-C, not necessarily in the same step: they agree first
             stop = distributed.any_rank(interrupt.requested) if world.parallel else interrupt.requested

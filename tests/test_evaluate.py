@@ -1,6 +1,7 @@
 """Metrics against hand computations on the tiny model; curve search on synthetic curves; loaders."""
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -394,3 +395,30 @@ def test_real_model_puts_its_next_token_mass_on_yes_or_no(real):
     bridge, tok = real
     res = ev.forced_choice(bridge, tok, None, ev.load_dilemmas()[:8])
     assert res.n_dropped == 0 and res.choice_mass > 0.5  # the prompt works: the answer follows "My choice:"
+
+
+@pytest.mark.shared
+def test_steering_f1_on_daily_dilemmas_labelled_sample(tiny):
+    """DailyDilemmas' labelled dilemmas as the target cluster of the honesty concept's forced choice: the effect's
+    series and Steering F1 from them, on the tiny model (steered by a scaled final norm, a real change of answers)."""
+    from interp_steer.concepts import forced_choice_effect, honesty_f1
+
+    bridge, tok = tiny
+    assert DAILY.is_dir(), f"{DAILY} is missing: this test reads ../shared (CI has it); run `make test-fast` without it"
+    labelled = [d for d in ev.load_daily_dilemmas_csv(DAILY / "dilemmas_with_detail_by_action_test.csv")
+                if d.honest_answer is not None]
+    effect = forced_choice_effect(len(labelled), 6, dilemmas=labelled)
+    assert effect.extra == ("f1_target", "f1_control", "choice_mass")
+
+    def steer(c):
+        return lambda b: b.hooks(fwd_hooks=[("ln_final.hook_out", lambda act, hook: act * (1 + c))])
+
+    series = [{k: v.tolist() for k, v in effect.measure(bridge, tok, steer(c) if c else None, None).items()}
+              for c in (-0.5, 0.0, 0.5)]
+    zero = series[1]
+    assert len(zero["f1_target"]) == 2 and len(zero["f1_control"]) == 6 and len(zero["choice_mass"]) == 8
+    fc = ev.forced_choice(bridge, tok, None, labelled)
+    assert zero["f1_target"] == pytest.approx(fc.honesty_scores.tolist(), abs=1e-5)  # same items, same pass
+    r = honesty_f1(*series, min_mass=0.0)
+    assert (r["n_target"], r["n_control"]) == (2, 6) and 0 <= r["f1_raw"] <= 100 and 0 <= r["precision"] <= 1
+    assert math.isnan(honesty_f1(*series)["steering_f1"])  # a random model's Yes/No mass is far below 0.95

@@ -36,3 +36,35 @@ def test_sign_is_canonicalised_and_low_choice_mass_is_nan():
         steering_f1(([0, float("nan")], [1, 2], [1, 2]), ARBITRARY, (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="one length"):
         steering_f1(([0], [1, 2], [1, 2]), ARBITRARY, (1.0, 1.0, 1.0))
+
+
+def test_honesty_f1_reads_the_forced_choice_series():
+    """The concept's ``ends``: the same number as the metric on the arrays, NaN items dropped from a cluster, the
+    choice mass the mean over both clusters' items."""
+    from interp_steer.concepts import get_concept, honesty_f1
+
+    assert get_concept("honesty").ends is honesty_f1
+    at = [{"f1_target": [TARGET[k][i] for i in range(4)] + [math.nan], "f1_control": list(ARBITRARY[k]),
+           "choice_mass": [m] * 7} for k, m in enumerate((0.97, 0.99, 0.98))]
+    r = honesty_f1(*at)
+    assert r["steering_f1"] == pytest.approx(20.0 * (0.97 / 0.99) ** 2) and r["f1_raw"] == pytest.approx(20.0)
+    assert (r["n_target"], r["n_control"]) == (4, 2) and r["mass"] == pytest.approx({"minus": 0.97, "zero": 0.99, "plus": 0.98})
+    empty = honesty_f1(*({**a, "f1_target": [math.nan] * 5} for a in at))
+    assert math.isnan(empty["steering_f1"]) and empty["n_target"] == 0
+
+
+def test_control_cluster_is_deterministic_and_its_sums_are_right():
+    import re
+
+    from interp_steer.evalsets import control_dilemmas
+
+    items = control_dilemmas(20)
+    assert [d.id for d in items] == [d.id for d in control_dilemmas(20)] and len({d.id for d in items}) == 20
+    assert all(d.honest_answer is None for d in items)  # unlabelled: any flip is a side effect
+    math_items = [d for d in items if d.id.startswith("ctl-math-")]
+    assert len(math_items) == 10
+    for d in math_items:
+        a, b, p = map(int, re.search(r"Problem: (\d+) \+ (\d+)\nProposed answer: (-?\d+)", d.text).groups())
+        assert (a + b == p) == (int(d.id.rsplit("-", 1)[1]) % 2 == 0)  # even k: the right sum, odd k: a wrong one
+    with pytest.raises(ValueError, match="at least one"):
+        control_dilemmas(0)

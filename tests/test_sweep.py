@@ -26,7 +26,7 @@ def setup(tiny):
     bridge, tok = tiny
     # small on purpose: the tiny model's 49k-vocab unembedding dominates its cost
     data = SweepData(get_concept("honesty").effects(2, 1), coherence_reference(bridge, tok, load_neutral_texts()[:2]),
-                     budget=0.05, budget_metric="dnll", bisect_iters=1, grid=(0.5,))
+                     budget=0.05, budget_metric="dnll", bisect_iters=1, grid=(0.5,), ends=get_concept("honesty").ends)
     return bridge, tok, data
 
 
@@ -62,6 +62,15 @@ def test_run_sweep_and_outputs(setup, tmp_path):
         assert any(p.coeff > 0 for p in r.points) and any(p.coeff < 0 for p in r.points)
         assert set(r.iso) >= {"plus", "minus", "symmetry", "monotonicity"}
     assert [p.coeff for p in results[2].points] == [-1.0, 0.0, 1.0]
+    for r in results:  # honesty's ends metric at the budget, from the same forced-choice pass
+        ends = r.iso["ends"]
+        assert ends["coeffs"] == {"minus": r.iso["minus"]["coeff"], "plus": r.iso["plus"]["coeff"]}
+        assert (ends["n_target"], ends["n_control"]) == (2, 8) and set(ends["mass"]) == {"minus", "zero", "plus"}
+        assert math.isnan(ends["steering_f1"]) or 0 <= ends["steering_f1"] <= 100
+        assert {"precision", "recall", "focus", "f1_raw"} <= set(ends)
+        zero = next(p for p in r.points if p.coeff == 0)
+        assert len(zero.items["choice_mass"]) == 10 and len(zero.items["f1_control"]) == 8
+        assert set(zero.effects) == {"honesty", "f1_target", "f1_control", "choice_mass", "mc_margin"}
     for r in results[:2]:  # per direction: the bracket end(s) and the grid point, and c = 0 once
         per_side = 2 + all(r.iso[s]["budget_reached"] for s in ("plus", "minus"))
         assert len(r.points) == 1 + 2 * per_side, [p.coeff for p in r.points]
@@ -99,6 +108,23 @@ def test_iso_summary_on_synthetic_points():
     assert iso["minus"]["coeff"] == pytest.approx(-0.5) and iso["minus"]["effects"]["e"]["delta"] == pytest.approx(-1.0)
     assert iso["plus"]["kl_mean"] == pytest.approx(0.25) and iso["symmetry"] == pytest.approx(1.0)
     assert iso["monotonicity"] == pytest.approx(1.0) and iso["budget_metric"] == "kl"
+
+
+def test_peak_within_budget_and_a_curve_that_turns_back():
+    """Up: the effect peaks at c = 0.5 and falls by c = 1 (the budget's c): the peak is reported with its CI and
+    the turn back is significant. Down: monotone, the peak is the last point within the budget."""
+    up = {0.25: [1.0, 1.1, 0.9], 0.5: [2.0, 2.2, 1.9], 1.0: [0.5, 0.7, 0.6], 1.5: [0.0, 0.1, 0.2]}
+    items = {0.0: [0.0, 0.1, -0.1], **up, **{-c: [-2 * c, -2 * c + 0.1, -2 * c - 0.1] for c in (0.25, 0.5, 1.0, 1.5)}}
+    pts = synthetic(items)  # cost c²: within the budget 1.0 up to |c| = 1
+    iso = iso_summary(pts, 1.0, "kl", "e")
+    peak = iso["plus"]["peak"]
+    assert peak["coeff"] == 0.5 and peak["delta_paired"] == pytest.approx(6.1 / 3) and peak["cost"] == 0.25
+    assert peak["ci95"][0] < 6.1 / 3 < peak["ci95"][1] and peak["turns_back"]
+    assert peak["vs_budget"]["diff"] == pytest.approx(6.1 / 3 - 0.6) and peak["vs_budget"]["significant"]
+    down = iso["minus"]["peak"]
+    assert down["coeff"] == -1.0 and down["delta_paired"] == pytest.approx(-2.0) and not down["turns_back"]
+    flat = synthetic({0.0: [0.0, 0.1], 0.5: [0.0, 0.1], -0.5: [0.0, 0.1]}, cost=lambda c: 9.0 if c else 0.0)
+    assert math.isnan(iso_summary(flat, 1.0, "kl", "e")["plus"]["peak"]["coeff"])  # nothing within the budget
 
 
 def test_paired_delta_matches_a_hand_computation():

@@ -1,0 +1,466 @@
+"""``interp-steer study``: models × concepts × training seeds, one *cell* each, then one report over them.
+
+A cell is one model, one concept and one training seed: its adapter is trained and every method of the sweep
+(the adapter and the baselines built from the same training pairs, at the same blocks) is measured at equal
+coherence, as in ``demo``. Each cell is written whole into ``OUT/cells/ID`` (``write_dir_atomic``: a killed
+cell leaves no half-written cell, only a temporary directory beside it), so a study resumes where it stopped:
+a finished cell is never recomputed (``--overwrite`` recomputes it). Cells shard across processes
+(``--shard I/N``, or the rank and world size under ``torchrun``): each process runs every N-th cell, and
+whichever finishes writes the report over all finished cells:
+
+    OUT/results.json   every cell's rows pooled: per model, concept, method and direction the effects at the
+                       budget (mean over seeds, t-interval over seeds; one seed: the paired interval over items),
+                       the peak within the budget, Steering F1, and the adapter against the best additive
+                       baseline, prompting and the random direction, paired per seed
+    OUT/REPORT.md      those tables, the figures, which cells are missing, and the command that made it
+    OUT/figures/       dose-response on the KL axis with CI bands, and the effect at the budget, per model and
+                       concept (PNG + SVG)
+
+Each cell's ``cell.json`` (a few tens of kB) is all the report needs: commit those to carry a study to
+another machine, where it resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import scipy.stats
+import torch
+
+from . import progress as command_progress
+from .commands import check_device, concept_report, merge_units, planned_units
+from .concepts import get_concept
+from .config import ConfigError, StudyRun, run_config_doc
+from .io import (
+    RUN_CONFIG_FILE, check_dir_target, read_json, write_dir_atomic, write_json_atomic, write_text_atomic,
+)
+from .models import load_model
+from .ownership import MANIFEST, claim, why_not_owned, write_manifest
+from .plots import COLORS, figure, save
+from .report import ADDITIVE, mean_ci, paired_difference, write_outputs
+from .train import kl_text
+
+CELLS = "cells"
+CELL_FILE = "cell.json"
+FIGURES = "figures"
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    concept: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model).name if "/" in self.model else self.model)
+        return f"{slug}--{self.concept}--s{self.seed}"
+
+
+def study_cells(cfg: StudyRun) -> list[Cell]:
+    """Every cell, model-major (a process loads each model once)."""
+    return [Cell(m, c, s) for m in cfg.models for c in cfg.concepts for s in cfg.seeds]
+
+
+def shard(cfg: StudyRun) -> tuple[int, int]:
+    """``(i, n)``: ``--shard``, else torchrun's ``RANK``/``WORLD_SIZE``, else ``(0, 1)``."""
+    if cfg.shard is not None:
+        return cfg.shard_index()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def finished(out: Path, cell: Cell) -> bool:
+    d = out / CELLS / cell.id
+    return why_not_owned(d, cell.id) is None and (d / CELL_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------------ the study dir
+
+def _open_study(out: Path, cfg: StudyRun) -> None:
+    """Create ``out`` for this study, or check that it holds this study (same cells' settings) to resume.
+    One process at a time (a claim, waited for): shards starting together see one study."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with claim(out):
+                return _open_claimed(out, cfg)
+        except FileExistsError as e:
+            if "another process" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _open_claimed(out: Path, cfg: StudyRun) -> None:
+    if out.is_symlink():
+        raise FileExistsError(f"{out} is a symbolic link; interp-steer never writes through one. Give the real path.")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        reason = why_not_owned(out, out.name)
+        if reason is not None:
+            raise FileExistsError(f"{out} is not a study interp-steer wrote ({reason}); it will not write into it. "
+                                  "Choose a new or empty --out.")
+        saved = read_json(out / RUN_CONFIG_FILE, "the study's run_config.json")
+        if not (isinstance(saved, dict) and saved.get("command") == "study"):
+            raise FileExistsError(f"{out} holds an interp-steer run that is not a study; choose another --out")
+        old = StudyRun.from_dict(saved["config"]).study_fields()
+        diff = _first_difference(old, cfg.study_fields())
+        if diff and not cfg.overwrite:
+            raise ConfigError(f"{out} holds a study whose cells were made with other settings ({diff}); resume it "
+                              "with the same settings (--config its run_config.json), choose another --out, or "
+                              "pass --overwrite to recompute every cell")
+    # the latest grid (models, concepts and seeds may grow between runs), without this process's own options:
+    # what `--config run_config.json` reruns or reports
+    out.mkdir(parents=True, exist_ok=True)
+    whole = cfg.replace(shard=None, overwrite=False, report_only=False)
+    write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("study", whole))
+    write_manifest(out, out.name, skip=(CELLS,))
+
+
+def _first_difference(a, b, where: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if (d := _first_difference(a.get(k), b.get(k), f"{where}{k}.")) is not None:
+                return d
+        return None
+    a, b = (list(x) if isinstance(x, tuple) else x for x in (a, b))
+    return None if a == b else f"{where.rstrip('.')}: {a!r} then, {b!r} now"
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+def _curve(points: list[dict], effects: Sequence[str]) -> list[dict]:
+    """Per measured point: coefficient, KL, ΔNLL and each effect's paired Δ from c = 0 with its 95 % CI."""
+    zero = next(p for p in points if p["coeff"] == 0.0)
+    out = []
+    for p in points:
+        row = {"coeff": p["coeff"], "kl_mean": p["kl_mean"], "dnll": p["dnll"], "delta": {}}
+        for e in effects:
+            d = torch.tensor(p["items"][e], dtype=torch.float64) - torch.tensor(zero["items"][e], dtype=torch.float64)
+            m, _, ci = mean_ci(d)
+            row["delta"][e] = [0.0 if p is zero else m, *([0.0, 0.0] if p is zero else ci)]
+        out.append(row)
+    return out
+
+
+def cell_summary(cell: Cell, report: dict, seconds: float) -> dict:
+    """What the study keeps of a cell's report: its iso table (with per-item deltas, for paired comparisons
+    across cells), comparisons, curves, Steering F1, timings; not every point's items."""
+    effects = [e["name"] for e in report["effects"]]
+    return {"cell": {"model": cell.model, "concept": cell.concept, "seed": cell.seed, "id": cell.id},
+            "seconds": seconds, "effects": report["effects"], "budget": report["budget"],
+            "budget_metric": report["budget_metric"], "data": report["data"], "blocks": report["blocks"],
+            "machine": report["machine"], "iso_table": report["iso_table"], "comparisons": report["comparisons"],
+            "curves": {m: _curve(pts, effects) for m, pts in report["points"].items()},
+            "timings_s": report["timings_s"], "prefix_reuse": report.get("prefix_reuse"),
+            "train": {k: v for k, v in report.get("train", {}).items() if k != "config"}}
+
+
+def run_cell(bridge, tok, cell: Cell, cfg: StudyRun, generic, out: Path) -> None:
+    """Train and sweep one cell into a temporary directory, then move it into ``out/cells/ID`` whole."""
+    concept = get_concept(cell.concept)
+
+    def fill(tmp: Path) -> None:
+        t = time.perf_counter()
+        report = concept_report(bridge, tok, concept, (cell.seed,), cfg.train, cfg.sweep, tmp, generic, cell.model)
+        report["timings_s"]["total"] = time.perf_counter() - t
+        write_outputs(report, tmp)
+        write_json_atomic(tmp / CELL_FILE, cell_summary(cell, report, time.perf_counter() - t))
+
+    write_dir_atomic(out / CELLS / cell.id, fill, overwrite=True, what="a study cell")
+
+
+def run_study(cfg: StudyRun) -> dict:
+    """Run this process's unfinished cells (resumable, shardable), then write the report over every finished
+    cell. Returns the pooled results."""
+    check_device(cfg)
+    for c in cfg.concepts:
+        get_concept(c)  # an unknown name fails before any work
+    out = Path(cfg.out)
+    cells = study_cells(cfg)
+    i, n = shard(cfg)
+    mine = cells[i::n]
+    for cell in mine:  # a cell name holding what the study did not write: refused before any work
+        d = out / CELLS / cell.id
+        if d.is_symlink() or (d.exists() and why_not_owned(d, cell.id) is not None):
+            check_dir_target(d, True, "a study cell")
+    _open_study(out, cfg)
+    todo = [c for c in mine if cfg.overwrite or not finished(out, c)] if not cfg.report_only else []
+    print(f"study {out}: {len(cells)} cells, shard {i}/{n}: {len(mine)}, {len(mine) - len(todo)} already finished, "
+          f"{len(todo)} to run")
+    if todo:
+        run_cells(todo, cfg, out)
+    return write_study_report(out, cfg)
+
+
+def run_cells(todo: Sequence[Cell], cfg: StudyRun, out: Path) -> None:
+    """Every cell of ``todo`` in order, one model in memory at a time, under one bar over them all whose ETA is
+    learnt per model and kind of work (progress.py)."""
+    loaded = load_model(todo[0].model, cfg.device, cfg.dtype)
+    tok = loaded[1]
+    n_pairs = {c: len(get_concept(c).pairs(tok)) for c in cfg.concepts}  # the pair texts need no model
+    plans = [({f"{m}:kl_text": 1}, {}) for m in dict.fromkeys(c.model for c in todo)]
+    plans += [planned_units(get_concept(c.concept), n_pairs[c.concept], (c.seed,), cfg.train, cfg.sweep,
+                            prefix=f"{c.model}:") for c in todo]
+    counts, prior = merge_units(*plans)
+    model, generic = None, None
+    with command_progress.plan(counts, prior, f"study ({len(todo)} cells)") as bar:
+        for k, cell in enumerate(todo):
+            bar.prefix = f"{cell.model}:"
+            bar.bar.set_description_str(f"study cell {k + 1}/{len(todo)} {cell.id}")
+            if model != cell.model:
+                if model is not None:
+                    loaded = None  # one model in memory at a time
+                    loaded = load_model(cell.model, cfg.device, cfg.dtype)
+                model, generic = cell.model, kl_text(loaded[0], loaded[1], cfg.train)
+            run_cell(loaded[0], loaded[1], cell, cfg, generic, out)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def read_cells(out: Path, cfg: StudyRun) -> tuple[dict[str, dict], list[str]]:
+    """Every finished cell's summary by id, and the ids of the cells not finished yet."""
+    done, missing = {}, []
+    for cell in study_cells(cfg):
+        if finished(out, cell):
+            done[cell.id] = read_json(out / CELLS / cell.id / CELL_FILE, f"cell {cell.id}")
+        else:
+            missing.append(cell.id)
+    return done, missing
+
+
+def _over_seeds(values: list[float], fallback_ci: list | None) -> dict:
+    """Mean over seeds with a t-interval over seeds (≥ 2 seeds), else the one seed's own interval."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return {"mean": math.nan, "ci95": [math.nan, math.nan], "n_seeds": 0, "per_seed": values}
+    m = sum(v) / len(v)
+    if len(v) >= 2:
+        sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+        half = float(scipy.stats.t.ppf(0.975, len(v) - 1)) * sd / math.sqrt(len(v))
+        ci, kind = [m - half, m + half], "t over seeds"
+    else:
+        ci, kind = [_num(x) for x in fallback_ci or [None, None]], "paired over items"
+    return {"mean": m, "ci95": ci, "ci_kind": kind, "n_seeds": len(v), "per_seed": values}
+
+
+def _num(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def pool(cells: dict[str, dict]) -> dict:
+    """Rows and comparisons per model and concept, pooled over the seeds' cells."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for c in cells.values():
+        groups.setdefault((c["cell"]["model"], c["cell"]["concept"]), []).append(c)
+    out = []
+    for (model, concept), cs in groups.items():
+        cs = sorted(cs, key=lambda c: c["cell"]["seed"])
+        effects = [e["name"] for e in cs[0]["effects"]]
+        primary = effects[0]
+        methods = list(cs[0]["iso_table"])
+        rows = []
+        for m in methods:
+            for side in ("plus", "minus"):
+                sides = [c["iso_table"][m][side] for c in cs if m in c["iso_table"]]
+                row = {"method": m, "side": side, "coeff": [_num(s["coeff"]) for s in sides],
+                       "kl_mean": [_num(s["kl_mean"]) for s in sides],
+                       "budget_reached": [bool(s["budget_reached"]) for s in sides], "effects": {}}
+                for e in effects:
+                    es = [s["effects"][e] for s in sides]
+                    row["effects"][e] = _over_seeds([_num(x.get("delta_paired", x["delta"])) for x in es],
+                                                    es[0].get("ci95") if len(es) == 1 else None)
+                peaks = [s.get("peak", {}) for s in sides]
+                row["peak"] = {"delta": _over_seeds([_num(p.get("delta_paired")) for p in peaks],
+                                                    peaks[0].get("ci95") if len(peaks) == 1 else None),
+                               "coeff": [_num(p.get("coeff")) for p in peaks],
+                               "turns_back": [bool(p.get("turns_back")) for p in peaks]}
+                ends = [c["iso_table"][m].get("ends") for c in cs if m in c["iso_table"]]
+                if side == "plus" and all(ends) and ends:
+                    row["steering_f1"] = _over_seeds([_num(x.get("steering_f1")) for x in ends], None)
+                    row["steering_f1_raw"] = _over_seeds([_num(x.get("f1_raw")) for x in ends], None)
+                    row["focus"] = [_num(x.get("focus")) for x in ends]
+                    row["mass"] = [x.get("mass") for x in ends]
+                rows.append(row)
+        out.append({"model": model, "concept": concept, "seeds": [c["cell"]["seed"] for c in cs],
+                    "effects": cs[0]["effects"], "rows": rows,
+                    "comparisons": compare(cs, effects, primary), "seconds": sum(c["seconds"] for c in cs)})
+    return {"groups": out}
+
+
+def compare(cs: list[dict], effects: Sequence[str], primary: str) -> list[dict]:
+    """The adapter against the best additive baseline (the one steering furthest that way on the primary
+    effect, over seeds), prompting and the random direction: per seed a paired difference over items (signed
+    so > 0 means the adapter steers further that way), then over seeds."""
+    out = []
+    iso0 = cs[0]["iso_table"]
+    if "adapter" not in iso0:
+        return out
+    for side, sign in (("plus", 1.0), ("minus", -1.0)):
+        def mean_delta(name: str) -> float:
+            v = [_num(c["iso_table"][name][side]["effects"][primary]["delta"]) for c in cs]
+            return sum(v) / len(v)
+        additive = [a for a in ADDITIVE if a in iso0]
+        best = max(additive, key=lambda a: sign * mean_delta(a), default=None)
+        for other, label in ((best, "best additive"), ("prompting", "prompting"), ("random", "random")):
+            if other is None or other not in iso0:
+                continue
+            for e in effects:
+                per = []
+                for c in cs:
+                    a = c["iso_table"]["adapter"][side]["effects"][e].get("item_deltas")
+                    b = c["iso_table"][other][side]["effects"][e].get("item_deltas")
+                    if a is None or b is None:
+                        continue
+                    per.append(paired_difference([sign * _num(x) for x in a], [sign * _num(x) for x in b]))
+                if not per:
+                    continue
+                pooled = _over_seeds([p["diff"] for p in per], per[0]["ci95"] if len(per) == 1 else None)
+                lo, hi = pooled["ci95"]
+                out.append({"side": side, "effect": e, "against": other, "label": label, **pooled,
+                            "significant": bool(lo > 0 or hi < 0)})
+    return out
+
+
+def _f(x, spec: str = "+.3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _ci(d: dict, spec: str = "+.3f") -> str:
+    lo, hi = d["ci95"]
+    return f"{_f(d['mean'], spec)} [{_f(lo, spec)}, {_f(hi, spec)}]"
+
+
+def group_markdown(g: dict, budget: float) -> list[str]:
+    effects = [e["name"] for e in g["effects"]]
+    primary = effects[0]
+    sign_of = {"plus": "+", "minus": "−"}
+    f1 = any("steering_f1" in r for r in g["rows"])
+    head = (f"| method | dir | Δ {primary} [95% CI] | " + "".join(f"Δ {e} | " for e in effects[1:])
+            + "KL at c* | peak Δ within budget [95% CI] | " + ("Steering F1 (raw) | " if f1 else ""))
+    lines = [f"### {g['model']} · {g['concept']} (seeds {', '.join(map(str, g['seeds']))})", "", head.rstrip(),
+             "|" + "---|" * (head.count("|") - 1)]
+    for r in g["rows"]:
+        kl = [x for x in r["kl_mean"] if math.isfinite(x)]
+        reached = "" if all(r["budget_reached"]) else " (budget not reached)"
+        back = " ↩" if any(r["peak"]["turns_back"]) else ""
+        cells = [r["method"], sign_of[r["side"]], _ci(r["effects"][primary]) + reached,
+                 *(_ci(r["effects"][e]) for e in effects[1:]), _f(sum(kl) / len(kl) if kl else math.nan, ".3f"),
+                 _ci(r["peak"]["delta"]) + back]
+        if f1:
+            cells.append(f"{_f(r['steering_f1']['mean'], '.1f')} ({_f(r['steering_f1_raw']['mean'], '.1f')})"
+                         if "steering_f1" in r else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Adapter against the others at KL = {budget} (> 0: the adapter steers further that way; "
+              "* marks a 95 % CI excluding 0):", "", "| dir | effect | adapter − | diff [95% CI] | CI over |",
+              "|---|---|---|---|---|"]
+    for c in g["comparisons"]:
+        name = c["against"] if c["label"] != "best additive" else f"{c['against']} (best additive)"
+        lines.append(f"| {sign_of[c['side']]} | {c['effect']} | {name} | {_ci(c)}{' *' if c['significant'] else ''}"
+                     f" | {c.get('ci_kind', '')} ({c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}) |")
+    return lines + [""]
+
+
+def study_figures(pooled: dict, cells: dict[str, dict], out: Path) -> list[Path]:
+    """Per model and concept: the primary effect's Δ against KL (each seed's curve, CI band), and the Δ at the
+    budget per method and direction with its CI."""
+    paths = []
+    for g in pooled["groups"]:
+        primary = g["effects"][0]["name"]
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{g['model']}--{g['concept']}")
+        fig, ax = figure(height=2.5)
+        for c in cells.values():
+            if (c["cell"]["model"], c["cell"]["concept"]) != (g["model"], g["concept"]):
+                continue
+            for m, pts in c["curves"].items():
+                pts = sorted(pts, key=lambda p: p["coeff"])
+                for side in (1, -1):
+                    ps = [p for p in pts if p["coeff"] * side >= 0]
+                    x = [_num(p["kl_mean"]) for p in ps]
+                    y, lo, hi = ([_num(p["delta"][primary][k]) for p in ps] for k in range(3))
+                    color = COLORS.get(m, "#333333")
+                    ax.plot(x, y, "o-" if side > 0 else "s--", color=color, alpha=0.8,
+                            label=m if side > 0 and c["cell"]["seed"] == g["seeds"][0] else None)
+                    ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0)
+        budget = next(iter(cells.values()))["budget"]
+        ax.axvline(budget, color="k", lw=0.6, ls=":")
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("KL(reference ‖ steered), nat/token")
+        ax.set_ylabel(f"Δ {primary} from c = 0")
+        ax.set_title(f"{g['model']} · {g['concept']} (o: +c, s: −c)")
+        ax.legend(ncol=2)
+        paths += save(fig, out, f"dose_kl--{name}")
+        fig, ax = figure(height=2.3)
+        rows = g["rows"]
+        labels = [f"{r['method']} {'+' if r['side'] == 'plus' else '−'}" for r in rows]
+        means = [_num(r["effects"][primary]["mean"]) for r in rows]
+        ci = [[_num(x) for x in r["effects"][primary]["ci95"]] for r in rows]
+        err = [[0.0 if math.isnan(m - c[0]) else m - c[0] for m, c in zip(means, ci)],
+               [0.0 if math.isnan(c[1] - m) else c[1] - m for m, c in zip(means, ci)]]
+        ax.bar(range(len(rows)), means, yerr=err, capsize=2,
+               color=[COLORS.get(r["method"], "#333333") for r in rows])
+        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_ylabel(f"Δ {primary} at KL = {budget}")
+        ax.set_title(f"{g['model']} · {g['concept']}")
+        paths += save(fig, out, f"at_budget--{name}")
+    return paths
+
+
+def write_study_report(out: Path, cfg: StudyRun) -> dict:
+    """``results.json``, ``REPORT.md`` and ``figures/`` over every finished cell (one process at a time; a
+    process finding another writing it leaves the report to that one)."""
+    cells, missing = read_cells(out, cfg)
+    pooled = {"cells": sorted(cells), "missing": missing, **pool(cells)}
+    try:
+        with claim(out / "results.json"):
+            if why_not_owned(out, out.name) is not None:
+                raise FileExistsError(f"{out} changed since the study wrote it ({why_not_owned(out, out.name)}); "
+                                      "the report is not rewritten")
+            write_json_atomic(out / "results.json", pooled)
+            figs = study_figures(pooled, cells, out / FIGURES) if cells else []
+            write_text_atomic(out / "REPORT.md", study_markdown(pooled, cells, cfg, [p for p in figs
+                                                                                    if p.suffix == ".png"], out))
+            write_manifest(out, out.name, skip=(CELLS,))
+    except FileExistsError as e:
+        if "another process" not in str(e):
+            raise
+    print(f"wrote {out / 'REPORT.md'} ({len(cells)} cells finished, {len(missing)} missing)")
+    return pooled
+
+
+def study_markdown(pooled: dict, cells: dict[str, dict], cfg: StudyRun, figures: Sequence[Path], out: Path) -> str:
+    first = next(iter(cells.values()), None)
+    budget = first["budget"] if first else cfg.sweep.budget
+    models = ", ".join(cfg.models)
+    parts = [f"# Study: {', '.join(cfg.concepts)} on {models}", "",
+             f"Written {time.strftime('%Y-%m-%d')} by `interp-steer study --config {out / RUN_CONFIG_FILE}` (the "
+             "settings are in that file; `--report-only` rewrites this report from the finished cells, without it "
+             f"the missing cells run first). {len(cells)} cells finished"
+             + (f", {len(pooled['missing'])} missing: {', '.join(pooled['missing'])}" if pooled["missing"] else "")
+             + ".", "",
+             f"Every method is compared at the coefficient where its mean per-token KL(reference ‖ steered) on "
+             f"neutral text reaches {budget} nat/token, at the same blocks (prompting acts on the tokens). Δ: change "
+             "from c = 0, mean over items. With several seeds the interval is a t-interval over seeds (each seed "
+             "trains the adapter and rebuilds the baselines from its own training split); with one seed it is the "
+             "paired 95 % interval over items. 'peak Δ within budget': the largest effect that way at any measured "
+             "coefficient whose KL is within the budget (↩: a seed's curve turns back, its effect at the budget "
+             "is significantly below its peak). Steering F1: AntiPaSTO's metric (arXiv 2601.07473) at the budget "
+             "coefficients, NaN when the Yes/No mass at ±c is below 0.95; raw: without the mass factor.", ""]
+    if first:
+        parts += [f"Items: {first['data']['items']}; machine: {first['machine']['platform']}, "
+                  f"{first['machine']['torch_threads']} torch threads. Cell time: "
+                  + ", ".join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in sorted(cells.items())) + ".", ""]
+    for g in pooled["groups"]:
+        parts += group_markdown(g, budget)
+    parts += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figures] + [""]
+    return "\n".join(parts)
+
+
+__all__ = ["Cell", "study_cells", "run_study", "write_study_report", "pool", "compare", "cell_summary", "MANIFEST"]
