@@ -134,6 +134,9 @@ class Config:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+MAX_COEFF = 1000.0  # the largest |c| a held-out evaluation accepts (±1 are the trained ends)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -280,6 +283,10 @@ class TrainConfig(Config):
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(0 <= self.held_out < 1, f"held_out must be in [0, 1), got {self.held_out}")
         _require(len(self.eval_coeffs) > 0, "eval_coeffs must hold at least one coefficient")
+        # exp(c·λ) of the adapter's scaling overflows float32 long before |c| = 1e30; ±1 are the trained ends
+        _require(all(abs(c) <= MAX_COEFF for c in self.eval_coeffs),
+                 f"eval_coeffs must lie in [-{MAX_COEFF:g}, {MAX_COEFF:g}] (±1 are the trained directions), "
+                 f"got {self.eval_coeffs}")
 
 
 # ------------------------------------------------------------------------------------- the commands
@@ -319,7 +326,8 @@ class SweepConfig(Config):
     budget: float = field(default=0.1, metadata={"help": "coherence budget on neutral text, nat/token"})
     # default subsample keeps `make demo` affordable on 2 CPU cores; pass larger values for papers
     n_items: int = field(default=34, metadata={"help": "items of the primary effect (e.g. dilemmas)"})
-    n_secondary: int = field(default=8, metadata={"help": "items of the secondary effect (MC, prompts; 0: skip)"})
+    n_secondary: int = field(default=8, metadata={
+        "help": "sentiment's generated replies scored by VADER (0: skip); honesty's MC questions are n_items/4"})
     n_neutral: int = field(default=16, metadata={"help": "neutral texts for coherence (of 45)"})
     bisect: int = field(default=3, metadata={"help": "bisection steps of the budget search"})
     grid: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.25, 1.5, 2.0),
@@ -367,9 +375,9 @@ class EvalRun(Config):
 # The quick demo (`interp-steer demo`, `make demo`): the methods the field compares, a short training run and a
 # coarse sweep, so both concepts finish in minutes on 2 CPU cores (CONTRIBUTING.md, "Demo"). `--powered` is the
 # full protocol; its measured duration is in CONTRIBUTING.md too.
-DEMO_TRAIN = {"steps": 12, "kl_texts": 16, "n_pairs": 80}
-DEMO_SWEEP = {"methods": ("adapter", "mean_diff", "pca_diff", "random", "prompting"), "n_items": 20,
-              "n_secondary": 0, "n_neutral": 10, "bisect": 1, "grid": (0.5,)}
+DEMO_TRAIN = {"steps": 8, "kl_texts": 12, "n_pairs": 64}
+DEMO_SWEEP = {"methods": ("adapter", "mean_diff", "pca_diff", "random", "prompting"), "n_items": 12,
+              "n_secondary": 0, "n_neutral": 8, "bisect": 1, "grid": (0.5,)}
 POWERED = {"train": {"steps": 48, "kl_texts": 32, "n_pairs": None},
            "sweep": {"methods": METHODS, "n_items": 100, "n_secondary": 16, "n_neutral": 45, "bisect": 3,
                      "grid": (0.25, 0.5, 0.75, 1.25, 1.5, 2.0)}}

@@ -59,11 +59,27 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, user: str | None, assistant_
     return head + assistant_prefix
 
 
+ALIGN_SPAN = 256  # the longest differing span aligned token by token (difflib is quadratic on repeats)
+
+
 def token_difference(tokenizer: PreTrainedTokenizerBase, a: str, b: str) -> int:
-    """Tokens that must change to turn ``a`` into ``b`` (the larger side of each differing block)."""
+    """Tokens that must change to turn ``a`` into ``b`` (the larger side of each differing block).
+
+    The common prefix and suffix are stripped first (linear); the span between them is aligned only when both
+    sides hold at most ``ALIGN_SPAN`` tokens, else the longer side's length is returned: a contrastive pair
+    whose changes lie hundreds of tokens apart is not a minimal pair, and this keeps a 2 MB pair linear."""
     ta = tokenizer(a, add_special_tokens=False)["input_ids"]
     tb = tokenizer(b, add_special_tokens=False)["input_ids"]
-    ops = difflib.SequenceMatcher(a=ta, b=tb, autojunk=False).get_opcodes()
+    lo, n = 0, min(len(ta), len(tb))
+    while lo < n and ta[lo] == tb[lo]:
+        lo += 1
+    hi = 0
+    while hi < n - lo and ta[len(ta) - 1 - hi] == tb[len(tb) - 1 - hi]:
+        hi += 1
+    ma, mb = ta[lo:len(ta) - hi], tb[lo:len(tb) - hi]
+    if max(len(ma), len(mb)) > ALIGN_SPAN:
+        return max(len(ma), len(mb))
+    ops = difflib.SequenceMatcher(a=ma, b=mb, autojunk=False).get_opcodes()
     return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in ops if tag != "equal")
 
 
@@ -196,7 +212,7 @@ def interleave(pairs: Sequence[ContrastivePair]) -> list[str]:
     return [t for p in pairs for t in (p.chosen, p.rejected)]
 
 
-def pair_batches(pairs: Sequence[ContrastivePair], tokenizer: PreTrainedTokenizerBase, batch_pairs: int = 16,
+def pair_batches(pairs: Sequence[ContrastivePair], tokenizer: PreTrainedTokenizerBase, batch_pairs: int = 8,
                  padding_side: Literal["left", "right"] = "left", device: torch.device | str | None = None
                  ) -> Iterator[Batch]:
     """Batches of ``batch_pairs`` pairs (``2 * batch_pairs`` rows), in order, on ``device``."""

@@ -337,7 +337,7 @@ class SteeringArtifact:
                 raise ValueError(f"{where}: {a.site} is {tuple(W.shape)} in this model, the adapter expects "
                                  f"{(a.U.shape[0], a.V.shape[0])}")
             fp, now = self.fingerprints[a.site], fingerprint(W)
-            if any(abs(x - y) > 1e-6 * max(1.0, abs(x)) for x, y in zip(fp, now)):
+            if not all(abs(x - y) <= 1e-6 * max(1.0, abs(x)) for x, y in zip(fp, now)):  # NaN fails too
                 raise ValueError(f"{where}: the weights at {a.site} differ from those it was trained on "
                                  f"(fingerprint {fp} vs {now}); same model name, different weights?")
 
@@ -439,8 +439,11 @@ def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> 
     fps = config["fingerprints"]
     sites = [s.site for s in specs]
     if not specs or not isinstance(fps, dict) or sorted(fps) != sorted(sites) or not all(
-            isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in fps.values()):
-        raise ValueError(f"{cfg_file}: needs one [sum, norm, first] fingerprint per adapter site {sites}, "
+            isinstance(v, list) and len(v) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            for v in fps.values()):
+        raise ValueError(f"{cfg_file}: needs one [sum, norm, first] fingerprint of finite numbers per adapter site "
+                         f"{sites}, "
                          f"got {fps!r}")
     if not isinstance(config["loss_hook"], str) or not isinstance(config["base_model"], str):
         raise ValueError(f"{cfg_file}: loss_hook and base_model must be strings")

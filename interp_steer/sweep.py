@@ -25,13 +25,13 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from .adapter import apply_adapters
+from .config import BudgetMetric, SweepConfig
 from .concepts import Effect, Ends
 from .directions import SteeringVector
 from .evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
 from .report import mean_ci, paired_difference
 
-BudgetMetric = Literal["kl", "dnll"]
-DEFAULT_GRID = (0.25, 0.5, 0.75, 1.25, 1.5, 2.0)  # × c*, beside the bracket ends: 8 points per direction
+_DEFAULTS = SweepConfig()  # every default of SweepData below is SweepConfig's (one source; test_cli checks)
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,10 @@ class SweepData:
 
     effects: Sequence[Effect]
     coherence_ref: CoherenceReference
-    budget: float = 0.1
-    budget_metric: BudgetMetric = "kl"
-    bisect_iters: int = 4
-    grid: tuple[float, ...] = DEFAULT_GRID
+    budget: float = _DEFAULTS.budget
+    budget_metric: BudgetMetric = _DEFAULTS.budget_metric
+    bisect_iters: int = _DEFAULTS.bisect
+    grid: tuple[float, ...] = _DEFAULTS.grid  # × c*, beside the bracket ends
     verbose: bool = False  # one line per measured point
     ends: Ends | None = None  # the concept's metric of both directions at the budget (Concept.ends)
 

@@ -60,6 +60,7 @@ BAD_OPTIONS = [  # (argv, what the message must name)
     (["train", "--margin", "-0.1"], "margin must be >= 0"),
     (["train", "--init-scale", "0"], "init_scale must be > 0"),
     (["train", "--eval-coeffs", "1,nan"], "expected a finite number"),
+    (["train", "--eval-coeffs=-1e30,1e30"], "eval_coeffs must lie in [-1000, 1000]"),
     (["train", "--balance", "--objective", "separation"], "balance applies to objective 'shift'"),
     (["train", "--w-text-shift", "1", "--kl-budget", "none"], "w_text_shift reads the KL constraint's generic text"),
     (["train", "--w-text-shift", "-1"], "w_text_shift must be >= 0"),
@@ -241,3 +242,47 @@ def test_demo_is_quick_by_default_and_powered_is_one_option_away():
     assert powered.sweep.methods == METHODS and powered.train.steps == POWERED["train"]["steps"]
     assert powered.sweep.n_items == 7 and powered.sweep.n_neutral == POWERED["sweep"]["n_neutral"]  # options win
     assert DemoRun.from_dict(powered.to_dict()) == powered  # its run_config.json runs it again
+
+
+def test_function_defaults_agree_with_their_config_fields():
+    """One source per default: a public function's (or SweepData's) parameter named like a config field has that
+    field's default, or none. Drift here gave a Python user and a CLI user different sweeps."""
+    import dataclasses
+    import importlib
+    import inspect
+    import pkgutil
+
+    import interp_steer
+    from interp_steer.config import LossConfig
+    from interp_steer.sweep import SweepData
+
+    fields = {}
+    for cls in (TrainConfig, LossConfig, SweepConfig):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                fields.setdefault(f.name, (cls.__name__, f.default))
+    renamed = {"bisect_iters": "bisect"}
+    # a parameter that shares a field's name but means another field (or another thing: the loss's numeric
+    # `scale` is the pair separation scale, TrainConfig.scale the adapter's scaling law)
+    means = {("interp_steer.loss", "monotonic_hinge", "margin"): "mono_margin"}
+    drift = []
+    sd = {f.name: f.default for f in dataclasses.fields(SweepData)}
+    for name, default in sd.items():
+        key = renamed.get(name, name)
+        if key in fields and default != fields[key][1]:
+            drift.append(f"SweepData.{name}={default!r} vs {fields[key][0]}.{key}={fields[key][1]!r}")
+    for mod in pkgutil.iter_modules(interp_steer.__path__):
+        m = importlib.import_module(f"interp_steer.{mod.name}")
+        for fname, fn in vars(m).items():
+            if not inspect.isfunction(fn) or fn.__module__ != m.__name__ or fname.startswith("_"):
+                continue
+            for p in inspect.signature(fn).parameters.values():
+                key = means.get((m.__name__, fname, p.name), p.name)
+                if key not in fields or p.default is inspect.Parameter.empty or p.default is None:
+                    continue
+                if type(p.default) is not type(fields[key][1]):
+                    continue  # same name, another kind of value: another quantity
+                if p.default != fields[key][1]:
+                    drift.append(f"{m.__name__}.{fname}({p.name}={p.default!r}) vs "
+                                 f"{fields[key][0]}.{key}={fields[key][1]!r}")
+    assert not drift, "defaults written twice disagree:\n" + "\n".join(drift)

@@ -100,6 +100,32 @@ def test_custom_personas_and_checks(tiny):
         persona_pairs(tok, personas=("x", "x"))
 
 
+def test_token_difference_counts_the_changed_tokens_and_is_linear_on_long_pairs(tiny):
+    """k words inserted, or one word replaced, at one place count k, or 1; the count is symmetric, 0 only for
+    equal texts and at least the length difference. A long pair is never aligned token by token (difflib took
+    6 s at 8k repeated tokens and hung on 250k), so the check stays linear in its length."""
+    import random
+
+    _, tok = tiny
+    rng = random.Random(0)
+    words = [w for w in ["the", "cat", "sat", "on", "a", "mat", "happy", "sad", "very", "dog", "ran"]
+             if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    assert len(words) >= 6
+    text = lambda ws: "Start:" + "".join(" " + w for w in ws)  # noqa: E731
+    for _ in range(200):
+        a = [rng.choice(words) for _ in range(rng.randint(1, 12))]
+        at, k = rng.randint(0, len(a)), rng.randint(1, 3)
+        b = a[:at] + [rng.choice(words) for _ in range(k)] + a[at:]
+        assert token_difference(tok, text(a), text(b)) == k == token_difference(tok, text(b), text(a)), (a, b)
+        i = rng.randrange(len(a))
+        c = a[:i] + [rng.choice([w for w in words if w != a[i]])] + a[i + 1:]
+        assert token_difference(tok, text(a), text(c)) == 1, (a, c)
+        assert token_difference(tok, text(a), text(a)) == 0
+    long = "I love" + " the" * 20000
+    assert token_difference(tok, long, long.replace("love", "hate", 1)) == 1  # one change, ends stripped
+    assert token_difference(tok, "x" + long, "y" + long + " z") > 256  # changes 20k tokens apart: not a minimal pair
+
+
 def test_minimal_pairs(tiny):
     _, tok = tiny
     pairs = minimal_pairs(tok)
