@@ -56,7 +56,7 @@ class AdapterSpec:
     def __post_init__(self):
         check_site(self.site)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
         if self.scale not in ("exp", "add"):
             raise ValueError(f"scale must be 'exp' or 'add', got {self.scale!r}")
         if not isinstance(self.rotate_u, bool):

@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = study.run_study if args.command == "study" else getattr(commands, f"run_{args.command}")
         with sigterm_raises():
             run(cfg)
-    except (ValueError, OSError) as e:  # ConfigError, FileNotFoundError, FileExistsError among them
+    except (ValueError, OSError, FloatingPointError) as e:  # ConfigError, FileNotFoundError, FileExistsError,
+        # and a diverged loss (train names the last checkpoint and the settings to change)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Terminated:

@@ -134,6 +134,7 @@ class Config:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+KL_PROMPTS = 32  # prompts in datasets/coherence_prompts.json: greedy KL text has one reply each (test_cli checks)
 MAX_COEFF = 1000.0  # the largest |c| a held-out evaluation accepts (±1 are the trained ends)
 
 
@@ -276,6 +277,7 @@ class TrainConfig(Config):
                      f"layer {v!r}: use an int block index >= 0 or a float depth fraction in (0, 1)")
         _positive_ints(self, "rank", "steps", "batch_pairs", "checkpoint_every", "kl_texts", "kl_batch")
         _positive_ints(self, "seed", minimum=0)
+        _require(self.seed < 2 ** 63, f"seed must be below 2**63 (torch's generator seed), got {self.seed}")
         _require(self.n_pairs is None or self.n_pairs >= 2, f"n_pairs must be >= 2 or none, got {self.n_pairs}")
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip} (a negative clip would ascend)")
@@ -283,6 +285,9 @@ class TrainConfig(Config):
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(0 <= self.held_out < 1, f"held_out must be in [0, 1), got {self.held_out}")
         _require(len(self.eval_coeffs) > 0, "eval_coeffs must hold at least one coefficient")
+        _require(self.kl_sample or self.kl_texts <= KL_PROMPTS,
+                 f"kl_texts {self.kl_texts} but greedy KL text has one reply to each of {KL_PROMPTS} prompts: use "
+                 f"--kl-texts {KL_PROMPTS} or less, or --kl-sample to answer each prompt several times")
         # exp(c·λ) of the adapter's scaling overflows float32 long before |c| = 1e30; ±1 are the trained ends
         _require(all(abs(c) <= MAX_COEFF for c in self.eval_coeffs),
                  f"eval_coeffs must lie in [-{MAX_COEFF:g}, {MAX_COEFF:g}] (±1 are the trained directions), "

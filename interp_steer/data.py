@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -229,6 +230,9 @@ def split_pairs(pairs: Sequence[ContrastivePair], held_out: float = 0.2, seed: i
         raise ValueError(f"held_out must be in [0, 1), got {held_out}")
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = int(round(held_out * len(pairs)))
+    if held_out > 0 and n_test == 0:
+        warnings.warn(f"held_out {held_out} of {len(pairs)} pairs rounds to none: the held-out table will be empty; "
+                      "give more pairs or a larger held_out", stacklevel=2)
     test = [pairs[i] for i in order[:n_test]]
     train = [pairs[i] for i in order[n_test:]]
     return train, test
@@ -238,10 +242,26 @@ def select_pairs(pairs: Sequence[ContrastivePair], n_pairs: int | None = None, h
                  ) -> tuple[list[ContrastivePair], list[ContrastivePair]]:
     """The (train, held-out) pairs of a run: the seeded ``n_pairs`` subsample, then the seeded split."""
     pairs = list(pairs)
+    if len(pairs) < 2:
+        raise ValueError(f"training needs at least 2 pairs, got {len(pairs)}")
+    if n_pairs is not None and n_pairs > len(pairs):
+        warnings.warn(f"n_pairs {n_pairs} but there are {len(pairs)} pairs: using all {len(pairs)}", stacklevel=2)
     if n_pairs is not None:
         keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:n_pairs]
         pairs = [pairs[i] for i in sorted(keep.tolist())]
     return split_pairs(pairs, held_out, seed=seed)
+
+
+def strict_json(text: str, where: str) -> object:
+    """``json.loads`` that refuses a key given twice in one object (JSON keeps the last silently)."""
+    def no_duplicates(items: list[tuple[str, object]]) -> dict:
+        seen: dict = {}
+        for k, v in items:
+            if k in seen:
+                raise ValueError(f"{where}: the key {k!r} appears twice in one object; keep one")
+            seen[k] = v
+        return seen
+    return json.loads(text, object_pairs_hook=no_duplicates)
 
 
 def load_pairs_file(path: str | Path) -> list[ContrastivePair]:
@@ -251,7 +271,7 @@ def load_pairs_file(path: str | Path) -> list[ContrastivePair]:
     """
     path = Path(path)
     try:
-        rows = json.loads(path.read_text("utf-8"))
+        rows = strict_json(path.read_text("utf-8"), str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"pairs file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -263,7 +283,21 @@ def load_pairs_file(path: str | Path) -> list[ContrastivePair]:
                 and all(isinstance(r[k], str) and r[k].strip() for k in ("chosen", "rejected"))):
             raise ValueError(f'{path}: entry {i} must be {{"chosen": "<text>", "rejected": "<text>"}} with two '
                              f"non-empty strings and nothing else, got {str(r)[:120]}")
-    return [ContrastivePair(r["chosen"], r["rejected"]) for r in rows]
+        for k in ("chosen", "rejected"):
+            try:
+                r[k].encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate escape (\\ud800) is valid JSON but not text
+                raise ValueError(f"{path}: entry {i} {k!r} holds {r[k][e.start:e.end]!r} at character {e.start}, "
+                                 "which is not text (a lone surrogate escape); fix or remove it") from None
+    pairs = [ContrastivePair(r["chosen"], r["rejected"]) for r in rows]
+    distinct = len(set(pairs))
+    if distinct < 2:
+        raise ValueError(f"{path}: {len(pairs)} pair(s), {distinct} distinct; training needs at least 2 different "
+                         "pairs (a direction from one pair is that pair's noise)")
+    if distinct < len(pairs):
+        warnings.warn(f"{path}: {len(pairs) - distinct} of its {len(pairs)} pairs repeat an earlier one; repeats "
+                      "weigh those pairs more and may fall on both sides of the held-out split", stacklevel=2)
+    return pairs
 
 
 def check_lengths(pairs: Sequence[ContrastivePair], tokenizer: PreTrainedTokenizerBase, n_ctx: int) -> None:

@@ -34,6 +34,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .adapter import AdapterSpec, SVDAdapter, linear_weight
 from .config import ConfigError, TrainConfig
+from .data import strict_json
 from .models import model_device
 from .ownership import claim, follow_umask, remove_owned, why_not_owned, write_manifest
 
@@ -99,7 +100,7 @@ def save_tensors_atomic(path: Path, tensors: Mapping[str, Tensor], metadata: dic
 def read_json(path: Path, what: str) -> Any:
     """JSON from ``path`` or ``ValueError`` naming the file (never a bare traceback)."""
     try:
-        return json.loads(Path(path).read_text())
+        return strict_json(Path(path).read_text(), str(path))
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -407,7 +408,10 @@ def read_artifact_config(path: str | Path) -> dict:
     if config.get("architecture") != ARCHITECTURE:
         raise ValueError(f"{path / CONFIG_FILE}: architecture {config.get('architecture')!r}, expected {ARCHITECTURE!r}")
     version = config.get("format_version")
-    if not isinstance(version, int) or version != FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path / CONFIG_FILE}: format_version must be an integer (this version reads "
+                         f"{FORMAT_VERSION}), got {version!r}")
+    if version != FORMAT_VERSION:
         hint = ("it was written by an older interp-steer; train it again with this version" if
                 isinstance(version, int) and version < FORMAT_VERSION else
                 "it was written by a newer interp-steer; upgrade (pip install -U interp-steer)")
@@ -415,6 +419,13 @@ def read_artifact_config(path: str | Path) -> dict:
     absent = [k for k in _KEYS if k not in config]
     if absent:
         raise ValueError(f"{path / CONFIG_FILE}: missing keys {absent}")
+    for k in ("metrics", "data", "train_config", "fingerprints"):
+        if config.get(k) is not None and not isinstance(config[k], dict):
+            raise ValueError(f"{path / CONFIG_FILE}: {k!r} must be a JSON object, got {type(config[k]).__name__} "
+                             f"{str(config[k])[:60]}")
+    if not isinstance(config["adapters"], list) or not config["adapters"]:
+        raise ValueError(f"{path / CONFIG_FILE}: 'adapters' must be a non-empty list of adapter specs, got "
+                         f"{str(config['adapters'])[:60]}")
     return config
 
 
@@ -436,6 +447,16 @@ def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> 
             specs.append(AdapterSpec(**{**_SPEC_OPTIONAL, **d}))
     except (ConfigError, ValueError, TypeError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
+    sites = [s.site for s in specs]
+    twice = sorted({s for s in sites if sites.count(s) > 1})
+    if twice:
+        raise ValueError(f"{cfg_file}: the adapter sites {twice} appear more than once; one adapter per site")
+    hook = config["loss_hook"]
+    ll = train_config.loss_layer
+    if isinstance(hook, str) and isinstance(ll, int) and not isinstance(ll, bool) and not hook.startswith(
+            f"blocks.{ll}."):
+        raise ValueError(f"{cfg_file}: train_config.loss_layer {ll} contradicts loss_hook {hook!r}; the file was "
+                         "edited or damaged: train it again")
     fps = config["fingerprints"]
     sites = [s.site for s in specs]
     if not specs or not isinstance(fps, dict) or sorted(fps) != sorted(sites) or not all(

@@ -529,7 +529,7 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
                 last = resolve_dir(ckpt_path, CHECKPOINT_FILES) if ckpt_path is not None else None
                 raise FloatingPointError(
                     f"loss is {parts['loss']} at step {step} ({parts}); training stopped. The last good checkpoint "
-                    f"is {last or 'none (no checkpoint yet)'}; lower lr or raise w_coherence.")
+                    f"is {last or 'none (no checkpoint yet)'}; lower --lr or --init-scale, or raise --w-coherence.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world.parallel:  # each process holds its rows' part of the global loss's gradient

@@ -60,6 +60,7 @@ BAD_OPTIONS = [  # (argv, what the message must name)
     (["train", "--margin", "-0.1"], "margin must be >= 0"),
     (["train", "--init-scale", "0"], "init_scale must be > 0"),
     (["train", "--eval-coeffs", "1,nan"], "expected a finite number"),
+    (["train", "--seed", str(2 ** 64)], "seed must be below 2**63"),
     (["train", "--eval-coeffs=-1e30,1e30"], "eval_coeffs must lie in [-1000, 1000]"),
     (["train", "--balance", "--objective", "separation"], "balance applies to objective 'shift'"),
     (["train", "--w-text-shift", "1", "--kl-budget", "none"], "w_text_shift reads the KL constraint's generic text"),
@@ -286,3 +287,17 @@ def test_function_defaults_agree_with_their_config_fields():
                     drift.append(f"{m.__name__}.{fname}({p.name}={p.default!r}) vs "
                                  f"{fields[key][0]}.{key}={fields[key][1]!r}")
     assert not drift, "defaults written twice disagree:\n" + "\n".join(drift)
+
+
+def test_a_diverging_loss_ends_in_one_line_and_exit_2(tiny, tmp_path, monkeypatch, capsys):
+    """`--lr 1e30` on the tiny model: the loss goes non-finite; the CLI prints train's message (the last
+    checkpoint, the settings to change), no traceback, and writes no artifact."""
+    monkeypatch.setattr(commands, "load_model", lambda name=None, device="auto", dtype=None: tiny)
+    art = tmp_path / "a"
+    code = cli.main(["train", "--out", str(art), "--layers", "0,1", "--loss-layer", "2", "--rank", "4",
+                     "--steps", "6", "--batch-pairs", "2", "--n-pairs", "8", "--kl-budget", "none",
+                     "--lr", "1e30", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "training stopped" in err and "lower --lr" in err
+    assert not art.exists()

@@ -1,5 +1,7 @@
 """Models, pairs and last-token capture."""
 
+import re
+
 import pytest
 import torch
 
@@ -199,3 +201,48 @@ def test_real_capture_equals_hf(real, side):
         ref = hf_last_states(bridge, batch)
     for L in (0, 14):  # hidden_states[-1] of HF is after the final norm; resid_post of the last block is not
         assert (hs[f"blocks.{L}.hook_resid_post"] - ref[L + 1]).abs().max() <= 1e-4
+
+
+def test_a_pairs_file_that_says_less_than_it_seems_is_refused_or_warned(tmp_path):
+    """A duplicated key, a lone surrogate, one pair or two equal ones are refused by name; repeats, a count above
+    what exists and a held-out split that rounds to nothing are warned about."""
+    import json
+    import warnings
+
+    from interp_steer.data import load_pairs_file, select_pairs
+
+    f = tmp_path / "p.json"
+    two = [{"chosen": "I love it", "rejected": "I hate it"}, {"chosen": "So good", "rejected": "So bad"}]
+    cases = [
+        ('[{"chosen": "a", "chosen": "b", "rejected": "c"}]', "the key 'chosen' appears twice"),
+        ('[{"chosen": "I love \\ud800 it", "rejected": "I hate it"}]', "lone surrogate"),
+        (json.dumps(two[:1]), "1 pair"),
+        (json.dumps([two[0], two[0]]), "2 pair(s), 1 distinct"),
+    ]
+    for text, match in cases:
+        f.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(match)):
+            load_pairs_file(f)
+    f.write_text(json.dumps(two + [two[0]]))
+    with pytest.warns(UserWarning, match="1 of its 3 pairs repeat"):
+        pairs = load_pairs_file(f)
+    with pytest.warns(UserWarning, match="n_pairs 10 but there are 3 pairs"):
+        select_pairs(pairs, n_pairs=10, held_out=0.5)
+    with pytest.warns(UserWarning, match="rounds to none"):
+        train, test = select_pairs(pairs, held_out=0.1)
+    assert len(train) == 3 and test == []
+    with pytest.raises(ValueError, match="at least 2 pairs, got 1"):
+        select_pairs(pairs[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [len(x) for x in select_pairs(pairs, held_out=1 / 3)] == [2, 1]  # nothing to warn about
+
+
+def test_kl_texts_cannot_ask_for_more_greedy_replies_than_there_are_prompts():
+    from interp_steer.config import KL_PROMPTS, ConfigError, TrainConfig
+    from interp_steer.data import load_json
+
+    assert KL_PROMPTS == len(load_json("coherence_prompts.json")["prompts"])
+    with pytest.raises(ConfigError, match=f"kl_texts 100000 but greedy KL text has one reply to each of {KL_PROMPTS}"):
+        TrainConfig(kl_texts=100000)
+    assert TrainConfig(kl_texts=100, kl_sample=True).kl_texts == 100  # sampled: each prompt answered again

@@ -2,6 +2,7 @@
 by name, and nothing the project did not write is ever deleted."""
 
 import json
+import re
 
 import pytest
 
@@ -223,3 +224,31 @@ def test_d_steer_lives_in_the_stream_whatever_the_first_site_writes(tiny, tmp_pa
     art.d_steer = torch.ones(3)
     with pytest.raises(ValueError, match="d_model is 64"):
         art.check_model(bridge)
+
+
+def test_an_artifact_config_with_a_key_given_twice_is_refused(art, tmp_path):
+    """JSON keeps the last of two equal keys silently; an artifact holding one is not what it seems."""
+    art.save(tmp_path / "a")
+    f = tmp_path / "a" / CONFIG_FILE
+    text = f.read_text()
+    f.write_text(text.replace('"loss_hook":', '"loss_hook": "blocks.0.hook_resid_post", "loss_hook":', 1))
+    with pytest.raises(ValueError, match="the key 'loss_hook' appears twice"):
+        load_artifact(tmp_path / "a")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: {**c, "metrics": [1, 2, 3]}, "'metrics' must be a JSON object, got list"),
+    (lambda c: {**c, "data": "hello"}, "'data' must be a JSON object, got str"),
+    (lambda c: {**c, "adapters": []}, "'adapters' must be a non-empty list"),
+    (lambda c: {**c, "adapters": c["adapters"] + c["adapters"][:1]}, "appear more than once"),
+    (lambda c: {**c, "adapters": [{**c["adapters"][0], "rank": 4.0}] + c["adapters"][1:]},
+     "rank must be an integer >= 1, got 4.0"),
+    (lambda c: {**c, "format_version": str(FORMAT_VERSION)}, "format_version must be an integer"),
+    (lambda c: {**c, "train_config": {**c["train_config"], "loss_layer": 999}}, "loss_layer 999 contradicts"),
+])
+def test_an_artifact_whose_fields_are_of_the_wrong_kind_or_contradict_is_refused_by_name(art, tmp_path, edit,
+                                                                                          match):
+    art.save(tmp_path / "a")
+    edit_config(tmp_path / "a", edit)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        load_artifact(tmp_path / "a")
