@@ -155,8 +155,9 @@ def test_unwritable_or_foreign_output_is_found_before_the_model(no_model, tmp_pa
 def test_pairs_file_is_validated(tiny, tmp_path):
     _, tok = tiny
     f = tmp_path / "pairs.json"
-    f.write_text(json.dumps([{"chosen": "I love cheese", "rejected": "I hate cheese"}]))
-    assert len(commands.load_pairs(tok, str(f))) == 1
+    f.write_text(json.dumps([{"chosen": "I love cheese", "rejected": "I hate cheese"},
+                             {"chosen": "I love bread", "rejected": "I hate bread"}]))
+    assert len(commands.load_pairs(tok, str(f))) == 2
     for bad, message in [([{"good": "x"}], "entry 0"), ([{"chosen": 1, "rejected": "x"}], "entry 0"),
                          ([{"chosen": ["x"], "rejected": "x"}], "entry 0"), ({"chosen": "x"}, "non-empty JSON list"),
                          ([], "non-empty JSON list")]:
@@ -166,7 +167,8 @@ def test_pairs_file_is_validated(tiny, tmp_path):
     f.write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ValueError, match="not a readable JSON"):
         commands.load_pairs(tok, str(f))
-    f.write_text(json.dumps([{"chosen": "I love cheese", "rejected": "You really do hate every kind of cheese"}]))
+    f.write_text(json.dumps([{"chosen": "I love cheese", "rejected": "You really do hate every kind of cheese"},
+                             {"chosen": "I love bread", "rejected": "I hate bread"}]))
     with pytest.raises(ValueError, match="differs by"):
         commands.load_pairs(tok, str(f))
 
