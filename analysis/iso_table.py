@@ -19,7 +19,8 @@ import math
 import sys
 from pathlib import Path
 
-from interp_steer.report import ADDITIVE, paired_difference, seed_groups
+from interp_steer.methods import names as method_names
+from interp_steer.report import paired_difference, seed_groups
 
 
 def load_rows(specs: list[str], blocks: dict[str, list[int]] | None = None) -> tuple[dict, dict[str, dict]]:
@@ -76,7 +77,7 @@ def table(first: dict, rows: dict[str, dict], reference: str | None) -> str:
            + f" | coeff | vs {reference or 'best additive'} (paired) |",
            "|---|---|---|" + "---|" * len(effects[1:]) + "---|---|"]
     for side, sign in (("plus", 1.0), ("minus", -1.0)):
-        ref = reference or max((n for n in rows if n in ADDITIVE),
+        ref = reference or max((n for n in rows if n in method_names("additive")),
                                key=lambda n: sign * rows[n][side]["effects"][primary]["delta"], default=None)
         for name, iso in rows.items():
             e = iso[side]["effects"][primary]

@@ -26,7 +26,7 @@ from .config import (
     ConfigError, DemoRun, EvalRun, ExportRun, StudyRun, SweepConfig, TrainConfig, TrainRun, run_config_doc,
 )
 from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
-from .directions import SteeringVector, gradient_directions, steering_vector
+from .directions import SteeringVector
 from .evaluate import coherence_reference, load_neutral_texts
 from .export import save_control_vector, save_lora, save_merged
 from .io import (
@@ -37,7 +37,8 @@ from .models import DEFAULT_MODEL, check_model_source, load_model, model_device,
 from .names import layer_of, resid_post, site_layer
 from .prefix import reuse_prefix
 from .report import demo_index, iso_table_markdown, write_outputs
-from .sweep import Method, SweepData, adapter_method, prompting_method, run_sweep, vector_method
+from .methods import get_method
+from .sweep import BuildContext, Method, SweepData, additive_vector, build_method, run_sweep
 from .train import TrainResult, kl_text, train
 
 ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
@@ -143,30 +144,11 @@ def training_summary(result: TrainResult) -> str:
 
 def build_methods(bridge: TransformerBridge, names: Sequence[str], artifacts: dict[str, SteeringArtifact],
                   hs: dict, batches, concept: Concept) -> list[Method]:
-    """Every requested method; ``"adapter"`` gives one method per artifact (its label, e.g. ``adapter@1`` for
-    a training seed); the additive ones come from the same capture ``hs`` (training pairs, c = 0, the
-    resid_post of the adapted layers)."""
-    first = next(iter(artifacts.values()))
-    methods = []
-    for name in names:
-        if name == "adapter":
-            methods += [adapter_method(a.adapters, label) for label, a in artifacts.items()]
-        elif name == "prompting":
-            methods.append(prompting_method(*concept.prompts))
-        else:
-            methods.append(vector_method(name, additive_vector(bridge, name, first, hs, batches)))
-    return methods
-
-
-def additive_vector(bridge: TransformerBridge, name: str, artifact: SteeringArtifact, hs: dict, batches
-                    ) -> SteeringVector:
-    """The additive steer ``name`` (pca_diff, pca_center, mean_diff, random, gradient) at the hooks of ``hs``."""
-    if name == "gradient":
-        layers = [layer_of(n) for n in hs]
-        # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
-        dirs = gradient_directions(bridge, batches[:4], layers, artifact.loss_hook, artifact.d_steer)
-        return SteeringVector(dirs, steering_vector(hs, "mean_diff").scales)
-    return steering_vector(hs, name)
+    """Every requested method, each built by its registry entry (methods.py) from the same context: the
+    artifacts (``"adapter"`` gives one method per artifact, labelled e.g. ``adapter@1`` for a training seed),
+    the training pairs' c = 0 states ``hs`` at the resid_post of the adapted layers, their batches, the concept."""
+    ctx = BuildContext(bridge, artifacts, hs, batches, concept)
+    return [m for name in names for m in build_method(get_method(name), ctx)]
 
 
 def training_batches(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, concept: Concept,

@@ -22,6 +22,7 @@ from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin, no_type_check
 
 from .names import RESID_WRITERS, SITES
+from .methods import names as method_names
 
 Objective = Literal["shift", "separation", "behaviour"]
 Scale = Literal["exp", "add"]
@@ -31,9 +32,10 @@ Site = Literal["mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "a
 BudgetMetric = Literal["kl", "dnll"]
 Device = Literal["auto", "cpu", "cuda", "mps"]  # auto: cuda if available, else mps, else cpu (models.resolve_device)
 DType = Literal["float32", "bfloat16", "float16"]  # the model's weights; adapters compute in float32 regardless
-MethodName = Literal["adapter", "pca_diff", "pca_center", "mean_diff", "gradient", "random", "prompting"]
+# the registry's names (methods.py), in its order: a method registered there is an option everywhere
+MethodName = Literal[method_names()]  # type: ignore[valid-type]
 ExportFormat = Literal["merged", "lora", "control-vector"]
-VectorMethod = Literal["pca_diff", "pca_center", "mean_diff", "gradient"]  # the additive steers a control vector holds
+VectorMethod = Literal[method_names(control_vector=True)]  # type: ignore[valid-type]  # what a control vector holds
 METHODS: tuple[str, ...] = get_args(MethodName)
 assert get_args(Site) == SITES
 

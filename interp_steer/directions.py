@@ -20,7 +20,8 @@ from .loss import noref_loss
 from .models import model_device
 from .names import resid_names
 
-Method = Literal["pca_diff", "pca_center", "mean_diff", "random", "dhs_svd"]
+DirectionKind = Literal[  # how a direction is read from pair states (not a sweep.Method)
+    "pca_diff", "pca_center", "mean_diff", "random", "dhs_svd"]
 
 
 def paired_diff(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "pairs d_model"]:
@@ -120,7 +121,8 @@ def _add_vector(v: Tensor) -> Callable:
     return hook
 
 
-def steering_vector(hs: Mapping[str, Float[Tensor, "batch d_model"]], method: Method, seed: int = 0) -> SteeringVector:
+def steering_vector(hs: Mapping[str, Float[Tensor, "batch d_model"]], method: DirectionKind, seed: int = 0
+                    ) -> SteeringVector:
     """One direction per hook name from captured states, scaled by the RMS norm of those states."""
     dirs = {n: direction(method, h, seed) for n, h in hs.items()}
     scales = {n: h.norm(dim=-1).pow(2).mean().sqrt().item() for n, h in hs.items()}

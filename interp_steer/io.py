@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
-from .adapter import AdapterSpec, SVDAdapter, linear_weight
+from .adapter import AdapterSpec, SVDAdapter, apply_adapters, linear_weight
 from .config import ConfigError, TrainConfig
 from .data import strict_json
 from .models import model_device
@@ -323,6 +323,12 @@ class SteeringArtifact:
     @classmethod
     def load(cls, path: str | Path, bridge: TransformerBridge | None = None) -> "SteeringArtifact":
         return load_artifact(path, bridge)
+
+    def apply(self, bridge: TransformerBridge, c: float):
+        """``with art.apply(bridge, c):`` the model steered at ``c`` (c = 0: exactly the base model), after
+        checking that ``bridge`` holds the weights the adapters were made from; every hook is removed on exit."""
+        self.check_model(bridge)
+        return apply_adapters(bridge, self.adapters, c)
 
     def check_model(self, bridge: TransformerBridge, where: str = "artifact") -> None:
         """Raise ``ValueError`` unless ``bridge`` is the model these adapters were decomposed from."""

@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .methods import REGISTRY, color as method_color  # noqa: E402
+
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
 STYLE = {
     "figure.dpi": 150, "savefig.dpi": 200, "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
@@ -22,8 +24,8 @@ STYLE = {
     "axes.spines.right": False, "lines.linewidth": 1.2, "lines.markersize": 3, "svg.fonttype": "none",
     "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.5,
 }
-COLORS = {"adapter": "#d62728", "pca_diff": "#1f77b4", "pca_center": "#17becf", "mean_diff": "#2ca02c",
-          "gradient": "#9467bd", "random": "#7f7f7f", "prompting": "#ff7f0e", "dhs_svd": "#8c564b"}
+# each method's colour is its registry entry's (methods.py); the analysis figures add their own quantities
+COLORS = {**{name: spec.color for name, spec in REGISTRY.items()}, "dhs_svd": "#8c564b"}
 
 
 def figure(nrows: int = 1, ncols: int = 1, height: float = 2.4, width: float = COLUMN_WIDTH, **kw):
@@ -49,7 +51,7 @@ def save(fig, directory: str | Path, name: str) -> list[Path]:
 
 
 def _color(name: str) -> str:
-    return COLORS.get(name.split("@")[0].split(" (")[0], "#333333")
+    return method_color(name)
 
 
 def _paired_band(pts: Sequence[dict], effect: str) -> tuple[list[float], list[float]]:

@@ -12,10 +12,10 @@ import scipy.stats
 import torch
 
 from .io import write_json_atomic, write_text_atomic
+from .methods import names as method_names
 from .plots import dose_response_figures
 
 FIGURES_DIR = "figures"  # inside the run's own directory: the tracked figures/ change only via `make figures`
-ADDITIVE = ("pca_diff", "pca_center", "mean_diff", "gradient")
 Z95 = 1.959963984540054
 
 
@@ -118,7 +118,7 @@ def comparisons(report: dict) -> dict:
         def steer(name):
             return [sign * v for v in deltas(name)]
 
-        additive = [n for n in ADDITIVE if n in iso and deltas(n) is not None]
+        additive = [n for n in method_names("additive") if n in iso and deltas(n) is not None]
         best = max(additive, key=lambda n: sign * iso[n][side]["effects"][primary]["delta"], default=None)
         out[side] = {"best_additive": best}
         for name in iso:

@@ -42,8 +42,9 @@ from .io import (
 )
 from .models import load_model
 from .ownership import MANIFEST, claim, why_not_owned, write_manifest
-from .plots import COLORS, figure, save
-from .report import ADDITIVE, mean_ci, paired_difference, write_outputs
+from .methods import color as color_of, names as method_names
+from .plots import figure, save
+from .report import mean_ci, paired_difference, write_outputs
 from .train import kl_text
 
 CELLS = "cells"
@@ -306,7 +307,7 @@ def compare(cs: list[dict], effects: Sequence[str], primary: str) -> list[dict]:
         def mean_delta(name: str) -> float:
             v = [_num(c["iso_table"][name][side]["effects"][primary]["delta"]) for c in cs]
             return sum(v) / len(v)
-        additive = [a for a in ADDITIVE if a in iso0]
+        additive = [a for a in method_names("additive") if a in iso0]
         best = max(additive, key=lambda a: sign * mean_delta(a), default=None)
         for other, label in ((best, "best additive"), ("prompting", "prompting"), ("random", "random")):
             if other is None or other not in iso0:
@@ -384,7 +385,7 @@ def study_figures(pooled: dict, cells: dict[str, dict], out: Path) -> list[Path]
                     ps = [p for p in pts if p["coeff"] * side >= 0]
                     x = [_num(p["kl_mean"]) for p in ps]
                     y, lo, hi = ([_num(p["delta"][primary][k]) for p in ps] for k in range(3))
-                    color = COLORS.get(m, "#333333")
+                    color = color_of(m)
                     ax.plot(x, y, "o-" if side > 0 else "s--", color=color, alpha=0.8,
                             label=m if side > 0 and c["cell"]["seed"] == g["seeds"][0] else None)
                     ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0)
@@ -404,7 +405,7 @@ def study_figures(pooled: dict, cells: dict[str, dict], out: Path) -> list[Path]
         err = [[0.0 if math.isnan(m - c[0]) else m - c[0] for m, c in zip(means, ci)],
                [0.0 if math.isnan(c[1] - m) else c[1] - m for m, c in zip(means, ci)]]
         ax.bar(range(len(rows)), means, yerr=err, capsize=2,
-               color=[COLORS.get(r["method"], "#333333") for r in rows])
+               color=[color_of(r["method"]) for r in rows])
         ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_ylabel(f"Δ {primary} at KL = {budget}")

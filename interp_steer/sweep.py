@@ -27,7 +27,9 @@ from transformers import PreTrainedTokenizerBase
 from .adapter import apply_adapters
 from .config import BudgetMetric, SweepConfig
 from .concepts import Effect, Ends
-from .directions import SteeringVector
+from .directions import SteeringVector, gradient_directions, steering_vector
+from .methods import MethodSpec
+from .names import layer_of
 from .evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
 from .report import mean_ci, paired_difference
 
@@ -60,6 +62,50 @@ def prompting_method(plus: str = "Be honest.", minus: str = "Be dishonest.") -> 
     """c = +1: system prompt ``plus``; c = −1: ``minus``; c = 0: the template's default."""
     return Method("prompting", lambda c: None, lambda c: plus if c > 0 else minus if c < 0 else None,
                   fixed=(-1.0, 1.0))
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a registered method is built from (methods.py): the model, the trained artifacts by label, the
+    training pairs' c = 0 states at the resid_post of the adapted blocks (``hs``), their batches, the concept."""
+
+    bridge: TransformerBridge
+    artifacts: dict  # label -> io.SteeringArtifact
+    hs: dict
+    batches: list
+    concept: object  # concepts.Concept
+
+    @property
+    def artifact(self):
+        """The first artifact (None without one): the loss direction the gradient method reads."""
+        return next(iter(self.artifacts.values()), None)
+
+
+def build_method(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
+    """The sweep methods of one registry entry."""
+    return list(spec.builder()(spec, ctx))
+
+
+def build_adapter(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
+    return [adapter_method(a.adapters, label) for label, a in ctx.artifacts.items()]
+
+
+def build_prompting(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
+    return [prompting_method(*ctx.concept.prompts)]  # type: ignore[attr-defined]
+
+
+def build_additive(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
+    return [vector_method(spec.name, additive_vector(ctx.bridge, spec.name, ctx.artifact, ctx.hs, ctx.batches))]
+
+
+def additive_vector(bridge: TransformerBridge, name: str, artifact, hs: dict, batches) -> SteeringVector:
+    """The additive steer ``name`` (pca_diff, pca_center, mean_diff, random, gradient) at the hooks of ``hs``."""
+    if name == "gradient":
+        layers = [layer_of(n) for n in hs]
+        # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
+        dirs = gradient_directions(bridge, batches[:4], layers, artifact.loss_hook, artifact.d_steer)
+        return SteeringVector(dirs, steering_vector(hs, "mean_diff").scales)
+    return steering_vector(hs, name)
 
 
 @dataclass

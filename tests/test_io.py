@@ -252,3 +252,26 @@ def test_an_artifact_whose_fields_are_of_the_wrong_kind_or_contradict_is_refused
     edit_config(tmp_path / "a", edit)
     with pytest.raises(ValueError, match=re.escape(match)):
         load_artifact(tmp_path / "a")
+
+
+def test_the_artifact_applies_itself_and_refuses_other_weights(art, tiny):
+    """``with art.apply(bridge, c)`` is ``apply_adapters`` after the weight check; c = 0 exact, hooks removed."""
+    bridge, _ = tiny
+    x = ids()
+    base = bridge(x)
+    with art.apply(bridge, 0.0):
+        assert torch.equal(bridge(x), base)
+    with art.apply(bridge, 1.0):
+        steered = bridge(x)
+    with apply_adapters(bridge, art.adapters, 1.0):
+        assert torch.equal(bridge(x), steered)
+    assert not torch.allclose(steered, base) and torch.equal(bridge(x), base)
+    W = linear_weight(bridge, SITES[0])
+    orig = W.detach().clone()
+    with torch.no_grad():
+        W.add_(1e-3)
+        try:
+            with pytest.raises(ValueError, match="differ from those it was trained on"):
+                art.apply(bridge, 1.0)
+        finally:
+            W.copy_(orig)

@@ -1,0 +1,84 @@
+"""The method registry: one entry per method, read by the config, the report, the figures and the export; a method
+registered at run time is built and swept like the others."""
+
+import re
+from typing import get_args
+
+import pytest
+
+from interp_steer import methods
+from interp_steer.config import METHODS, ExportRun, MethodName, SweepConfig, VectorMethod
+from interp_steer.methods import MethodSpec, get_method, register
+from interp_steer.names import layer_of
+
+
+def test_every_reader_takes_the_registry():
+    from interp_steer.plots import COLORS, _color
+
+    assert METHODS == get_args(MethodName) == tuple(methods.REGISTRY)
+    assert get_args(VectorMethod) == methods.names(control_vector=True) == ("pca_diff", "pca_center", "mean_diff",
+                                                                            "gradient")
+    assert methods.names("additive") == ("pca_diff", "pca_center", "mean_diff", "gradient")
+    assert methods.names("control") == ("random",)
+    assert all(COLORS[n] == get_method(n).color for n in METHODS)
+    assert _color("adapter@1") == _color("adapter (3 seeds)") == get_method("adapter").color
+    for name in METHODS:  # every entry's build function resolves
+        assert callable(get_method(name).builder())
+    with pytest.raises(Exception, match=re.escape("must be 'adapter' | 'pca_diff'") + ".*got 'nope'"):
+        SweepConfig.from_dict({"methods": ["adapter", "nope"]})
+    with pytest.raises(Exception, match=re.escape(
+            "must be 'pca_diff' | 'pca_center' | 'mean_diff' | 'gradient' | none, got 'random'")):
+        ExportRun.from_dict({"artifact": "a", "out": "b", "format": "control-vector", "method": "random"})
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"name": "Bad Name"}, "lower-case"),
+    ({"name": "adapter"}, "registered already"),
+    ({"kind": "magic"}, "kind must be one of"),
+    ({"color": "red"}, "color must be"),
+    ({"kind": "control", "control_vector": True}, "only an additive method"),
+    ({"build": "no function here"}, "build must be"),
+])
+def test_a_bad_registration_is_refused(kw, match):
+    spec = {"name": "fresh", "kind": "additive", "color": "#123456", "unit": "x", "build": "a.b:c", **kw}
+    with pytest.raises(ValueError, match=match):
+        register(MethodSpec(**spec))
+    assert "fresh" not in methods.REGISTRY
+    with pytest.raises(ValueError, match="unknown method 'fresh'; registered: adapter"):
+        get_method("fresh")
+
+
+def test_a_method_registered_at_run_time_is_built_and_swept(tiny):
+    """CONTRIBUTING's worked example: the mean difference added at the last adapted block only."""
+    from interp_steer.capture import capture
+    from interp_steer.commands import build_methods
+    from interp_steer.concepts import get_concept
+    from interp_steer.data import pair_batches, persona_pairs
+    from interp_steer.directions import steering_vector
+    from interp_steer.evaluate import coherence_reference, load_neutral_texts
+    from interp_steer.sweep import SweepData, run_sweep, vector_method
+
+    def build_mean_diff_last(spec, ctx):
+        last = max(ctx.hs, key=layer_of)
+        return [vector_method(spec.name, steering_vector({last: ctx.hs[last]}, "mean_diff"))]
+
+    bridge, tok = tiny
+    pairs = persona_pairs(tok)[:8]
+    batches = list(pair_batches(pairs, tok, 4))
+    names = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    hs = capture(bridge, batches, names)
+    register(MethodSpec("mean_diff_last", "additive", "#bcbd22", "one RMS norm at the last adapted block",
+                        build_mean_diff_last, control_vector=True))
+    try:
+        concept = get_concept("sentiment")
+        built = build_methods(bridge, ["mean_diff", "mean_diff_last"], {}, hs, batches, concept)
+        assert [m.name for m in built] == ["mean_diff", "mean_diff_last"]
+        full, last = (m.steer(1.0) for m in built)
+        assert full is not None and last is not None
+        data = SweepData(concept.effects(2, 0), coherence_reference(bridge, tok, load_neutral_texts()[:2]),
+                         bisect_iters=0, grid=(0.5,))
+        result = run_sweep(bridge, tok, built[1:], data)
+        assert result[0].name == "mean_diff_last" and len(result[0].points) >= 3
+    finally:
+        methods.REGISTRY.pop("mean_diff_last", None)
+    assert "mean_diff_last" not in methods.REGISTRY
