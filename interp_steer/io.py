@@ -548,12 +548,25 @@ def load_checkpoint(path: str | Path, bridge: TransformerBridge) -> Checkpoint |
         return None
     art = load_artifact(found, bridge)
     trainer = read_json(found / TRAINER_FILE, "trainer state")
-    if not (isinstance(trainer, dict) and isinstance(trainer.get("step"), int) and trainer["step"] >= 0
-            and isinstance(trainer.get("scale"), (int, float)) and isinstance(trainer.get("param_groups"), list)):
-        raise ValueError(f"{found / TRAINER_FILE}: expected {{step, scale, param_groups}}")
+    fix = f"the checkpoint {found} is damaged: remove it (train without --resume) or restore it"
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (isinstance(trainer, dict) and isinstance(trainer.get("step"), int)
+            and not isinstance(trainer.get("step"), bool) and trainer["step"] >= 0
+            and number(trainer.get("scale")) and trainer["scale"] > 0
+            and isinstance(trainer.get("param_groups"), list)
+            and all(isinstance(g, dict) for g in trainer["param_groups"])
+            and isinstance(trainer.get("duals", []), list) and all(number(x) for x in trainer.get("duals", []))):
+        raise ValueError(f"{found / TRAINER_FILE}: expected {{step >= 0, scale > 0 (finite), param_groups: a list "
+                         f"of objects, duals: finite numbers}}; {fix}")
     state: dict = {}
     for k, v in read_tensors(found / OPTIMIZER_FILE).items():
-        i, name = k.split(".", 1)
+        i, _, name = k.partition(".")
+        if not (i.isdigit() and name) or not torch.isfinite(v).all():
+            raise ValueError(f"{found / OPTIMIZER_FILE}: tensor {k!r} is not an optimizer state "
+                             f"('<param index>.<name>', finite); {fix}")
         state.setdefault(int(i), {})[name] = v
     return Checkpoint(art, {"state": state, "param_groups": trainer["param_groups"]}, trainer["step"],
                       float(trainer["scale"]), [float(x) for x in trainer.get("duals", [])])

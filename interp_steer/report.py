@@ -227,8 +227,14 @@ def markdown_report(report: dict, figures: Sequence[Path], out: Path) -> str:
                   "No CI: a single number per method.", "", f1, ""]
     if "train" in report:
         t = report["train"]
-        parts += ["## Training", "", f"{t.get('seconds', 0):.0f} s; held-out projection on d_steer at "
-                  f"{t.get('loss_hook')}:", "", "```", json.dumps(t.get("held_out", {}), indent=1), "```", ""]
+        parts += ["## Training", "", f"{t.get('seconds', 0):.0f} s; held-out pairs' projection on d_steer at "
+                  f"{t.get('loss_hook')} (ΔNLL: on the held-out pair prompts, not a coherence measure):", "",
+                  "| adapter | c | chosen | rejected | separation | shift | ΔNLL |", "|---|---|---|---|---|---|---|"]
+        for label, run in t.get("runs", {}).items():
+            for c, m in run.get("held_out", {}).items():
+                parts.append(f"| {label} | {c} | {m['proj_chosen']:.2f} | {m['proj_rejected']:.2f} | "
+                             f"{m['separation']:.2f} | {m['shift']:+.2f} | {m['dnll']:+.4f} |")
+        parts.append("")
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figures]
     parts += ["", "## Timings (s)", "", "```", json.dumps(report["timings_s"], indent=1), "```", ""]
     return "\n".join(parts)

@@ -275,3 +275,24 @@ def test_the_artifact_applies_itself_and_refuses_other_weights(art, tiny):
                 art.apply(bridge, 1.0)
         finally:
             W.copy_(orig)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda t: {**t, "scale": 0}, "scale > 0"),
+    (lambda t: {**t, "step": True}, "step >= 0"),
+    (lambda t: {**t, "duals": ["x"]}, "duals: finite numbers"),
+    (lambda t: {**t, "param_groups": [1]}, "param_groups: a list of objects"),
+    (lambda t: "garbage", "expected {step"),
+])
+def test_a_damaged_checkpoint_is_refused_with_the_fix(tiny, art, tmp_path, damage, match):
+    """`--resume` from a trainer file someone edited or a disk damaged: one message naming the file and the fix
+    (remove it or restore it), never a raw KeyError or a hint to lower the learning rate."""
+    from interp_steer.io import TRAINER_FILE
+
+    bridge, _ = tiny
+    opt = torch.optim.AdamW(art.adapters.parameters(), lr=0.1)
+    save_checkpoint(tmp_path / "c", Checkpoint(art, opt.state_dict(), 3, 1.0, [0.5, 0.25]))
+    f = tmp_path / "c" / TRAINER_FILE
+    f.write_text(json.dumps(damage(json.loads(f.read_text()))))
+    with pytest.raises(ValueError, match=re.escape(match) + ".*is damaged: remove it"):
+        load_checkpoint(tmp_path / "c", bridge)

@@ -41,6 +41,9 @@ def test_study_runs_every_cell_once_then_resumes_and_pools(loads, tmp_path, caps
                                                MANIFEST}
     cell = json.loads((out / "cells" / ids[0] / "cell.json").read_text())
     assert cell["cell"] == {"model": "smollm2-135m", "concept": "honesty", "seed": 0, "id": ids[0]}
+    held = cell["train"]["runs"]["adapter"]["held_out"]
+    cell_md = (out / "cells" / ids[0] / "REPORT.md").read_text()
+    assert held and all(f"| adapter | {c} | {m['proj_chosen']:.2f} |" in cell_md for c, m in held.items())
     assert set(cell["iso_table"]) == {"adapter", "mean_diff", "random", "prompting"}
     assert "ends" in cell["iso_table"]["adapter"] and "peak" in cell["iso_table"]["adapter"]["plus"]
     assert all(p["delta"]["honesty"][0] == 0.0 for p in cell["curves"]["adapter"] if p["coeff"] == 0)
