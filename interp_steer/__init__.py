@@ -21,7 +21,9 @@ from typing import Any
 
 _EXPORTS = {
     "names": ("resid_post", "resid_names", "layer_of", "site_layer", "site_name", "check_site", "SITES"),
-    "config": ("TrainConfig", "LossConfig", "SweepConfig", "TrainRun", "EvalRun", "DemoRun", "ExportRun", "ConfigError"),
+    "config": ("TrainConfig", "LossConfig", "SweepConfig", "TrainRun", "EvalRun", "DemoRun", "ExportRun", "StudyRun",
+               "ConfigError"),
+    "methods": ("MethodSpec", "get_method"),
     "models": ("load_model", "tiny_model", "DEFAULT_MODEL", "available_devices"),
     "data": ("ContrastivePair", "Batch", "persona_pairs", "minimal_pairs", "pair_batches", "tokenize", "render_chat",
              "select_pairs", "split_pairs", "load_pairs_file", "token_difference", "check_pairs"),
@@ -38,6 +40,7 @@ _EXPORTS = {
                  "evaluate_pairs", "load_dilemmas", "load_neutral_texts", "load_truthfulqa_csv"),
     "sweep": ("run_sweep", "SweepData", "adapter_method", "vector_method", "prompting_method"),
     "commands": ("run_train", "run_eval", "run_demo", "run_export", "load_pairs"),
+    "study": ("run_study",),
     "export": ("save_merged", "save_lora", "save_control_vector", "read_control_vector", "hf_module_name",
                "hf_state_dict"),
     "concepts": ("Concept", "Effect", "CONCEPTS", "register", "get_concept", "reply_options_effect",
