@@ -368,6 +368,38 @@ def group_markdown(g: dict, budget: float) -> list[str]:
     return lines + [""]
 
 
+def summary_markdown(pooled: dict) -> list[str]:
+    """One row per model and concept: each method's Δ of the primary effect at the budget, both ways (mean over
+    seeds; † budget not reached), and the adapter against the best additive baseline with its interval. The
+    README's results table is this table (tests/test_readme.py checks it)."""
+    head = ("| model · concept (effect; seeds) | adapter ↑ / ↓ | best additive ↑ / ↓ | prompting ↑ / ↓ | "
+            "random ↑ / ↓ | adapter − best additive ↑ / ↓ [95% CI] |")
+    lines = [head, "|---|---|---|---|---|---|"]
+    for g in pooled["groups"]:
+        p = g["effects"][0]["name"]
+        by: dict = {}
+        for r in g["rows"]:
+            by.setdefault(r["method"], {})[r["side"]] = r
+
+        def at(m: str, side: str) -> str:
+            r = by.get(m, {}).get(side)
+            return "–" if r is None else _f(r["effects"][p]["mean"], "+.2f") + ("" if all(r["budget_reached"]) else "†")
+
+        best = {c["side"]: c for c in g["comparisons"] if c["effect"] == p and c["label"] == "best additive"}
+        names = "/".join(dict.fromkeys(c["against"] for c in best.values())) or "–"
+
+        def diff(side: str) -> str:
+            c = best.get(side)
+            return "–" if c is None else _ci(c, "+.2f") + (" *" if c["significant"] else "")
+
+        lines.append(f"| {g['model']} · {g['concept']} ({p}; {len(g['seeds'])}) | {at('adapter', 'plus')} / "
+                     f"{at('adapter', 'minus')} | {names}: "
+                     + " / ".join(at(best[s]["against"], s) if s in best else "–" for s in ("plus", "minus"))
+                     + f" | {at('prompting', 'plus')} / {at('prompting', 'minus')} | {at('random', 'plus')} / "
+                     f"{at('random', 'minus')} | {diff('plus')} / {diff('minus')} |")
+    return lines
+
+
 def study_figures(pooled: dict, cells: dict[str, dict], out: Path) -> list[Path]:
     """Per model and concept: the primary effect's Δ against KL (each seed's curve, CI band), and the Δ at the
     budget per method and direction with its CI."""
@@ -458,6 +490,10 @@ def study_markdown(pooled: dict, cells: dict[str, dict], cfg: StudyRun, figures:
         parts += [f"Items: {first['data']['items']}; machine: {first['machine']['platform']}, "
                   f"{first['machine']['torch_threads']} torch threads. Cell time: "
                   + ", ".join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in sorted(cells.items())) + ".", ""]
+    if pooled["groups"]:
+        parts += ["## Summary", "", f"Δ of each concept's primary effect at KL = {budget} (↑: toward the concept, ↓: "
+                  "away; mean over seeds; † the budget was not reached, the last point is shown); * marks an "
+                  "interval excluding 0.", "", *summary_markdown(pooled), ""]
     for g in pooled["groups"]:
         parts += group_markdown(g, budget)
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figures] + [""]

@@ -66,6 +66,9 @@ def test_study_runs_every_cell_once_then_resumes_and_pools(loads, tmp_path, caps
     assert vs_prompt["n_seeds"] == 2 and vs_prompt["ci_kind"] == "t over seeds"
     md = (out / "REPORT.md").read_text()
     assert "### smollm2-135m · honesty (seeds 0, 1)" in md and "| adapter | + |" in md and "Steering F1" in md
+    summary = [ln for ln in md.split("## Summary", 1)[1].splitlines() if ln.startswith("| smollm2-135m · ")]
+    up = next(r for r in sentiment["rows"] if r["method"] == "adapter" and r["side"] == "plus")
+    assert len(summary) == 2 and f"| {up['effects']['logodds']['mean']:+.2f}" in summary[1]
     assert "](figures/dose_kl--smollm2-135m--honesty.png)" in md and "interp-steer study --config" in md
     assert (out / "figures" / "at_budget--smollm2-135m--sentiment.svg").is_file()
 
