@@ -424,10 +424,11 @@ def study_figures(pooled: dict, cells: dict[str, dict], out: Path) -> list[Path]
         budget = next(iter(cells.values()))["budget"]
         ax.axvline(budget, color="k", lw=0.6, ls=":")
         ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlim(left=0)  # KL is never negative
         ax.set_xlabel("KL(reference ‖ steered), nat/token")
-        ax.set_ylabel(f"Δ {primary} from c = 0")
-        ax.set_title(f"{g['model']} · {g['concept']} (o: +c, s: −c)")
-        ax.legend(ncol=2)
+        ax.set_ylabel(f"Δ {primary} from c = 0 (● +c, ■ −c)")
+        ax.set_title(f"{g['model']} · {g['concept']}")
+        ax.legend(ncol=3, loc="upper left", fontsize=5.5, framealpha=0.7)
         paths += save(fig, out, f"dose_kl--{name}")
         fig, ax = figure(height=2.3)
         rows = g["rows"]

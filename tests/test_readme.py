@@ -28,3 +28,12 @@ def test_readme_example_prints_its_documented_output(tmp_path):
     printed = [line for line in run.stdout.splitlines() if re.match(r"^[+-]\d ", line)]
     print("\n".join(printed))  # what to paste into the README when the example's output changes on purpose
     assert printed == want.splitlines()  # c = 0 is the base model's own reply; ±1 the trained steer's
+
+
+def test_readme_results_table_is_the_committed_study_summary():
+    """The README's results are not typed in: they are docs/study/REPORT.md's summary table, line for line
+    (`interp-steer study --config docs/study/run_config.json --report-only` rewrites it from the cells)."""
+    report = (ROOT / "docs" / "study" / "REPORT.md").read_text()
+    table = [ln for ln in report.split("## Summary", 1)[1].split("\n\n")[2].splitlines() if ln.startswith("|")]
+    readme = README.read_text()
+    assert len(table) >= 3 and "\n".join(table) in readme
