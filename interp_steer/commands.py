@@ -26,7 +26,6 @@ from .config import (
     ConfigError, DemoRun, EvalRun, ExportRun, StudyRun, SweepConfig, TrainConfig, TrainRun, run_config_doc,
 )
 from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
-from .directions import SteeringVector
 from .evaluate import coherence_reference, load_neutral_texts
 from .export import save_control_vector, save_lora, save_merged
 from .io import (
