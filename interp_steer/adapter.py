@@ -13,7 +13,9 @@ hooks as the low-rank delta ``Δy = ((xV) R(c) diag(S_c) − (xV) diag(S)) Uᵀ`
 ``U → U R_u(c)``. With ``bias`` the layer also writes ``c·b`` (b learnable, odd in c like the rest): a rotation
 can only redirect what the layer already writes; ``b`` adds a direction of its own, as a steering vector does.
 ``bias="free"`` lets b be any output vector; ``bias="span"`` keeps it in the adapter's own output subspace,
-``b = U w``, so that everything the adapter writes lies in span(U).
+``b = U w``, so that everything the adapter writes lies in span(U); ``bias="only"`` keeps θ and λ at 0 (buffers,
+not parameters), so the layer writes exactly ``c·b``: a steering vector trained by the adapter's own objective
+(the ``learned_vector`` method).
 
 The adapter computes in float32 whatever the model's dtype (U, S, V, θ, λ, the Cayley solve, Δy): the hook
 reads ``x`` as float32 and adds ``Δy`` cast to the activation's dtype, so c = 0 (Δy = 0 exactly) leaves a
@@ -61,8 +63,8 @@ class AdapterSpec:
             raise ValueError(f"scale must be 'exp' or 'add', got {self.scale!r}")
         if not isinstance(self.rotate_u, bool):
             raise ValueError(f"rotate_u must be True or False, got {self.rotate_u!r}")
-        if self.bias not in ("none", "free", "span"):
-            raise ValueError(f"bias must be 'none', 'free' or 'span', got {self.bias!r}")
+        if self.bias not in ("none", "free", "span", "only"):
+            raise ValueError(f"bias must be 'none', 'free', 'span' or 'only', got {self.bias!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,9 +172,15 @@ class SVDAdapter(nn.Module):
         self.theta_v = draw(r, r)
         self.lam = draw(r)
         self.theta_u = draw(r, r) if spec.rotate_u else None
+        if spec.bias == "only":  # a vector alone: R = I and S_c = S for every c, nothing to learn but b
+            if spec.rotate_u:
+                raise ValueError("bias='only' writes c·b alone: it has no rotation to turn U with (rotate_u=False)")
+            del self.theta_v, self.lam
+            self.register_buffer("theta_v", torch.zeros(r, r, dtype=f32, device=self.U.device))
+            self.register_buffer("lam", torch.zeros(r, dtype=f32, device=self.U.device))
         # b starts at 0: c·b is odd in c, so c = ±1 already pull it the same way (no saddle to break).
         # 'free': b in the layer's output space (d_out); 'span': its coordinates w in U's basis (b = U w)
-        size = {"none": 0, "free": U.shape[0], "span": r}[spec.bias]
+        size = {"none": 0, "free": U.shape[0], "span": r, "only": U.shape[0]}[spec.bias]
         self.b = nn.Parameter(torch.zeros(size, dtype=f32, device=self.U.device)) if size else None
 
     @classmethod
@@ -218,6 +226,8 @@ class SVDAdapter(nn.Module):
     def delta(self, x: Float[Tensor, "batch pos d_in"], c: Float[Tensor, "batch"]) -> Float[Tensor, "batch pos d_out"]:
         """Δy = ((xV) R(c) diag(S_c) [R_u(c)ᵀ] − (xV) diag(S)) Uᵀ [+ c·b], one c per batch row (b = U w for
         bias='span')."""
+        if self.spec.bias == "only":  # θ = λ = 0: the rotation and scaling terms vanish exactly
+            return (c.to(x.dtype)[:, None, None] * self.b).expand(*x.shape[:2], -1)
         # one Cayley solve per distinct c (training has two, ±1; evaluation one), not one per row
         cs, row = torch.unique(c, return_inverse=True)
         R, S_c = self.rotation(cs)[row], self.singular_values(cs)[row]  # batch r r, batch r

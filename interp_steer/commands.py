@@ -142,22 +142,31 @@ def training_summary(result: TrainResult) -> str:
 # ------------------------------------------------------------------------------------------ sweeps
 
 def build_methods(bridge: TransformerBridge, names: Sequence[str], artifacts: dict[str, SteeringArtifact],
-                  hs: dict, batches, concept: Concept) -> list[Method]:
+                  hs: dict, batches, concept: Concept, tokenizer: PreTrainedTokenizerBase | None = None,
+                  pairs: Sequence[ContrastivePair] | None = None, generic=None) -> list[Method]:
     """Every requested method, each built by its registry entry (methods.py) from the same context: the
     artifacts (``"adapter"`` gives one method per artifact, labelled e.g. ``adapter@1`` for a training seed),
-    the training pairs' c = 0 states ``hs`` at the resid_post of the adapted layers, their batches, the concept."""
-    ctx = BuildContext(bridge, artifacts, hs, batches, concept)
+    the training pairs' c = 0 states ``hs`` at the resid_post of the adapted layers, their batches, the concept;
+    a method that trains (``learned_vector``) also needs the tokenizer and the pairs before their split."""
+    ctx = BuildContext(bridge, artifacts, hs, batches, concept, tokenizer, list(pairs) if pairs else None, generic)
     return [m for name in names for m in build_method(get_method(name), ctx)]
+
+
+def training_pairs(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, concept: Concept,
+                   pairs_file: str | None = None, personas: Sequence[str] | None = None) -> list[ContrastivePair]:
+    """The pairs the artifact was trained from, before its split (``pairs_for``: what the user gives, else the
+    recorded personas or the concept's pairs)."""
+    pairs_file, personas = pairs_for(artifact, pairs_file, personas, "the artifact")
+    return load_pairs(tok, pairs_file, personas, concept.name)
 
 
 def training_batches(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, concept: Concept,
                      pairs_file: str | None = None, personas: Sequence[str] | None = None,
-                     device: torch.device | str | None = None) -> list:
-    """The artifact's own training pairs (``pairs_for``: what the user gives, else the recorded personas or the
-    concept's pairs), batched as in training."""
-    pairs_file, personas = pairs_for(artifact, pairs_file, personas, "the artifact")
+                     device: torch.device | str | None = None, pairs: Sequence[ContrastivePair] | None = None) -> list:
+    """The artifact's own training pairs (``training_pairs`` unless given), split and batched as in training."""
     tc = artifact.config
-    train_pairs, _ = select_pairs(load_pairs(tok, pairs_file, personas, concept.name), tc.n_pairs, tc.held_out, tc.seed)
+    pairs = training_pairs(tok, artifact, concept, pairs_file, personas) if pairs is None else pairs
+    train_pairs, _ = select_pairs(pairs, tc.n_pairs, tc.held_out, tc.seed)
     return list(pair_batches(train_pairs, tok, tc.batch_pairs, device=device))
 
 
@@ -184,20 +193,21 @@ def method_blocks(names: Sequence[str], artifacts: dict[str, SteeringArtifact]) 
 
 
 def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: SweepConfig, concept: Concept,
-                 artifacts: dict[str, SteeringArtifact], hs: dict, batches, extra: dict) -> dict:
+                 artifacts: dict[str, SteeringArtifact], hs: dict, batches, extra: dict,
+                 pairs: Sequence[ContrastivePair] | None = None, generic=None) -> dict:
     """Sweep every method of ``cfg`` at the same coherence budget on ``concept``'s effects; a JSON-ready report."""
     effects = concept.effects(cfg.n_items, cfg.n_secondary)
     texts = every_kth(load_neutral_texts(), cfg.n_neutral)
     blocks = method_blocks(cfg.methods, artifacts)
     # every method but prompting acts at these blocks or later: blocks below run once per text and item
     start = min((min(b) for b in blocks.values() if b), default=0)
+    t = time.perf_counter()  # built first: a method that trains (learned_vector) runs its own prefix reuse
+    methods = build_methods(bridge, cfg.methods, artifacts, hs, batches, concept, tok, pairs, generic)
+    build_s = time.perf_counter() - t
     with reuse_prefix(bridge, start) as prefix:
         data = SweepData(effects, coherence_reference(bridge, tok, texts), budget=cfg.budget,
                          budget_metric=cfg.budget_metric, bisect_iters=cfg.bisect, grid=cfg.grid, verbose=True,
                          ends=concept.ends)
-        t = time.perf_counter()
-        methods = build_methods(bridge, cfg.methods, artifacts, hs, batches, concept)
-        build_s = time.perf_counter() - t
         results = run_sweep(bridge, tok, methods, data)
     zero = results[0].points[[p.coeff for p in results[0].points].index(0.0)] if results else None
     return {
@@ -238,8 +248,9 @@ def planned_units(concept: Concept, n_pairs: int, seeds: Sequence[int], train_cf
     effects = concept.effects(sweep_cfg.n_items, sweep_cfg.n_secondary)
     primary = effects[0].name
     n_train = max(1, round(min(n_pairs, train_cfg.n_pairs or n_pairs) * (1 - train_cfg.held_out)))
-    counts: dict[str, float] = {"step": len(seeds) * train_cfg.steps,
-                                "capture": len(seeds) * -(-n_train // train_cfg.batch_pairs)}
+    trained = len(seeds) + sum(get_method(m).trains for m in sweep_cfg.methods)  # the adapters, learned methods
+    counts: dict[str, float] = {"step": trained * train_cfg.steps,
+                                "capture": trained * -(-n_train // train_cfg.batch_pairs)}
     point, full = f"point:{primary}", f"point_full:{primary}"
     counts[full] = 1 + 2 * ("prompting" in sweep_cfg.methods)
     hooked = sum(len(seeds) if m == "adapter" else 1 for m in sweep_cfg.methods if m != "prompting")
@@ -281,7 +292,7 @@ def concept_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, conc
     train_s = time.perf_counter() - t1
     return sweep_report(bridge, tok, sweep_cfg, concept, artifacts, first.reference_states, first.train_batches,
                         {"train": {"seconds": train_s, "loss_hook": first.loss_hook, "seeds": list(seeds),
-                                   "runs": train_info, "config": train_cfg.to_dict()}})
+                                   "runs": train_info, "config": train_cfg.to_dict()}}, pairs, generic)
 
 
 def run_demo(cfg: DemoRun) -> dict:
@@ -339,11 +350,12 @@ def run_eval(cfg: EvalRun) -> dict:
     artifact = artifact.to(model_device(bridge))
     prepare_run_dir(out, cfg.overwrite)
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("eval", cfg))
-    batches = training_batches(tok, artifact, concept, cfg.pairs, cfg.personas, model_device(bridge))  # baselines' too
+    pairs = training_pairs(tok, artifact, concept, cfg.pairs, cfg.personas)
+    batches = training_batches(tok, artifact, concept, device=model_device(bridge), pairs=pairs)  # baselines' too
     names = adapted_resid_names(artifact)
     hs = capture(bridge, batches, names) if any(m != "adapter" for m in cfg.sweep.methods) else {}
     report = sweep_report(bridge, tok, cfg.sweep, concept, {"adapter": artifact}, hs, batches,
-                          {"artifact": str(cfg.artifact)})
+                          {"artifact": str(cfg.artifact)}, pairs)
     report = _finish(report, out, t0)
     seal_run_dir(out)
     return report

@@ -26,7 +26,7 @@ from .methods import names as method_names
 
 Objective = Literal["shift", "separation", "behaviour"]
 Scale = Literal["exp", "add"]
-Bias = Literal["none", "free", "span"]
+Bias = Literal["none", "free", "span", "only"]
 Triplets = Literal["top", "aligned"]
 Site = Literal["mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "attn.o"]
 BudgetMetric = Literal["kl", "dnll"]
@@ -252,7 +252,8 @@ class TrainConfig(Config):
     # 0.74x / 0.95x), but not honesty, and Llama's down_proj has no bias to merge it into: README "Ablations"
     bias: Bias = field(default="none", metadata={
         "help": "each adapted layer also writes c·b, b learnable: anywhere in its output space ('free'), or inside "
-                "the adapter's own output subspace span(U), b = U w ('span'); 'none': rotation and scaling only"})
+                "the adapter's own output subspace span(U), b = U w ('span'); 'none': rotation and scaling only; "
+                "'only': c·b and nothing else, θ and λ held at 0 (a learned steering vector: --methods learned_vector)"})
     # θ and λ start small and non-zero (symmetry breaking: docs/method.md)
     init_scale: float = field(default=1e-2, metadata={"help": "std of the initial θ, λ (> 0)"})
     held_out: float = field(default=0.2, metadata={"help": "fraction of pairs held out, in [0, 1)"})

@@ -512,6 +512,9 @@ def _adapter_from(spec: AdapterSpec, tensors: dict[str, Tensor], where: Path) ->
         if t.shape != v.shape:
             raise ValueError(f"{where}: tensor '{spec.site}.{k}' has shape {tuple(t.shape)}, expected {tuple(v.shape)}")
         state[k] = t
+    if spec.bias == "only" and any(state[k].abs().max() > 0 for k in ("theta_v", "lam")):
+        raise ValueError(f"{where}: {spec.site} has bias 'only' (it writes c·b alone) but non-zero theta_v or lam: "
+                         "the file was edited or damaged; retrain it")
     a.load_state_dict(state, strict=True)
     return a
 

@@ -36,6 +36,7 @@ class MethodSpec:
     build: str | Callable          # "module:function" or the function itself: (spec, ctx) -> list[sweep.Method]
     control_vector: bool = False   # a llama.cpp control vector can hold it (an additive steer from the pairs)
     description: str = ""
+    trains: bool = False           # built by a training run like the adapter's (its steps count in the progress plan)
 
     def builder(self) -> Callable:
         if callable(self.build):
@@ -96,6 +97,10 @@ register(MethodSpec("mean_diff", "additive", "#2ca02c", _RMS, _ADDITIVE, True,
                     "mean of the pair differences (DiffMean, CAA)"))
 register(MethodSpec("gradient", "additive", "#9467bd", _RMS, _ADDITIVE, True,
                     "mean gradient of the objective with respect to each block's output"))
+register(MethodSpec("learned_vector", "additive", "#8c564b", "the trained coefficient: ±1 are the directions it was "
+                    "trained for", "interp_steer.sweep:build_learned_vector", trains=True,
+                    description="a vector per adapted block trained by the adapter's objective and KL constraint "
+                                "(bias='only'; of the kind of BiPO and ReFT-r1)"))
 register(MethodSpec("random", "control", "#7f7f7f", _RMS, _ADDITIVE,
                     description="a random direction, sign-oriented by the pairs: the null control"))
 register(MethodSpec("prompting", "prompting", "#ff7f0e", "±1: the concept's two system prompts",

@@ -12,6 +12,7 @@ budget is interpolated between the two bracket ends, per item as well as in the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from .methods import MethodSpec
 from .names import layer_of
 from .evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
 from .report import mean_ci, paired_difference
+from .train import train
 
 _DEFAULTS = SweepConfig()  # every default of SweepData below is SweepConfig's (one source; test_cli checks)
 
@@ -74,6 +76,9 @@ class BuildContext:
     hs: dict
     batches: list
     concept: object  # concepts.Concept
+    tokenizer: PreTrainedTokenizerBase | None = None
+    pairs: list | None = None  # the pairs the artifacts were trained from, before their split (a trained method's)
+    generic: object = None     # train.GenericText: the KL text, computed once per model (None: computed when needed)
 
     @property
     def artifact(self):
@@ -92,6 +97,17 @@ def build_adapter(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
 
 def build_prompting(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
     return [prompting_method(*ctx.concept.prompts)]  # type: ignore[attr-defined]
+
+
+def build_learned_vector(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
+    """One steering vector per adapted block, trained like the first artifact's adapter (its pairs, split, steps,
+    objective and KL constraint: ``bias="only"``, so each block writes ``c·b`` and b is all that is learned)."""
+    if ctx.artifact is None or ctx.pairs is None or ctx.tokenizer is None:
+        raise ValueError(f"method {spec.name!r} is trained with an adapter's settings and pairs: sweep it beside a "
+                         "trained adapter (demo, study, or eval of an artifact)")
+    cfg = dataclasses.replace(ctx.artifact.config, bias="only", rank=1, rotate_u=False)
+    result = train(ctx.bridge, ctx.tokenizer, ctx.pairs, cfg, progress=False, generic=ctx.generic)  # type: ignore[arg-type]
+    return [adapter_method(result.adapters, spec.name)]
 
 
 def build_additive(spec: MethodSpec, ctx: BuildContext) -> list[Method]:

@@ -213,6 +213,43 @@ def test_real_model_adapter_identity_and_merge(real):
     assert (hooked - base).abs().max() > 1e-3
 
 
+def test_bias_only_is_a_learned_vector_c_times_b_and_nothing_else(tiny, tmp_path):
+    """``bias='only'`` (the learned_vector method): b is the one parameter, Δy = c·b exactly for every input, c = 0 is
+    the base model, merged = hooks where the layer has a bias, and save → load is identical."""
+    from interp_steer.config import TrainConfig
+    from interp_steer.io import SteeringArtifact, load_artifact, save_artifact
+
+    bridge, tok = tiny
+    x = ids(tok)
+    site = "blocks.1.mlp.out"
+    a = make_adapters(bridge, [AdapterSpec(site, rank=2, bias="only")], init_scale=0.3)[0]
+    assert [n for n, _ in a.named_parameters()] == ["b"]
+    assert a.theta_v.abs().max() == 0 and a.lam.abs().max() == 0
+    with torch.no_grad():
+        a.b.normal_(generator=torch.Generator().manual_seed(3))
+        xs = torch.randn(3, 5, a.V.shape[0])
+        c = torch.tensor([1.0, -0.5, 0.0])
+        assert torch.equal(a.delta(xs, c), (c[:, None, None] * a.b).expand(3, 5, -1))
+        B, _ = a.factors(0.7)
+        assert B.abs().max() == 0  # no low-rank part: a LoRA of it is its lora_bias alone
+        base = bridge(x)
+        with apply_adapters(bridge, [a], 0.0):
+            assert torch.equal(bridge(x), base)
+        with apply_adapters(bridge, [a], 1.0):
+            hooked = bridge(x)
+        assert (hooked - base).abs().max() > 1e-2
+        if getattr(bridge.get_submodule(site), "original_component").bias is not None:
+            with merged_weights(bridge, [a], 1.0):
+                assert (bridge(x) - hooked).abs().max() <= 1e-4
+    art = SteeringArtifact.build(bridge, [a], torch.ones(bridge.cfg.d_model), "blocks.2.hook_resid_post",
+                                 TrainConfig(layers=[1], rank=2, bias="only"))
+    save_artifact(tmp_path / "v", art)
+    back = load_artifact(tmp_path / "v").adapters[0]
+    assert back.spec == a.spec and all(torch.equal(back.state_dict()[k], v) for k, v in a.state_dict().items())
+    with pytest.raises(ValueError, match="no rotation to turn U"):
+        make_adapters(bridge, [AdapterSpec(site, rank=2, bias="only", rotate_u=True)])
+
+
 @pytest.mark.parametrize("kind", ["free", "span"])
 def test_the_bias_term_adds_c_times_b_and_keeps_every_invariant(tiny, kind):
     """``bias``: Δy gains exactly c·b (odd in c; b = U w inside span(U) for 'span'), c = 0 stays the base model bit
@@ -243,5 +280,5 @@ def test_the_bias_term_adds_c_times_b_and_keeps_every_invariant(tiny, kind):
     with pytest.raises(ValueError, match=f"has a bias term \\(bias='{kind}'\\).*no bias to merge.*LoRA"):
         with merged_weights(bridge, [biased], 1.0):
             pass
-    with pytest.raises(ValueError, match="bias must be 'none', 'free' or 'span'"):
+    with pytest.raises(ValueError, match="bias must be 'none', 'free', 'span' or 'only'"):
         AdapterSpec(site, bias=True)

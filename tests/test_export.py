@@ -101,11 +101,11 @@ def test_lora_export_is_exact_in_peft(tiny, adapters, tmp_path, c):
 def test_an_adapter_bias_term_exports_as_peft_lora_bias_and_is_refused_as_merged(tiny, tmp_path):
     bridge, tok = tiny
     specs = [AdapterSpec("blocks.0.mlp.out", rank=4, bias="free"), AdapterSpec("blocks.1.attn.q", rank=4),
-             AdapterSpec("blocks.2.mlp.out", rank=4, bias="span")]
+             AdapterSpec("blocks.2.mlp.out", rank=4, bias="span"), AdapterSpec("blocks.1.mlp.out", rank=1, bias="only")]
     ads = make_adapters(bridge, specs, init_scale=0.3)
     with torch.no_grad():
-        ads[0].b.normal_(generator=torch.Generator().manual_seed(6))
-        ads[2].b.normal_(generator=torch.Generator().manual_seed(7))
+        for k, seed in ((0, 6), (2, 7), (3, 8)):
+            ads[k].b.normal_(generator=torch.Generator().manual_seed(seed))
     for c in (1.0, -1.0):
         out = save_lora(bridge, ads, c, tmp_path / f"l{c}", base_model="tiny")
         assert json.loads((out / LORA_CONFIG_FILE).read_text())["lora_bias"] is True
@@ -115,11 +115,11 @@ def test_an_adapter_bias_term_exports_as_peft_lora_bias_and_is_refused_as_merged
         hooked = hooked_logits(bridge, ads, c)
         assert (lora - hooked).abs().max().item() < TOL
         with torch.no_grad():
-            saved = [ads[k].b.clone() for k in (0, 2)]
-            for k in (0, 2):
+            saved = [ads[k].b.clone() for k in (0, 2, 3)]
+            for k in (0, 2, 3):
                 ads[k].b.zero_()
             without = hooked_logits(bridge, ads, c)
-            for k, b in zip((0, 2), saved):
+            for k, b in zip((0, 2, 3), saved):
                 ads[k].b.copy_(b)
         assert (hooked - without).abs().max().item() > 100 * TOL  # the bias terms really are in the export
     with pytest.raises(ValueError, match="no bias to merge"):

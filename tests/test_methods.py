@@ -18,7 +18,8 @@ def test_every_reader_takes_the_registry():
     assert METHODS == get_args(MethodName) == tuple(methods.REGISTRY)
     assert get_args(VectorMethod) == methods.names(control_vector=True) == ("pca_diff", "pca_center", "mean_diff",
                                                                             "gradient")
-    assert methods.names("additive") == ("pca_diff", "pca_center", "mean_diff", "gradient")
+    assert methods.names("additive") == ("pca_diff", "pca_center", "mean_diff", "gradient", "learned_vector")
+    assert [n for n in METHODS if get_method(n).trains] == ["learned_vector"]
     assert methods.names("control") == ("random",)
     assert all(COLORS[n] == get_method(n).color for n in METHODS)
     assert _color("adapter@1") == _color("adapter (3 seeds)") == get_method("adapter").color
@@ -82,3 +83,48 @@ def test_a_method_registered_at_run_time_is_built_and_swept(tiny):
     finally:
         methods.REGISTRY.pop("mean_diff_last", None)
     assert "mean_diff_last" not in methods.REGISTRY
+
+
+def test_learned_vector_is_trained_like_the_adapter_and_swept_like_the_others(tiny):
+    """``learned_vector``: the artifact's own pairs, split and steps with ``bias='only'``, so each adapted block
+    writes c·b and nothing else; c = 0 is the base model; it is swept like any other method."""
+    import torch
+
+    from interp_steer.commands import build_methods
+    from interp_steer.concepts import get_concept
+    from interp_steer.config import LossConfig, TrainConfig
+    from interp_steer.data import persona_pairs
+    from interp_steer.evaluate import coherence_reference, load_neutral_texts
+    from interp_steer.sweep import SweepData, run_sweep
+    from interp_steer.train import train
+
+    bridge, tok = tiny
+    pairs = persona_pairs(tok)
+    cfg = TrainConfig(layers=(0, 1), loss_layer=2, rank=4, steps=3, batch_pairs=2, n_pairs=8, held_out=0.25,
+                      loss=LossConfig(kl_budget=None))
+    adapter = train(bridge, tok, pairs, cfg, progress=False)
+    concept = get_concept("sentiment")
+    with pytest.raises(ValueError, match="sweep it beside a trained adapter"):
+        build_methods(bridge, ["learned_vector"], {"adapter": adapter.artifact}, {}, adapter.train_batches, concept)
+    (lv,) = build_methods(bridge, ["learned_vector"], {"adapter": adapter.artifact}, {}, adapter.train_batches,
+                          concept, tok, pairs)
+    assert lv.name == "learned_vector"
+    # the same training, only the parametrisation differs: the vector alone, by hand
+    alone = train(bridge, tok, pairs, TrainConfig(**{**cfg.to_dict(), "loss": cfg.loss, "bias": "only", "rank": 1}),
+                  progress=False)
+    ids = tok(["The weather today is"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = bridge(ids)
+        assert lv.steer(0.0) is None
+        with lv.steer(1.0)(bridge):
+            steered = bridge(ids)
+        from interp_steer.adapter import apply_adapters
+        with apply_adapters(bridge, alone.adapters, 1.0):
+            by_hand = bridge(ids)
+    assert (steered - base).abs().max() > 1e-4 and torch.equal(steered, by_hand)
+    for a in alone.adapters:
+        assert a.spec.bias == "only" and [n for n, _ in a.named_parameters()] == ["b"] and a.b.norm() > 0
+    data = SweepData(concept.effects(2, 0), coherence_reference(bridge, tok, load_neutral_texts()[:2]),
+                     bisect_iters=0, grid=(0.5,))
+    (result,) = run_sweep(bridge, tok, [lv], data)
+    assert result.name == "learned_vector" and len(result.points) >= 3
