@@ -27,17 +27,17 @@ from .config import (
 )
 from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
 from .evaluate import coherence_reference, load_neutral_texts
-from .export import save_control_vector, save_lora, save_merged
+from .export import export, get_export
 from .io import (
-    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, check_run_dir, load_artifact, model_name, prepare_run_dir,
+    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, check_run_dir, load_artifact, prepare_run_dir,
     seal_run_dir, write_json_atomic, write_text_atomic,
 )
 from .models import DEFAULT_MODEL, check_model_source, load_model, model_device, resolve_device, resolve_dtype
-from .names import layer_of, resid_post, site_layer
+from .names import resid_post, site_layer
 from .prefix import reuse_prefix
 from .report import demo_index, iso_table_markdown, write_outputs
 from .methods import get_method
-from .sweep import BuildContext, Method, SweepData, additive_vector, build_method, run_sweep
+from .sweep import BuildContext, Method, SweepData, build_method, run_sweep
 from .train import TrainResult, kl_text, train
 
 ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
@@ -362,10 +362,11 @@ def run_eval(cfg: EvalRun) -> dict:
 
 
 def run_export(cfg: ExportRun) -> Path:
-    """Write the artifact's steer at ``cfg.coeff`` as ``cfg.format`` into ``cfg.out`` (export.py).
+    """Write the artifact's steer at ``cfg.coeff`` as ``cfg.format`` into ``cfg.out`` (``export.export``).
 
-    The artifact and the output path are checked before the model loads; the model is then checked against the
-    artifact's weight fingerprints, so an export never bakes an adapter into weights it was not made for.
+    The artifact, the format's own checks and the output path are checked before the model loads; the model is
+    then checked against the artifact's weight fingerprints, so an export never bakes an adapter into weights it
+    was not made for.
     """
     artifact = load_artifact(cfg.artifact)
     check_outside(cfg.out, cfg.artifact)
@@ -373,30 +374,20 @@ def run_export(cfg: ExportRun) -> Path:
     check_dir_target(cfg.out, cfg.overwrite, what="an export")
     where = f"artifact {cfg.artifact}"
     model = model_for(artifact, cfg.model, where)
-    if cfg.format == "control-vector":
+    spec = get_export(cfg.format)  # type: ignore[arg-type]
+    try:
+        spec.check(artifact, cfg.method)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if spec.needs_pairs:
         pairs_for(artifact, None, None, where)
-    concept = get_concept(artifact.data.get("concept") or "honesty")  # a control vector's pairs
-    names = [n for n in adapted_resid_names(artifact) if layer_of(n) != 0]  # and its layers
-    if cfg.format == "control-vector" and not names:
-        raise ValueError(f"artifact {cfg.artifact} adapts only block 0, whose output a llama.cpp control vector "
-                         "cannot reach")
     bridge, tok = load_model(model, device="cpu")  # exports are written from an exact float32 CPU copy
-    artifact.check_model(bridge, where=f"artifact {cfg.artifact}")
+    artifact.check_model(bridge, where=where)
+    concept = get_concept(artifact.data.get("concept") or "honesty")
+    pairs = training_pairs(tok, artifact, concept) if spec.needs_pairs else None
     manifest = {"artifact": str(cfg.artifact), "base_model": artifact.base_model,
                 "run_config": run_config_doc("export", cfg)}
-    if cfg.format == "merged":
-        out = save_merged(bridge, tok, artifact.adapters, cfg.coeff, cfg.out, overwrite=cfg.overwrite,
-                          manifest=manifest)
-    elif cfg.format == "lora":
-        out = save_lora(bridge, artifact.adapters, cfg.coeff, cfg.out, base_model=model_name(bridge),
-                        overwrite=cfg.overwrite, manifest=manifest)
-    else:
-        if len(names) < len(adapted_resid_names(artifact)):
-            print("block 0 left out: llama.cpp never steers the output of its layer 0")
-        batches = training_batches(tok, artifact, concept)
-        vector = additive_vector(bridge, cfg.method, artifact, capture(bridge, batches, names), batches)
-        out = save_control_vector(vector, cfg.coeff, cfg.out, n_layers=bridge.cfg.n_layers,
-                                  model_hint=str(bridge.original_model.config.model_type),
-                                  overwrite=cfg.overwrite, manifest={**manifest, "method": cfg.method})
+    out = export(artifact, bridge, tok, spec.name, cfg.coeff, cfg.out, overwrite=cfg.overwrite, manifest=manifest,
+                 method=cfg.method, pairs=pairs)
     print(f"{cfg.format} export at c = {cfg.coeff:g} written to {out}")
     return out

@@ -19,14 +19,20 @@
 
 Every export is one directory, written into a temporary sibling and renamed into place (``io.write_dir_atomic``),
 with ``export.json`` saying what it holds (format, c, method, the artifact and base model it came from).
+
+Each format is one registered ``ExportFormatSpec`` (``EXPORTS``), called through one signature,
+``export(artifact, bridge, tokenizer, fmt, c, out, ...)``; a new format is one writer and one ``register_export``
+(CONTRIBUTING.md, "Where to add things"). The ``save_*`` functions beneath are the formats' own writers, for
+adapters that are not (yet) an artifact.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import gguf
 import numpy as np
@@ -38,9 +44,11 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from .adapter import SVDAdapter, linear_weight, merged_weights
-from .directions import SteeringVector
-from .io import json_text, read_json, write_dir_atomic
-from .names import layer_of, resid_post
+from .capture import capture
+from .data import ContrastivePair, pair_batches, select_pairs
+from .directions import SteeringVector, additive_vector
+from .io import SteeringArtifact, json_text, model_name, read_json, write_dir_atomic
+from .names import layer_of, resid_post, site_layer
 
 EXPORT_FORMAT_VERSION = 1
 MANIFEST_FILE = "export.json"
@@ -292,3 +300,93 @@ def read_control_vector(path: str | Path) -> tuple[dict[int, Float[Tensor, "d_mo
 
 def read_manifest(path: str | Path) -> dict:
     return read_json(Path(path) / MANIFEST_FILE, "export manifest")
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class ExportFormatSpec:
+    """One export format: ``write(artifact, bridge, tokenizer, c, out, *, overwrite, manifest, method, pairs)``
+    returns the directory it wrote; ``check(artifact, method)`` refuses what it cannot write before the model
+    loads; ``needs_pairs``: the caller passes the artifact's pairs (before their split) as ``pairs``."""
+
+    name: str
+    write: Callable[..., Path]
+    description: str
+    check: Callable[[SteeringArtifact, str | None], None] = lambda artifact, method: None
+    needs_pairs: bool = False
+
+
+EXPORTS: dict[str, ExportFormatSpec] = {}
+
+
+def register_export(spec: ExportFormatSpec) -> ExportFormatSpec:
+    if spec.name in EXPORTS:
+        raise ValueError(f"export format {spec.name!r} is registered already")
+    EXPORTS[spec.name] = spec
+    return spec
+
+
+def get_export(name: str) -> ExportFormatSpec:
+    if name not in EXPORTS:
+        raise ValueError(f"unknown export format {name!r}; registered: {', '.join(EXPORTS)}")
+    return EXPORTS[name]
+
+
+def export(artifact: SteeringArtifact, bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, fmt: str,
+           c: float, out: str | Path, *, overwrite: bool = False, manifest: Mapping[str, Any] | None = None,
+           method: str | None = None, pairs: Sequence[ContrastivePair] | None = None) -> Path:
+    """Write ``artifact``'s steer at ``c`` as format ``fmt`` (``EXPORTS``) into ``out``, after checking that
+    ``bridge`` holds the weights the artifact was made from. ``method``: the additive method of a control vector;
+    ``pairs``: the artifact's training pairs, for a format that ``needs_pairs``.
+
+    >>> export(art, bridge, tok, "lora", -1.0, "runs/honesty-lora-1")  # doctest: +SKIP
+    """
+    spec = get_export(fmt)
+    spec.check(artifact, method)
+    if spec.needs_pairs and not pairs:
+        raise ValueError(f"the {fmt} export is built from the artifact's training pairs: pass pairs=")
+    artifact.check_model(bridge)
+    return spec.write(artifact, bridge, tokenizer, c, out, overwrite=overwrite, manifest=manifest, method=method,
+                      pairs=pairs)
+
+
+def _merged(artifact, bridge, tokenizer, c, out, *, overwrite, manifest, method, pairs) -> Path:
+    return save_merged(bridge, tokenizer, artifact.adapters, c, out, overwrite=overwrite, manifest=manifest)
+
+
+def _lora(artifact, bridge, tokenizer, c, out, *, overwrite, manifest, method, pairs) -> Path:
+    return save_lora(bridge, artifact.adapters, c, out, base_model=model_name(bridge), overwrite=overwrite,
+                     manifest=manifest)
+
+
+def control_vector_blocks(artifact: SteeringArtifact) -> list[int]:
+    """The adapted blocks a control vector can reach (llama.cpp never steers its layer 0's output)."""
+    return sorted({site_layer(a.site) for a in artifact.adapters} - {0})
+
+
+def _check_control_vector(artifact: SteeringArtifact, method: str | None) -> None:
+    if method is None:
+        raise ValueError("a control vector holds an additive method: pass method= (e.g. 'pca_diff')")
+    if not control_vector_blocks(artifact):
+        raise ValueError("the artifact adapts only block 0, whose output a llama.cpp control vector cannot reach")
+
+
+def _control_vector(artifact, bridge, tokenizer, c, out, *, overwrite, manifest, method, pairs) -> Path:
+    blocks = control_vector_blocks(artifact)
+    if len(blocks) < len({site_layer(a.site) for a in artifact.adapters}):
+        print("block 0 left out: llama.cpp never steers the output of its layer 0")
+    tc = artifact.config
+    train_pairs, _ = select_pairs(list(pairs), tc.n_pairs, tc.held_out, tc.seed)  # the adapter's own split
+    batches = list(pair_batches(train_pairs, tokenizer, tc.batch_pairs))
+    names = [resid_post(L) for L in blocks]
+    vector = additive_vector(bridge, method, artifact, capture(bridge, batches, names), batches)
+    return save_control_vector(vector, c, out, n_layers=bridge.cfg.n_layers,
+                               model_hint=str(bridge.original_model.config.model_type), overwrite=overwrite,
+                               manifest={**(manifest or {}), "method": method})
+
+
+register_export(ExportFormatSpec("merged", _merged, "a Hugging Face model directory with W(c) baked in"))
+register_export(ExportFormatSpec("lora", _lora, "a peft LoRA directory: ΔW(c) = B A exactly, c·b as lora_bias"))
+register_export(ExportFormatSpec("control-vector", _control_vector, "a llama.cpp control-vector GGUF of an "
+                                 "additive method from the artifact's pairs", _check_control_vector, True))

@@ -28,9 +28,8 @@ from transformers import PreTrainedTokenizerBase
 from .adapter import apply_adapters
 from .config import BudgetMetric, SweepConfig
 from .concepts import Effect, Ends
-from .directions import SteeringVector, gradient_directions, steering_vector
+from .directions import SteeringVector, additive_vector
 from .methods import MethodSpec
-from .names import layer_of
 from .evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
 from .report import mean_ci, paired_difference
 from .train import train
@@ -112,16 +111,6 @@ def build_learned_vector(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
 
 def build_additive(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
     return [vector_method(spec.name, additive_vector(ctx.bridge, spec.name, ctx.artifact, ctx.hs, ctx.batches))]
-
-
-def additive_vector(bridge: TransformerBridge, name: str, artifact, hs: dict, batches) -> SteeringVector:
-    """The additive steer ``name`` (pca_diff, pca_center, mean_diff, random, gradient) at the hooks of ``hs``."""
-    if name == "gradient":
-        layers = [layer_of(n) for n in hs]
-        # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
-        dirs = gradient_directions(bridge, batches[:4], layers, artifact.loss_hook, artifact.d_steer)
-        return SteeringVector(dirs, steering_vector(hs, "mean_diff").scales)
-    return steering_vector(hs, name)
 
 
 @dataclass

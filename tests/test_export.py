@@ -19,7 +19,7 @@ from interp_steer.export import (
     CONTROL_VECTOR_FILE, LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, MANIFEST_FILE, control_vector_layers, hf_module_name,
     hf_state_dict, is_export_file, read_control_vector, read_manifest, save_control_vector, save_lora, save_merged,
 )
-from interp_steer.io import SteeringArtifact, write_dir_atomic
+from interp_steer.io import SteeringArtifact, model_name, write_dir_atomic
 from interp_steer.models import tiny_model
 from interp_steer.names import resid_post
 
@@ -325,3 +325,32 @@ def test_export_refuses_an_existing_path_and_a_missing_artifact_before_the_model
     assert code == 2 and "not an artifact directory" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="only for --format control-vector"):
         ExportRun(artifact="a", out="o", format="lora", method="pca_diff")
+
+
+def test_every_format_is_one_registered_writer_behind_one_signature(tiny, adapters, artifact, tmp_path):
+    """``export(artifact, bridge, tok, fmt, c, out)``: the formats the CLI accepts are the registry's, each writes
+    what its own writer writes, and what a format cannot do is refused before anything is written."""
+    from typing import get_args
+
+    from interp_steer.config import ExportFormat
+    from interp_steer.data import persona_pairs
+    from interp_steer.export import EXPORTS, export
+    from interp_steer.io import load_artifact
+
+    bridge, tok = tiny
+    assert get_args(ExportFormat) == tuple(EXPORTS)
+    art = load_artifact(artifact)
+    via = export(art, bridge, tok, "lora", -1.0, tmp_path / "via")
+    direct = save_lora(bridge, art.adapters, -1.0, tmp_path / "direct", base_model="tiny")
+    assert json.loads((via / LORA_CONFIG_FILE).read_text()) == {
+        **json.loads((direct / LORA_CONFIG_FILE).read_text()), "base_model_name_or_path": model_name(bridge)}
+    assert (via / LORA_WEIGHTS_FILE).read_bytes() == (direct / LORA_WEIGHTS_FILE).read_bytes()
+    with pytest.raises(ValueError, match="unknown export format 'gguf'; registered: merged, lora, control-vector"):
+        export(art, bridge, tok, "gguf", 1.0, tmp_path / "x")
+    with pytest.raises(ValueError, match="pass method="):
+        export(art, bridge, tok, "control-vector", 1.0, tmp_path / "x")
+    with pytest.raises(ValueError, match="training pairs: pass pairs="):
+        export(art, bridge, tok, "control-vector", 1.0, tmp_path / "x", method="mean_diff")
+    cv = export(art, bridge, tok, "control-vector", 0.5, tmp_path / "cv", method="mean_diff", pairs=persona_pairs(tok))
+    assert list(read_control_vector(cv)[0]) == [1, 2]
+    assert not (tmp_path / "x").exists()
