@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import types
 from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
-from .config import COMMANDS, ConfigError, field_types, load_run_config
+from .config import COMMANDS, ConfigError, coerce, field_types, load_run_config
 from .signals import Terminated, sigterm_raises
 
 HELP = {"train": "train an SVD rotation adapter on contrastive pairs",
@@ -27,44 +26,12 @@ HELP = {"train": "train an SVD rotation adapter on contrastive pairs",
 
 
 def parse_text(text: str, tp: Any) -> Any:
-    """A command-line string as a value of annotation ``tp`` (tuples comma-separated, 'none' for None)."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        arms = get_args(tp)
-        if type(None) in arms and text.strip().lower() == "none":
-            return None
-        errors = []
-        for arm in (a for a in arms if a is not type(None)):
-            try:
-                return parse_text(text, arm)
-            except argparse.ArgumentTypeError as e:
-                errors.append(str(e))
-        raise argparse.ArgumentTypeError(" or ".join(errors) + (" or 'none'" if type(None) in arms else ""))
-    if origin is tuple:
-        items = [t.strip() for t in text.split(",")]
-        if not text.strip() or any(not t for t in items):
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-        return tuple(parse_text(t, get_args(tp)[0]) for t in items)
-    if origin is Literal:
-        if text not in get_args(tp):
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(get_args(tp))}, got {text!r}")
-        return text
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if tp is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        return value
-    if tp is str:
-        return text
-    raise TypeError(f"no command-line parser for annotation {tp!r}")  # pragma: no cover
+    """A command-line string as a value of annotation ``tp``: ``config.coerce`` in text mode (tuples
+    comma-separated, 'none' for None), its error as argparse's."""
+    try:
+        return coerce(text, tp, text=True)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _metavar(tp: Any) -> str:

@@ -48,57 +48,82 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "none"
     if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
     if get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
+        return " or ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) is tuple:
         return f"a list of ({_type_name(get_args(tp)[0])})"
-    return getattr(tp, "__name__", str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
 
 
-def coerce(value: Any, tp: Any, where: str) -> Any:
+def _expected(where: str, what: str, value: Any) -> ConfigError:
+    return ConfigError(f"{where} must be {what}, got {value!r}" if where else f"expected {what}, got {value!r}")
+
+
+def coerce(value: Any, tp: Any, where: str = "", text: bool = False) -> Any:
     """``value`` as type ``tp`` (int -> float for float fields, list -> tuple, dict -> nested config), or
-    ``ConfigError`` naming ``where``."""
+    ``ConfigError`` naming ``where``. The one type walker of the project: JSON values, Python arguments and, with
+    ``text``, command-line strings (a tuple comma-separated, ``none`` for None, numbers parsed) all go through it."""
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if isinstance(value, dict):
             return tp.from_dict(value, where=where + ".")
-        raise ConfigError(f"{where} must be a JSON object of {tp.__name__} fields, got {value!r}")
+        raise _expected(where, f"a JSON object of {tp.__name__} fields", value)
     elif origin in (Union, types.UnionType):
+        if text and type(None) in get_args(tp) and isinstance(value, str) and value.strip().lower() == "none":
+            return None
         for arm in get_args(tp):  # exact arms first: an int stays an int in ``int | float``
             try:
-                return coerce(value, arm, where)
+                return coerce(value, arm, where, text)
             except ConfigError:
                 continue
     elif origin is Literal:
         if isinstance(value, str) and value in get_args(tp):
             return value
     elif origin is tuple:
+        if text and isinstance(value, str):
+            items = [t.strip() for t in value.split(",")]
+            if not value.strip() or not all(items):
+                raise _expected(where, f"a comma-separated list of ({_type_name(get_args(tp)[0])})", value)
+            value = items
         if isinstance(value, (list, tuple)):
             (item, _dots) = get_args(tp)
-            return tuple(coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(coerce(v, item, f"{where}[{i}]" if where else "", text) for i, v in enumerate(value))
     elif tp is type(None):
         if value is None:
             return None
     elif tp is bool:
+        if text and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
         if isinstance(value, bool):
             return value
     elif tp is int:
+        if text and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise _expected(where, "an integer", value) from None
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if text and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise _expected(where, "a number", value) from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise ConfigError(f"{where} must be a finite number, got {value!r}")
+                raise _expected(where, "a finite number", value)
             return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a config annotated with a type this module does not know
         raise TypeError(f"{where}: unsupported config annotation {tp!r}")
-    raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    raise _expected(where, _type_name(tp), value)
 
 
 @cache

@@ -116,7 +116,7 @@ BAD_CONFIG_FILES = {  # --config files for `demo`: content -> what the message m
     json.dumps({"command": "train", "config": {}}): "is a config for `train`, not `demo`",
     json.dumps({"command": "demo", "config": {"stepz": 1}}): "unknown DemoRun keys",
     json.dumps({"command": "demo", "config": {"train": 3}}): "train must be a JSON object of TrainConfig fields",
-    json.dumps({"command": "demo", "config": {"train": {"steps": 2.5}}}): "steps must be int",
+    json.dumps({"command": "demo", "config": {"train": {"steps": 2.5}}}): "steps must be an integer",
 }
 
 

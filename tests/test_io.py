@@ -86,7 +86,7 @@ def edit_config(path, fn):
     (lambda c: {**c, "fingerprints": {k: [float("nan")] * 3 for k in c["fingerprints"]}}, "NaN|finite numbers"),
     (lambda c: {**c, "fingerprints": {k: [1e400, 0, 0] for k in c["fingerprints"]}}, "Infinity|finite numbers"),
     (lambda c: {k: v for k, v in c.items() if k != "loss_hook"}, r"missing keys \['loss_hook'\]"),
-    (lambda c: {**c, "train_config": {**c["train_config"], "lr": "fast"}}, "lr must be float"),
+    (lambda c: {**c, "train_config": {**c["train_config"], "lr": "fast"}}, "lr must be a number"),
     (lambda c: {**c, "adapters": [{"site": "blocks.0.mlp.out"}]}, "must have the keys"),
     (lambda c: [1, 2], "expected a JSON object"),
 ])

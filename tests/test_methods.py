@@ -25,10 +25,10 @@ def test_every_reader_takes_the_registry():
     assert _color("adapter@1") == _color("adapter (3 seeds)") == get_method("adapter").color
     for name in METHODS:  # every entry's build function resolves
         assert callable(get_method(name).builder())
-    with pytest.raises(Exception, match=re.escape("must be 'adapter' | 'pca_diff'") + ".*got 'nope'"):
+    with pytest.raises(Exception, match=re.escape("must be one of adapter, pca_diff") + ".*got 'nope'"):
         SweepConfig.from_dict({"methods": ["adapter", "nope"]})
     with pytest.raises(Exception, match=re.escape(
-            "must be 'pca_diff' | 'pca_center' | 'mean_diff' | 'gradient' | none, got 'random'")):
+            "must be one of pca_diff, pca_center, mean_diff, gradient or none, got 'random'")):
         ExportRun.from_dict({"artifact": "a", "out": "b", "format": "control-vector", "method": "random"})
 
 
