@@ -20,7 +20,7 @@ class StudyConfig:
 
     pairs: int = 96              # persona pairs (80 % train, 20 % held out)
     steps: int = 16              # optimiser steps of the quick adapter
-    loss_layer: int = 22         # NOTES' prototype: loss at 22, adapters on 8–20
+    loss_layer: int = 22         # the seed method's prototype layout: loss at 22, adapters on 8–20
     layers: tuple[int, ...] = (8, 10, 12, 14, 16, 18, 20)
     rank: int = 32               # r of the adapters and of the weight subspaces
     # the figures compare the adapter's output with the top-r singular subspace (the README's numbers): top

@@ -6,10 +6,39 @@ The public face, for notebooks and scripts (``import interp_steer as ist``)::
     pairs = ist.persona_pairs(tok)                       # honesty persona × suffix pairs
     result = ist.train(bridge, tok, pairs, ist.TrainConfig(steps=8), "runs/quick")
     art = ist.SteeringArtifact.load("runs/quick", bridge)
-    with ist.apply_adapters(bridge, art.adapters, c=1.0):
+    with art.apply(bridge, c=1.0):
         logits = bridge(ids)
 
-Names resolve lazily, so ``import interp_steer`` (and the CLI's argument checking) costs no torch import.
+These 27 names are the face; everything else stays importable from its module (``interp_steer.adapter``,
+``interp_steer.sweep``, ...). Names resolve lazily, so ``import interp_steer`` (and the CLI's argument checking)
+costs no torch import.
+
+Models and data
+    ``load_model``      a packaged model by name (``smollm2-135m``, ``gemma-3-270m``) or a local HF directory
+    ``ContrastivePair`` one chosen / rejected prompt pair
+    ``persona_pairs``   the honesty persona × suffix pairs (or any two personas)
+    ``split_pairs``     a seeded train / held-out split
+    ``pair_batches``    pairs tokenized into padded, interleaved batches
+Training and the adapter
+    ``TrainConfig``, ``LossConfig``  every training setting, typed, with its default
+    ``train``           train adapters on pairs; ``TrainResult`` (artifact, reference states, history)
+    ``TrainResult``
+    ``SteeringArtifact``  a trained steer: ``load``, ``save``, ``apply(bridge, c)``
+    ``apply_adapters``  adapters at coefficient c through hooks (c = 0: exactly the base model)
+    ``export``          an artifact as a merged HF model, a peft LoRA or a llama.cpp control vector
+Hidden states and directions
+    ``capture``         last-token states at hook points
+    ``resid_post``, ``layer_of``  hook names from block indices and back
+    ``direction``       a direction from paired states (dHS SVD, PCA, mean difference)
+    ``steering_vector`` an additive steering vector per layer, in RMS units of the residual stream
+Concepts and effects
+    ``Concept``, ``register``, ``get_concept``  what to steer and how to measure it (honesty, sentiment, yours)
+    ``reply_options_effect``  a judge-free effect: log-odds of one reply against another
+    ``forced_choice``, ``load_dilemmas``  honesty dilemmas scored by forced choice
+    ``greedy_continuations``  steered greedy text
+The comparison
+    ``SweepConfig``     a sweep: methods, KL budget, items
+    ``StudyRun``, ``run_study``  models × concepts × methods × seeds, resumable, one report
 """
 
 from __future__ import annotations
@@ -20,31 +49,19 @@ import types
 from typing import Any
 
 _EXPORTS = {
-    "names": ("resid_post", "resid_names", "layer_of", "site_layer", "site_name", "check_site", "SITES"),
-    "config": ("TrainConfig", "LossConfig", "SweepConfig", "TrainRun", "EvalRun", "DemoRun", "ExportRun", "StudyRun",
-               "ConfigError"),
-    "methods": ("MethodSpec", "get_method"),
-    "models": ("load_model", "tiny_model", "DEFAULT_MODEL", "available_devices"),
-    "data": ("ContrastivePair", "Batch", "persona_pairs", "minimal_pairs", "pair_batches", "tokenize", "render_chat",
-             "select_pairs", "split_pairs", "load_pairs_file", "token_difference", "check_pairs"),
-    "capture": ("capture", "forward_last", "check_hook_names", "reference_pass"),
-    "adapter": ("AdapterSpec", "SVDAdapter", "apply_adapters", "merged_weights", "make_adapters", "cayley",
-                "available_sites"),
-    "directions": ("direction", "steering_vector", "SteeringVector", "gradient_directions", "paired_diff",
-                   "dhs_svd_direction"),
-    "plots": ("figure", "save"),
-    "loss": ("steering_loss", "token_logprobs", "token_mask", "delta_nll"),
-    "io": ("SteeringArtifact", "save_artifact", "load_artifact"),
-    "train": ("train", "TrainResult", "adapter_specs", "resolve_layer"),
-    "evaluate": ("coherence", "coherence_reference", "forced_choice", "truthfulqa_mc", "iso_coherence",
-                 "evaluate_pairs", "load_dilemmas", "load_neutral_texts", "load_truthfulqa_csv"),
-    "sweep": ("run_sweep", "SweepData", "adapter_method", "vector_method", "prompting_method"),
-    "commands": ("run_train", "run_eval", "run_demo", "run_export", "load_pairs"),
+    "names": ("resid_post", "layer_of"),
+    "config": ("TrainConfig", "LossConfig", "SweepConfig", "StudyRun"),
+    "models": ("load_model",),
+    "data": ("ContrastivePair", "persona_pairs", "pair_batches", "split_pairs"),
+    "capture": ("capture",),
+    "adapter": ("apply_adapters",),
+    "directions": ("direction", "steering_vector"),
+    "io": ("SteeringArtifact",),
+    "train": ("train", "TrainResult"),
+    "evaluate": ("forced_choice", "load_dilemmas"),
     "study": ("run_study",),
-    "export": ("save_merged", "save_lora", "save_control_vector", "read_control_vector", "hf_module_name",
-               "hf_state_dict"),
-    "concepts": ("Concept", "Effect", "CONCEPTS", "register", "get_concept", "reply_options_effect",
-                 "generation_sentiment_effect", "greedy_continuations"),
+    "export": ("export",),
+    "concepts": ("Concept", "register", "get_concept", "reply_options_effect", "greedy_continuations"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

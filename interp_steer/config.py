@@ -199,8 +199,8 @@ def _personas(personas: tuple[str, ...] | None) -> None:
 class LossConfig(Config):
     """The training objective and its coherence and monotonicity terms (loss.py), passed whole to the loss."""
 
-    # shift: at KL 0.1 on sentiment it moved the reply log-odds +0.34 / −0.38 (with kl_budget 0.1) where
-    # separation moved them +0.13 / −0.13 (README "Results", 100 items; seeds there)
+    # shift is the default because it moved the reply log-odds further than separation at the same KL budget
+    # (docs/results.md, "Ablations on sentiment")
     objective: Objective = field(default="shift", metadata={
         "help": "shift/separation: move states along d_steer; behaviour: prefer the chosen prompt's continuations"})
     margin: float = field(default=0.1, metadata={"help": "nat/token a token's log-prob may drop for free"})
@@ -208,8 +208,7 @@ class LossConfig(Config):
     power: int = field(default=2, metadata={"help": "exponent of the coherence hinge"})
     w_mono: float = field(default=1.0, metadata={"help": "weight of the monotonic hinge s(−1) < s(0) < s(+1)"})
     mono_margin: float = field(default=0.0, metadata={"help": "margin of the monotonic hinge"})
-    # with plain shift the direction that moves easily (down, on sentiment: held-out shift 2.5x the upward one)
-    # takes most of the gradient of the shared rotation
+    # with plain shift the direction that moves easily takes most of the gradient of the shared rotation
     balance: bool = field(default=False, metadata={
         "help": "shift only: maximise log(1 + shift) of each direction, so the lagging one gets more gradient"})
     # the coherence term on the pair prompts alone does not bind (its cost shows up on other text): this holds
@@ -250,15 +249,13 @@ class TrainConfig(Config):
     fraction (so one config fits models of any depth)."""
 
     layers: tuple[int | float, ...] = field(
-        # blocks 15–21 of SmolLM2's 30, where held-out pairs start to separate along the mean difference (Cohen's d
-        # 0.5 at block 14, 1.6 at 15: README "Key ideas"); on sentiment they beat blocks 8–19 (NOTES' prototype's
-        # range) both ways at equal KL (README "Results", ablation table)
+        # blocks 15–21 of SmolLM2's 30: where held-out pairs start to separate along the mean difference, and
+        # better at equal KL than earlier, wider ranges (docs/method.md; docs/results.md, "Ablations on sentiment")
         default=(0.52, 0.55, 0.59, 0.62, 0.66, 0.69, 0.72),
         metadata={"help": "adapted blocks: ints are indices, floats in (0, 1) depth fractions"})
     site: Site = field(default="mlp.out", metadata={"help": "the linear layer adapted in each block"})
-    # aligned, rank 64: on sentiment at KL 0.1, 1.35x mean-difference downward and level with it upward over 3
-    # seeds (top, rank 32: 0.91x / 1.00x); on honesty the first setting whose two directions move the score with
-    # their sign (neither beyond a random direction). README "Results".
+    # the top singular triplets hold about as much of a concept direction as a random subspace; the most aligned
+    # ones hold more, and need the larger rank to (docs/results.md, "Ablations on sentiment")
     rank: int = field(default=64, metadata={"help": "singular triplets rotated per site"})
     triplets: Triplets = field(default="aligned", metadata={
         "help": "which triplets: the largest singular values, or those whose output vectors are most aligned "
@@ -266,15 +263,15 @@ class TrainConfig(Config):
     loss_layer: int | float = field(default=0.75, metadata={"help": "block whose resid_post the objective reads"})
     loss: LossConfig = field(default_factory=LossConfig)
     steps: int = field(default=48, metadata={"help": "optimiser steps"})
-    batch_pairs: int = field(default=8, metadata={"help": "pairs per step (×2 rows, ×2 for c = ±1)"})  # ≈ 3 s/step
+    batch_pairs: int = field(default=8, metadata={"help": "pairs per step (×2 rows, ×2 for c = ±1)"})
     lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate"})
     # decay would pull λ, θ to 0, i.e. towards the base model, for free
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (> 0)"})
     scale: Scale = field(default="exp", metadata={"help": "S_c = exp(cλ)⊙S or S + cλ"})
     rotate_u: bool = field(default=False, metadata={"help": "also rotate the output basis U"})
-    # 'free' steered sentiment furthest of all adapters (3 seeds: 0.86x / 1.00x PCA at the same blocks; the default
-    # 0.74x / 0.95x), but not honesty, and Llama's down_proj has no bias to merge it into: README "Ablations"
+    # off by default: a bias term makes the adapter partly a steering vector (whose credit then is not the
+    # rotation's), and Llama's down_proj has no bias to merge it into (docs/results.md, "Ablations on sentiment")
     bias: Bias = field(default="none", metadata={
         "help": "each adapted layer also writes c·b, b learnable: anywhere in its output space ('free'), or inside "
                 "the adapter's own output subspace span(U), b = U w ('span'); 'none': rotation and scaling only; "

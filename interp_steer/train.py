@@ -26,7 +26,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from jaxtyping import Float
@@ -358,6 +358,145 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
                       data=data, run_config=run_config, callback=callback, generic=generic)
 
 
+# ------------------------------------------------------------------------------------------- objectives
+#
+# An objective owns the batches it needs and returns a step's loss and its parts (floats, for the history).
+
+
+class Objective(Protocol):
+    def loss(self, step: int, bridge: TransformerBridge, adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
+        ...
+
+
+@dataclass
+class PairObjective:
+    """``shift`` / ``separation``: a batch of pairs at c = +1 and c = −1 in one forward, its last-token states at
+    the loss hook against the reference's, plus the coherence penalty and the monotonic hinge (``steering_loss``)."""
+
+    batches: list[Batch]  # this process's rows of each global batch
+    ref: Reference
+    hook: str
+    d_steer: Tensor
+    scale: float
+    cfg: TrainConfig
+    total: Total | None = None
+
+    def loss(self, step: int, bridge: TransformerBridge, adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
+        j = batch_order(step, len(self.batches), self.cfg.seed)
+        batch, c = self.batches[j].doubled()
+        with apply_adapters(bridge, adapters, c):
+            hs, logits = forward_last(bridge, batch, [self.hook], logits=True)
+        logp = token_logprobs(logits, batch.input_ids)
+        del logits
+        # the objective in float32 whatever the model's dtype (a no-op for float32 models)
+        return steering_loss(hs[self.hook].float(), torch.cat([self.ref.hs[j]] * 2).float(), c, self.d_steer, logp,
+                             torch.cat([self.ref.logp[j]] * 2), token_mask(batch.attention_mask), self.cfg.loss,
+                             self.scale, self.total)
+
+
+@dataclass
+class BehaviourObjective:
+    """``behaviour``: the log-ratio of the base model's own continuations (``Continuations``), ``behaviour_loss``."""
+
+    cont: Continuations
+    cfg: TrainConfig
+
+    def loss(self, step: int, bridge: TransformerBridge, adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
+        cont = self.cont
+        k = batch_order(step, len(cont.batches), self.cfg.seed)
+        batch = cont.batches[k]
+        with apply_adapters(bridge, adapters, cont.c[k]):
+            logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        logp = token_logprobs(logits, batch.input_ids)
+        del logits
+        return behaviour_loss(logp, cont.ref_logp[k], cont.reply[k], cont.mask[k], cont.c[k], self.cfg.loss)
+
+
+@dataclass
+class KLConstraint:
+    """The coherence constraint beside any objective: KL(reference ‖ steered) on generic text at c = ±1, each
+    direction under its own Lagrange multiplier (``duals``, one ascent step after each optimiser step), and with
+    ``w_text_shift`` the shift objective on that text too."""
+
+    text: GenericText
+    d_steer: Tensor
+    scale: float
+    cfg: TrainConfig
+    duals: list[float]  # λ for c = +1 and c = −1
+    total: Total | None = None
+
+    def add(self, step: int, bridge: TransformerBridge, adapters: nn.ModuleList, loss: Tensor, parts: dict
+            ) -> Tensor:
+        g = step % len(self.text.batches)
+        kl_plus, kl_minus, text_hs = kl_both_ways(bridge, adapters, self.text, g, self.total)
+        budget = self.cfg.loss.kl_budget
+        loss = loss + kl_lagrangian(kl_plus, budget, self.duals[0]) + kl_lagrangian(kl_minus, budget, self.duals[1])
+        parts.update(kl_plus=kl_plus.item(), kl_minus=kl_minus.item(), lam_plus=self.duals[0], lam_minus=self.duals[1])
+        if text_hs is not None:
+            tshift = text_shift(text_hs, self.text.ref_hs[g], self.d_steer, self.scale, self.cfg.loss.balance)
+            loss = loss - self.cfg.loss.w_text_shift * tshift
+            parts["tshift"] = tshift.item()
+        parts["loss"] = loss.item()
+        return loss
+
+    def update(self, parts: dict) -> None:
+        lc = self.cfg.loss
+        self.duals = [dual_step(lam, parts[k], lc.kl_budget, lc.kl_dual_lr, lc.kl_equality)  # type: ignore[arg-type]
+                      for lam, k in zip(self.duals, ("kl_plus", "kl_minus"))]
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+@dataclass
+class _Setup:
+    """Everything the loop reads, built once before the first step (``_prepare``)."""
+
+    specs: list[AdapterSpec]
+    hook: str
+    text_hook: str | None
+    batches: list[Batch]
+    test_batches: list[Batch]
+    local: list[Batch]
+    total: Total | None
+    ref: Reference
+    whole: Reference
+    d_steer: Tensor
+    scale: float
+    align: dict | None
+    cont: Continuations | None
+    generic: GenericText | None
+    timings: dict
+
+
+@dataclass
+class _Checkpoints:
+    """Rank 0 writes ``out.ckpt`` every ``cfg.checkpoint_every`` steps and when stopped; every rank meets at a
+    barrier after it, so a rank that raises later knows the checkpoint is whole."""
+
+    path: Path | None
+    world: World
+    bridge: TransformerBridge
+    cfg: TrainConfig
+    data: dict | None
+
+    def due(self, done: int, stop: bool) -> bool:
+        every = self.cfg.checkpoint_every
+        return self.path is not None and ((done % every == 0 and done < self.cfg.steps) or stop)
+
+    def save(self, step: int, adapters, d_steer: Tensor, hook: str, opt, scale: float, duals: Sequence[float]) -> None:
+        if self.world.main:
+            art = SteeringArtifact.build(self.bridge, adapters, d_steer, hook, self.cfg, {"step": step}, self.data)
+            save_checkpoint(self.path, Checkpoint(art, opt.state_dict(), step, scale, list(duals)))  # type: ignore[arg-type]
+        if self.world.parallel:
+            distributed.barrier()
+
+    def diverged(self, parts: dict, step: int) -> FloatingPointError:
+        last = resolve_dir(self.path, CHECKPOINT_FILES) if self.path is not None else None
+        return FloatingPointError(
+            f"loss is {parts['loss']} at step {step} ({parts}); training stopped. The last good checkpoint "
+            f"is {last or 'none (no checkpoint yet)'}; lower --lr or --init-scale, or raise --w-coherence.")
+
+
 def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
            cfg: TrainConfig, out_dir: str | Path | None, *, resume: bool, overwrite: bool, progress: bool,
            data: dict | None, run_config: dict | None, callback: Callable[[int, nn.ModuleList], None] | None,
@@ -381,6 +520,65 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
     if out is not None:  # a bad output path (or a checkpoint beside it that is not ours) is found now
         check_dir_target(out, overwrite, siblings=(".ckpt",))
     torch.manual_seed(cfg.seed)
+    world = distributed.current()
+    progress = progress and world.main
+    run = _prepare(bridge, tokenizer, pairs, cfg, world, progress, generic)
+    adapters, opt, start, d_steer, scale, duals = _start(bridge, cfg, run, ckpt_path if resume else None, world)
+    objective: Objective = (BehaviourObjective(run.cont, cfg) if run.cont is not None else
+                            PairObjective(run.local, run.ref, run.hook, d_steer, scale, cfg, run.total))
+    kl = KLConstraint(run.generic, d_steer, scale, cfg, duals, run.total) if run.generic is not None else None
+    ckpt = _Checkpoints(ckpt_path, world, bridge, cfg, data)
+    timings = run.timings
+
+    history: list[dict] = []
+    fwd_s = bwd_s = 0.0
+    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress or command_progress.active(),
+               initial=start, total=cfg.steps)
+    # every pass of the loop hooks blocks >= first only: the residual entering it is computed once per batch
+    first = first_block([*(sp.site for sp in run.specs), run.hook, *([run.text_hook] if run.text_hook else [])])
+    with _DeferredInterrupt() as interrupt, reuse_prefix(bridge, first) as prefix:
+        for step in bar:
+            t = time.perf_counter()
+            loss, parts = objective.loss(step, bridge, adapters)
+            if kl is not None:
+                loss = kl.add(step, bridge, adapters, loss, parts)
+            t1 = time.perf_counter()
+            if not math.isfinite(parts["loss"]):
+                raise ckpt.diverged(parts, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world.parallel:  # each process holds its rows' part of the global loss's gradient
+                distributed.sum_gradients(adapters.parameters())
+            torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.grad_clip)
+            opt.step()
+            if kl is not None:
+                kl.update(parts)
+            fwd_s += t1 - t
+            bwd_s += time.perf_counter() - t1
+            history.append({"step": step, **parts})
+            if callback is not None:
+                callback(step, adapters)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k != "loss"})
+            command_progress.tick("step")
+            done = step + 1
+            # under torchrun every process gets the Ctrl-C, not necessarily in the same step: they agree first
+            stop = distributed.any_rank(interrupt.requested) if world.parallel else interrupt.requested
+            if ckpt.due(done, stop):
+                ckpt.save(done, adapters, d_steer, run.hook, opt, scale, kl.duals if kl else duals)
+            if stop:
+                tqdm.write(f"interrupted: checkpoint at {ckpt_path} (step {done}); rerun with --resume")
+                interrupt.stop()
+    n_steps = max(1, len(history))
+    timings.update(policy_forward_s_per_step=fwd_s / n_steps, backward_s_per_step=bwd_s / n_steps,
+                   train_s=fwd_s + bwd_s, prefix_reused=float(prefix.reused),
+                   prefix_full=float(prefix.full + prefix.filled))
+    return _finish(bridge, cfg, run, adapters, d_steer, scale, history, out, overwrite, data, run_config, world)
+
+
+def _prepare(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
+             cfg: TrainConfig, world: World, progress: bool, generic: GenericText | None) -> _Setup:
+    """Split and batch the pairs, run the reference pass, freeze ``d_steer`` and its scale, pick aligned triplets,
+    build the behaviour continuations and the KL text: everything checked before the first step."""
     train_pairs, test_pairs = select_pairs(pairs, cfg.n_pairs, cfg.held_out, cfg.seed)
     if not train_pairs:
         raise ValueError(f"no training pairs left (got {len(pairs)} pairs, held_out={cfg.held_out})")
@@ -389,7 +587,6 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
     specs = adapter_specs(cfg, n_layers)
     check_sites(bridge, [s.site for s in specs])  # a site this architecture lacks fails before any pass
     hook = loss_hook(cfg, n_layers)
-    world = distributed.current()
     if world.parallel and cfg.loss.objective == "behaviour":
         raise ValueError("objective 'behaviour' runs in one process only (its continuation batches are not sharded "
                          "yet); run it without torchrun, or use objective 'shift'")
@@ -397,7 +594,6 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
         raise ValueError("w_text_shift runs in one process only (the generic text's states are not sharded yet); "
                          "run it without torchrun, or set w_text_shift 0")
     text_hook = hook if cfg.loss.w_text_shift > 0 else None
-    progress = progress and world.main
     dev = model_device(bridge)
     batches = list(pair_batches(train_pairs, tokenizer, cfg.batch_pairs, device=dev))
     test_batches = list(pair_batches(test_pairs, tokenizer, cfg.batch_pairs * 2, device=dev)) if test_pairs else []
@@ -421,18 +617,7 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
         raise ValueError(f"the chosen and rejected prompts have the same last-token states at {hook}: nothing to "
                          "steer along. Do the pairs differ inside what the last token can attend to (a sliding "
                          "attention window, a context limit)?")
-
-    align = None
-    if cfg.triplets == "aligned":  # each site's triplets by alignment with the pairs' mean difference there
-        align = {}
-        for s in specs:
-            states = whole.extra[resid_post(site_layer(s.site))]
-            if paired_diff(states).abs().max() == 0:
-                raise ValueError(
-                    f"the pairs' last-token states do not differ at {resid_post(site_layer(s.site))} (is the difference "
-                    f"outside a sliding attention window there?): aligned triplets have nothing to align {s.site} "
-                    "with; adapt later blocks, or pass triplets='top' (--triplets top)")
-            align[s.site] = mean_diff_direction(states)
+    align = _aligned(specs, whole) if cfg.triplets == "aligned" else None
 
     cont = None
     if cfg.loss.objective == "behaviour":
@@ -444,135 +629,83 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
     if cfg.loss.kl_budget is None:
         generic = None
     elif generic is not None:
-        if world.parallel:
-            raise ValueError("pass no precomputed generic text under torchrun: each process keeps its own shard")
-        if any(b is None or len(b) > cfg.kl_batch for b in generic.batches) or not generic.batches:
-            raise ValueError(f"the precomputed generic text does not fit kl_batch={cfg.kl_batch}: compute it with "
-                             "kl_text(bridge, tokenizer, cfg)")
-        if (generic.sample_seed is not None) != cfg.kl_sample:
-            raise ValueError(f"the precomputed generic text is {'sampled' if generic.sample_seed is not None else 'greedy'}"
-                             f" but cfg.kl_sample is {cfg.kl_sample}: compute it with kl_text(bridge, tokenizer, cfg)")
-        if generic.hook != text_hook:
-            raise ValueError(f"the precomputed generic text keeps states at {generic.hook} but this run's text shift "
-                             f"needs {text_hook}: compute it with kl_text(bridge, tokenizer, cfg)")
+        _check_generic(generic, cfg, text_hook, world)
     else:
         t = time.perf_counter()
         generic = kl_text(bridge, tokenizer, cfg, world)
         timings["generic_text_s"] = time.perf_counter() - t
-    duals = [0.0, 0.0]  # λ for c = +1 and c = −1
+    return _Setup(specs, hook, text_hook, batches, test_batches, local, total, ref, whole, d_steer, scale, align,
+                  cont, generic, timings)
 
-    adapters = make_adapters(bridge, specs, seed=cfg.seed, init_scale=cfg.init_scale, align=align)
-    opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
-    if resume and ckpt_path is not None:
-        found = load_checkpoint(ckpt_path, bridge)
-        if found is not None:
-            if found.artifact.config != cfg:
-                raise ValueError(f"checkpoint {ckpt_path} was written with a different TrainConfig; resume with the "
-                                 "same config, or start a new output directory")
-            adapters, d_steer, scale, start = found.artifact.adapters, found.artifact.d_steer, found.scale, found.step
-            duals = list(found.duals) or duals
-            opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            opt.load_state_dict(found.optimizer)
+
+def _aligned(specs: Sequence[AdapterSpec], whole: Reference) -> dict[str, Tensor]:
+    """Each site's alignment direction: the pairs' mean difference at its block's resid_post."""
+    align = {}
+    for s in specs:
+        states = whole.extra[resid_post(site_layer(s.site))]
+        if paired_diff(states).abs().max() == 0:
+            raise ValueError(
+                f"the pairs' last-token states do not differ at {resid_post(site_layer(s.site))} (is the difference "
+                f"outside a sliding attention window there?): aligned triplets have nothing to align {s.site} "
+                "with; adapt later blocks, or pass triplets='top' (--triplets top)")
+        align[s.site] = mean_diff_direction(states)
+    return align
+
+
+def _check_generic(generic: GenericText, cfg: TrainConfig, text_hook: str | None, world: World) -> None:
+    """A caller's precomputed KL text must be what this run would compute."""
     if world.parallel:
-        distributed.check_same_start(adapters, d_steer, [float(start), scale, *duals], ckpt_path if resume else None)
+        raise ValueError("pass no precomputed generic text under torchrun: each process keeps its own shard")
+    if any(b is None or len(b) > cfg.kl_batch for b in generic.batches) or not generic.batches:
+        raise ValueError(f"the precomputed generic text does not fit kl_batch={cfg.kl_batch}: compute it with "
+                         "kl_text(bridge, tokenizer, cfg)")
+    if (generic.sample_seed is not None) != cfg.kl_sample:
+        raise ValueError(f"the precomputed generic text is {'sampled' if generic.sample_seed is not None else 'greedy'}"
+                         f" but cfg.kl_sample is {cfg.kl_sample}: compute it with kl_text(bridge, tokenizer, cfg)")
+    if generic.hook != text_hook:
+        raise ValueError(f"the precomputed generic text keeps states at {generic.hook} but this run's text shift "
+                         f"needs {text_hook}: compute it with kl_text(bridge, tokenizer, cfg)")
 
-    def checkpoint(step: int) -> None:
-        if world.main:
-            art = SteeringArtifact.build(bridge, adapters, d_steer, hook, cfg, {"step": step}, data)
-            save_checkpoint(ckpt_path, Checkpoint(art, opt.state_dict(), step, scale, list(duals)))  # type: ignore[arg-type]
-        if world.parallel:
-            distributed.barrier()  # a rank that raises after this knows the checkpoint is whole
 
-    history: list[dict] = []
-    fwd_s = bwd_s = 0.0
-    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress or command_progress.active(),
-               initial=start, total=cfg.steps)
-    # every pass of the loop hooks blocks >= start only: the residual entering it is computed once per batch
-    start = first_block([*(sp.site for sp in specs), hook, *([text_hook] if text_hook else [])])
-    with _DeferredInterrupt() as interrupt, reuse_prefix(bridge, start) as prefix:
-        for step in bar:
-            t = time.perf_counter()
-            if cont is not None:
-                k = batch_order(step, len(cont.batches), cfg.seed)
-                batch = cont.batches[k]
-                with apply_adapters(bridge, adapters, cont.c[k]):
-                    logits = bridge(batch.input_ids, attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids)
-                logp = token_logprobs(logits, batch.input_ids)
-                del logits
-                loss, parts = behaviour_loss(logp, cont.ref_logp[k], cont.reply[k], cont.mask[k], cont.c[k], cfg.loss)
-            else:
-                j = batch_order(step, len(batches), cfg.seed)
-                batch, c = local[j].doubled()
-                with apply_adapters(bridge, adapters, c):
-                    hs, logits = forward_last(bridge, batch, [hook], logits=True)
-                logp = token_logprobs(logits, batch.input_ids)
-                del logits
-                # the objective in float32 whatever the model's dtype (a no-op for float32 models)
-                loss, parts = steering_loss(hs[hook].float(), torch.cat([ref.hs[j]] * 2).float(), c, d_steer, logp,
-                                            torch.cat([ref.logp[j]] * 2), token_mask(batch.attention_mask), cfg.loss,
-                                            scale, total)
-            if generic is not None:
-                g = step % len(generic.batches)
-                kl_plus, kl_minus, text_hs = kl_both_ways(bridge, adapters, generic, g, total)
-                budget = cfg.loss.kl_budget
-                loss = loss + kl_lagrangian(kl_plus, budget, duals[0]) + kl_lagrangian(kl_minus, budget, duals[1])
-                parts.update(kl_plus=kl_plus.item(), kl_minus=kl_minus.item(), lam_plus=duals[0], lam_minus=duals[1])
-                if text_hs is not None:
-                    tshift = text_shift(text_hs, generic.ref_hs[g], d_steer, scale, cfg.loss.balance)
-                    loss = loss - cfg.loss.w_text_shift * tshift
-                    parts["tshift"] = tshift.item()
-                parts["loss"] = loss.item()
-            t1 = time.perf_counter()
-            if not math.isfinite(parts["loss"]):
-                last = resolve_dir(ckpt_path, CHECKPOINT_FILES) if ckpt_path is not None else None
-                raise FloatingPointError(
-                    f"loss is {parts['loss']} at step {step} ({parts}); training stopped. The last good checkpoint "
-                    f"is {last or 'none (no checkpoint yet)'}; lower --lr or --init-scale, or raise --w-coherence.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world.parallel:  # each process holds its rows' part of the global loss's gradient
-                distributed.sum_gradients(adapters.parameters())
-            torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.grad_clip)
-            opt.step()
-            if generic is not None:
-                duals = [dual_step(lam, parts[k], cfg.loss.kl_budget, cfg.loss.kl_dual_lr,  # type: ignore[arg-type]
-                                   cfg.loss.kl_equality)
-                         for lam, k in zip(duals, ("kl_plus", "kl_minus"))]
-            fwd_s += t1 - t
-            bwd_s += time.perf_counter() - t1
-            history.append({"step": step, **parts})
-            if callback is not None:
-                callback(step, adapters)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k != "loss"})
-            command_progress.tick("step")
-            done = step + 1
-            # under torchrun every process gets the Ctrl-C, not necessarily in the same step: they agree first
-            stop = distributed.any_rank(interrupt.requested) if world.parallel else interrupt.requested
-            if ckpt_path is not None and ((done % cfg.checkpoint_every == 0 and done < cfg.steps) or stop):
-                checkpoint(done)
-            if stop:
-                tqdm.write(f"interrupted: checkpoint at {ckpt_path} (step {done}); rerun with --resume")
-                interrupt.stop()
-    n_steps = max(1, len(history))
-    timings.update(policy_forward_s_per_step=fwd_s / n_steps, backward_s_per_step=bwd_s / n_steps,
-                   train_s=fwd_s + bwd_s, prefix_reused=float(prefix.reused),
-                   prefix_full=float(prefix.full + prefix.filled))
+def _start(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, ckpt_path: Path | None, world: World):
+    """Fresh adapters and optimiser, or those of the checkpoint at ``ckpt_path`` (``--resume``): ``(adapters,
+    optimiser, first step, d_steer, scale, duals)``, the same in every process."""
+    adapters = make_adapters(bridge, run.specs, seed=cfg.seed, init_scale=cfg.init_scale, align=run.align)
+    opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, d_steer, scale, duals = 0, run.d_steer, run.scale, [0.0, 0.0]
+    found = load_checkpoint(ckpt_path, bridge) if ckpt_path is not None else None
+    if found is not None:
+        if found.artifact.config != cfg:
+            raise ValueError(f"checkpoint {ckpt_path} was written with a different TrainConfig; resume with the "
+                             "same config, or start a new output directory")
+        adapters, d_steer, scale, start = found.artifact.adapters, found.artifact.d_steer, found.scale, found.step
+        duals = list(found.duals) or duals
+        opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt.load_state_dict(found.optimizer)
+    if world.parallel:
+        distributed.check_same_start(adapters, d_steer, [float(start), scale, *duals], ckpt_path)
+    return adapters, opt, start, d_steer, scale, duals
+
+
+def _finish(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, adapters, d_steer: Tensor, scale: float,
+            history: list[dict], out: Path | None, overwrite: bool, data: dict | None, run_config: dict | None,
+            world: World) -> TrainResult:
+    """Held-out metrics, the artifact (written by rank 0, the checkpoint then removed), the result."""
     t = time.perf_counter()
     # small (held-out pairs, forward only): every process runs all of it and returns the same metrics
-    held_out = evaluate_pairs(bridge, adapters, test_batches, hook, d_steer, cfg.eval_coeffs) if test_batches else {}
-    timings["held_out_eval_s"] = time.perf_counter() - t
-    metrics = {"held_out": held_out, "scale": scale, "timings": timings,
+    held_out = (evaluate_pairs(bridge, adapters, run.test_batches, run.hook, d_steer, cfg.eval_coeffs)
+                if run.test_batches else {})
+    run.timings["held_out_eval_s"] = time.perf_counter() - t
+    metrics = {"held_out": held_out, "scale": scale, "timings": run.timings,
                "final": history[-1] if history else {}, "steps_done": cfg.steps}
-    artifact = SteeringArtifact.build(bridge, adapters, d_steer, hook, cfg, metrics, data)
+    artifact = SteeringArtifact.build(bridge, adapters, d_steer, run.hook, cfg, metrics, data)
     if out is not None:
         if world.main:
             save_artifact(out, artifact, overwrite=overwrite, run_config=run_config)
-            remove_checkpoint(ckpt_path)  # type: ignore[arg-type]
+            remove_checkpoint(out.with_name(out.name + ".ckpt"))
         if world.parallel:
             distributed.barrier()
-    return TrainResult(artifact, whole.extra, batches, history, timings)
+    return TrainResult(artifact, run.whole.extra, run.batches, history, run.timings)
 
 
 def batch_order(step: int, n_batches: int, seed: int) -> int:

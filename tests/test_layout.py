@@ -55,9 +55,12 @@ def test_the_core_never_imports_analysis_or_the_cli():
         assert not any(n.split(".")[0] == "analysis" for n in names), m
 
 
-def test_the_public_face_names_only_what_exists():
+def test_the_public_face_names_only_what_exists_and_documents_each_name():
+    doc = interp_steer.__doc__
+    assert len(interp_steer.__all__) <= 30 and f"These {len(interp_steer.__all__)} names are the face" in doc
     for name in interp_steer.__all__:
         assert getattr(interp_steer, name) is not None
+        assert f"``{name}``" in doc, f"document {name} in interp_steer/__init__.py's docstring"
 
 
 def test_the_public_face_keeps_function_names_that_are_also_module_names():
@@ -69,3 +72,5 @@ def test_the_public_face_keeps_function_names_that_are_also_module_names():
     importlib.import_module("interp_steer.capture")
     assert callable(ist.train) and ist.train.__module__ == "interp_steer.train"
     assert callable(ist.capture) and ist.capture.__module__ == "interp_steer.capture"
+    importlib.import_module("interp_steer.export")
+    assert callable(ist.export) and ist.export.__module__ == "interp_steer.export"
