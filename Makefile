@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-gemma test test-fast test-slow demo bench figures clean
+.PHONY: install install-gemma test test-fast test-slow demo bench figures notebooks clean
 
 install: $(STAMP)
 
@@ -43,6 +43,9 @@ bench: install           ## speed ratios against a plain forward
 
 figures: install         ## regenerate every figure in figures/
 	$(PY) -m analysis.figures all
+
+notebooks: install       ## execute the notebooks and store their outputs (the test run executes, never writes)
+	cd notebooks && ../$(PY) _store_outputs.py *.ipynb
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
