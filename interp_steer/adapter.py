@@ -65,6 +65,8 @@ class AdapterSpec:
             raise ValueError(f"rotate_u must be True or False, got {self.rotate_u!r}")
         if self.bias not in ("none", "free", "span", "only"):
             raise ValueError(f"bias must be 'none', 'free', 'span' or 'only', got {self.bias!r}")
+        if self.bias == "only" and self.rotate_u:
+            raise ValueError("bias='only' writes c·b alone: it has no rotation to turn U with (rotate_u=False)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,8 +175,6 @@ class SVDAdapter(nn.Module):
         self.lam = draw(r)
         self.theta_u = draw(r, r) if spec.rotate_u else None
         if spec.bias == "only":  # a vector alone: R = I and S_c = S for every c, nothing to learn but b
-            if spec.rotate_u:
-                raise ValueError("bias='only' writes c·b alone: it has no rotation to turn U with (rotate_u=False)")
             del self.theta_v, self.lam
             self.register_buffer("theta_v", torch.zeros(r, r, dtype=f32, device=self.U.device))
             self.register_buffer("lam", torch.zeros(r, dtype=f32, device=self.U.device))

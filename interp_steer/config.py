@@ -307,6 +307,8 @@ class TrainConfig(Config):
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip} (a negative clip would ascend)")
         _require(self.init_scale > 0, f"init_scale must be > 0, got {self.init_scale} (λ must start non-zero)")
+        _require(not (self.bias == "only" and self.rotate_u),
+                 "bias 'only' writes c·b alone: it has no rotation to turn U with; drop --rotate-u")
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(0 <= self.held_out < 1, f"held_out must be in [0, 1), got {self.held_out}")
         _require(len(self.eval_coeffs) > 0, "eval_coeffs must hold at least one coefficient")

@@ -247,7 +247,9 @@ def test_bias_only_is_a_learned_vector_c_times_b_and_nothing_else(tiny, tmp_path
     back = load_artifact(tmp_path / "v").adapters[0]
     assert back.spec == a.spec and all(torch.equal(back.state_dict()[k], v) for k, v in a.state_dict().items())
     with pytest.raises(ValueError, match="no rotation to turn U"):
-        make_adapters(bridge, [AdapterSpec(site, rank=2, bias="only", rotate_u=True)])
+        AdapterSpec(site, rank=2, bias="only", rotate_u=True)
+    with pytest.raises(ValueError, match="no rotation to turn U"):
+        TrainConfig(bias="only", rotate_u=True)
 
 
 @pytest.mark.parametrize("kind", ["free", "span"])
