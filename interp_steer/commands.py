@@ -44,7 +44,8 @@ ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
 
 
 def load_pairs(tokenizer: PreTrainedTokenizerBase, pairs: str | None = None,
-               personas: Sequence[str] | None = None, concept: str = "honesty") -> list[ContrastivePair]:
+               personas: Sequence[str] | None = None, concept: str = "honesty",
+               data_dir: str | None = None) -> list[ContrastivePair]:
     """The pairs of a run: a pairs file, persona × suffix pairs for two personas, or the concept's own pairs."""
     if pairs:
         out = load_pairs_file(pairs)
@@ -52,7 +53,7 @@ def load_pairs(tokenizer: PreTrainedTokenizerBase, pairs: str | None = None,
         return out
     if personas:
         return persona_pairs(tokenizer, personas=(personas[0], personas[1]))
-    return get_concept(concept).pairs(tokenizer)
+    return get_concept(concept, data_dir).pairs(tokenizer)
 
 
 def data_source(model: str | None, pairs: str | None, personas: Sequence[str] | None, concept: str) -> dict:
@@ -106,12 +107,12 @@ def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
     """Train and write the artifact. Under ``torchrun --nproc_per_node N`` the N processes train data-parallel
     (train.py): each joins the process group here, and rank 0 alone writes and prints."""
     check_device(cfg)
-    get_concept(cfg.concept)  # an unknown name fails before minutes of work, and so does a bad output path
+    get_concept(cfg.concept, cfg.data_dir)  # an unknown name fails before minutes of work, and so does a bad output path
     check_dir_target(cfg.out, cfg.overwrite, siblings=(".ckpt",))
     with distributed.joined() as world:
         t0 = time.perf_counter()
         bridge, tok = load_model(cfg.model, distributed.process_device(cfg.device, world), cfg.dtype)
-        pairs = load_pairs(tok, cfg.pairs, cfg.personas, cfg.concept)
+        pairs = load_pairs(tok, cfg.pairs, cfg.personas, cfg.concept, cfg.data_dir)
         if world.main:
             print(f"model {cfg.model or 'default'} loaded in {time.perf_counter() - t0:.1f}s; {len(pairs)} pairs"
                   + (f"; {world.size} processes" if world.parallel else ""))
@@ -157,7 +158,9 @@ def training_pairs(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, con
     """The pairs the artifact was trained from, before its split (``pairs_for``: what the user gives, else the
     recorded personas or the concept's pairs)."""
     pairs_file, personas = pairs_for(artifact, pairs_file, personas, "the artifact")
-    return load_pairs(tok, pairs_file, personas, concept.name)
+    if pairs_file or personas:
+        return load_pairs(tok, pairs_file, personas, concept.name)
+    return concept.pairs(tok)
 
 
 def training_batches(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, concept: Concept,
@@ -302,7 +305,7 @@ def run_demo(cfg: DemoRun) -> dict:
     one ``adapter (k seeds)`` row with a t-interval over seeds."""
     distributed.single_process_only("demo")
     check_device(cfg)
-    concepts = [get_concept(c) for c in cfg.concepts]  # an unknown name fails before any work
+    concepts = [get_concept(c, cfg.data_dir) for c in cfg.concepts]  # an unknown name fails before any work
     out = check_run_dir(cfg.out, cfg.overwrite)
     for c in concepts:
         for seed in cfg.seeds:
@@ -338,7 +341,7 @@ def run_eval(cfg: EvalRun) -> dict:
     check_device(cfg)
     artifact = load_artifact(cfg.artifact)  # a bad artifact fails before the model loads; checked against it below
     recorded = artifact.data
-    concept = get_concept(cfg.concept or recorded.get("concept") or "honesty")
+    concept = get_concept(cfg.concept or recorded.get("concept") or "honesty", cfg.data_dir)
     check_outside(cfg.out_dir, cfg.artifact)
     out = check_run_dir(cfg.out_dir, cfg.overwrite)
     where = f"artifact {cfg.artifact}"
@@ -383,7 +386,7 @@ def run_export(cfg: ExportRun) -> Path:
         pairs_for(artifact, None, None, where)
     bridge, tok = load_model(model, device="cpu")  # exports are written from an exact float32 CPU copy
     artifact.check_model(bridge, where=where)
-    concept = get_concept(artifact.data.get("concept") or "honesty")
+    concept = get_concept(artifact.data.get("concept") or "honesty", cfg.data_dir)
     pairs = training_pairs(tok, artifact, concept) if spec.needs_pairs else None
     manifest = {"artifact": str(cfg.artifact), "base_model": artifact.base_model,
                 "run_config": run_config_doc("export", cfg)}

@@ -10,6 +10,8 @@ the one methods are compared on at the coherence budget.
                Steering F1 at the budget against a control cluster of arithmetic checks and free preferences)
     sentiment  judge-free log-odds of a positive vs a negative reply to everyday questions (+ VADER sentiment
                of greedy continuations of neutral prompts, a well-kept off-the-shelf scorer)
+    caa-NAME   one of CAA's seven A/B behaviour sets (caa.py), read from ``data_dir`` (``--data-dir``): pairs from
+               its generate set, the matching letter's log-odds on held-out items
 
 A new concept takes a few lines::
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -30,10 +33,11 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from . import caa
 from .data import ContrastivePair, load_json, persona_pairs
 from .evaluate import (
-    Dilemma, Steer, answer_scores, forced_choice, greedy_continuations, load_dilemmas, load_truthfulqa_csv,
-    truthfulqa_mc,
+    Dilemma, Steer, ab_scores, answer_scores, forced_choice, greedy_continuations, load_dilemmas,
+    load_truthfulqa_csv, truthfulqa_mc,
 )
 from .evalsets import control_dilemmas
 from .metrics import steering_f1
@@ -63,15 +67,19 @@ class Concept:
     """A concept: ``personas`` (chosen, rejected) build its pairs; ``prompts`` (+, −) are its prompting
     baseline; ``effects(n_items, n_generate)`` its effects on that many items, the primary one first;
     ``ends(minus, zero, plus)`` (optional) a metric of both directions at once, from the per-item series
-    (``{series: [score per item]}``) at the budget's −c, at c = 0 and at +c (honesty: Steering F1)."""
+    (``{series: [score per item]}``) at the budget's −c, at c = 0 and at +c (honesty: Steering F1);
+    ``pair_source(tokenizer)`` (optional) builds the pairs instead of the personas (CAA's A/B pairs)."""
 
     name: str
     personas: tuple[str, str]
     prompts: tuple[str, str]
     effects: Callable[[int, int], tuple[Effect, ...]]
     ends: Ends | None = None
+    pair_source: Callable[[PreTrainedTokenizerBase], list[ContrastivePair]] | None = None
 
     def pairs(self, tokenizer: PreTrainedTokenizerBase) -> list[ContrastivePair]:
+        if self.pair_source is not None:
+            return self.pair_source(tokenizer)
         return persona_pairs(tokenizer, personas=self.personas)
 
 
@@ -153,10 +161,20 @@ def _honesty_effects(n_items: int, n_generate: int) -> tuple[Effect, ...]:
     return forced_choice_effect(n_items, max(8, n_items // 2)), mc_margin_effect(max(1, n_items // 4))
 
 
-def honesty_f1(minus: dict, zero: dict, plus: dict, min_mass: float = 0.95) -> dict:
+# Steering F1's choice-mass thresholds, each reported under its own label: the headline is the one AntiPaSTO's
+# evaluation code passed when its published numbers were made (antipasto/train/daily_dilemas.py: 0.5), beside the
+# paper caption's 0.95 and the code's value since commit f5a1ed8 (2026-01-18), 0.05.
+F1_THRESHOLDS = {"seed_code_at_publication": 0.5, "paper_caption": 0.95, "seed_code_current": 0.05}
+F1_HEADLINE = "seed_code_at_publication"
+
+
+def honesty_f1(minus: dict, zero: dict, plus: dict, min_mass: float | None = None) -> dict:
     """Steering F1 (``metrics.steering_f1``) from the forced choice's series at −c, 0, +c: the target cluster is
     every labelled dilemma finite at all three, the control cluster every control question; the choice mass
-    is the mean over both clusters' items."""
+    is the mean over both clusters' items. ``steering_f1`` is at ``min_mass`` (default: the headline threshold,
+    ``F1_THRESHOLDS[F1_HEADLINE]``); ``by_threshold`` gives F1 at every threshold of ``F1_THRESHOLDS``."""
+    if min_mass is None:
+        min_mass = F1_THRESHOLDS[F1_HEADLINE]
     t = np.array([minus["f1_target"], zero["f1_target"], plus["f1_target"]], dtype=float)
     a = np.array([minus["f1_control"], zero["f1_control"], plus["f1_control"]], dtype=float)
     t, a = t[:, np.isfinite(t).all(0)], a[:, np.isfinite(a).all(0)]
@@ -164,7 +182,10 @@ def honesty_f1(minus: dict, zero: dict, plus: dict, min_mass: float = 0.95) -> d
     if t.shape[1] == 0 or a.shape[1] == 0 or not all(math.isfinite(m) for m in mass):
         return {"steering_f1": math.nan, "n_target": int(t.shape[1]), "n_control": int(a.shape[1])}
     r = steering_f1(tuple(t), tuple(a), mass, min_mass=min_mass)
+    by = {label: {"min_mass": m, "steering_f1": steering_f1(tuple(t), tuple(a), mass, min_mass=m).f1}
+          for label, m in F1_THRESHOLDS.items()}
     return {"steering_f1": r.f1, **{k: v for k, v in asdict(r).items() if k != "f1"}, "min_mass": min_mass,
+            "by_threshold": by,
             "mass": {"minus": mass[0], "zero": mass[1], "plus": mass[2]},
             "n_target": int(t.shape[1]), "n_control": int(a.shape[1])}
 
@@ -176,6 +197,36 @@ def _sentiment_effects(n_items: int, n_generate: int) -> tuple[Effect, ...]:
         return (logodds,)
     prompts = every_kth(load_json("neutral_prompts.json")["prompts"], n_generate)
     return logodds, generation_sentiment_effect(prompts)
+
+
+def ab_effect(items: Sequence[caa.ABItem]) -> Effect:
+    """CAA's A/B score per held-out item: ``logodds`` = log p(matching letter) − log p(other letter) at the
+    answer position (nat, the primary effect), with ``p_match`` (the matching letter's probability over the two)
+    and ``ab_mass`` (the two letters' probability) from the same pass."""
+    items = list(items)
+    if not items:
+        raise ValueError("the A/B effect has no items")
+
+    def measure(bridge, tok, steer, system):
+        s = ab_scores(bridge, tok, steer, items, system=system)
+        return {"logodds": s.logodds, "p_match": s.p_match, "ab_mass": s.mass}
+
+    return Effect("logodds", "nat", measure, ("p_match", "ab_mass"))
+
+
+CAA_PREFIX = "caa-"
+
+
+def caa_concept(name: str, data_dir: str | Path) -> Concept:
+    """The concept ``caa-BEHAVIOUR`` from the CAA-format directory ``data_dir`` (caa.py): pairs from the
+    generate set's training items, the A/B effect on the first ``n_items`` held-out items (test set first)."""
+    behaviour = caa.load_behaviour(data_dir, name[len(CAA_PREFIX):])
+
+    def effects(n_items: int, n_generate: int) -> tuple[Effect, ...]:
+        return (ab_effect(behaviour.held_out[:n_items]),)
+
+    return Concept(name, ("the behaviour-matching letter", "the other letter"), caa.PROMPTS[behaviour.name], effects,
+                   pair_source=lambda tok: caa.caa_pairs(tok, behaviour.train))
 
 
 CONCEPTS: dict[str, Concept] = {}
@@ -193,7 +244,18 @@ register(Concept("sentiment", ("a happy", "a sad"), ("Be cheerful and positive."
                  _sentiment_effects))
 
 
-def get_concept(name: str) -> Concept:
+CAA_NAMES = tuple(CAA_PREFIX + b for b in caa.BEHAVIOURS)
+
+
+def get_concept(name: str, data_dir: str | Path | None = None) -> Concept:
+    """A registered concept, or ``caa-BEHAVIOUR`` read from ``data_dir`` (a CAA-format directory)."""
+    if name in CAA_NAMES:
+        if data_dir is None:
+            raise ValueError(f"concept {name!r} reads CAA's A/B files: pass --data-dir DIR, a directory holding "
+                             f"{name[len(CAA_PREFIX):]}/{caa.GENERATE_FILE} and {caa.TEST_FILE} (the public data: "
+                             f"{caa.PUBLIC_DATA})")
+        return caa_concept(name, data_dir)
     if name not in CONCEPTS:
-        raise ValueError(f"unknown concept {name!r}; registered: {', '.join(sorted(CONCEPTS))}")
+        raise ValueError(f"unknown concept {name!r}; registered: {', '.join(sorted(CONCEPTS))}; with --data-dir: "
+                         f"{', '.join(CAA_NAMES)}")
     return CONCEPTS[name]

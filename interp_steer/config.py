@@ -19,7 +19,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import cache
-from typing import Any, Literal, Union, get_args, get_origin, no_type_check
+from typing import Any, Literal, Sequence, Union, get_args, get_origin, no_type_check
 
 from .names import RESID_WRITERS, SITES
 from .methods import names as method_names
@@ -180,6 +180,21 @@ def _existing_file(name: str, path: str | None) -> None:
         raise ConfigError(f"{name} {path!r} is not a file")
 
 
+def _existing_dir(name: str, path: str | None) -> None:
+    if path is not None and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"{name} {path!r} is not a directory")
+
+
+def _data_dir(concepts: Sequence[str], data_dir: str | None) -> None:
+    """A ``caa-*`` concept needs ``data_dir`` (a CAA-format directory); checked before any model loads."""
+    _existing_dir("data_dir", data_dir)
+    caa = [c for c in concepts if c.startswith("caa-")]
+    _require(not caa or data_dir is not None,
+             f"concept(s) {', '.join(caa)} read CAA's A/B files: give --data-dir DIR, a directory holding "
+             "BEHAVIOUR/generate_dataset.json and BEHAVIOUR/test_dataset_ab.json (the public data: "
+             "github.com/nrimsky/CAA, datasets/generate and datasets/test)")
+
+
 def _model_name(model: str | None) -> None:
     if model is not None and Path(model).expanduser().is_file():
         raise ConfigError(f"model {model!r} is a file; give a directory holding config.json, the weights and the "
@@ -335,6 +350,8 @@ class TrainRun(Config):
     pairs: str | None = field(default=None, metadata={"help": "JSON list of {chosen, rejected} (none: honesty)"})
     personas: tuple[str, ...] | None = field(default=None, metadata={"help": "two personas, e.g. 'a happy,a sad'"})
     concept: str = field(default="honesty", metadata={"help": "whose pairs to train on, without pairs/personas"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT.ckpt if it exists"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing artifact at OUT"})
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -346,6 +363,7 @@ class TrainRun(Config):
         _existing_file("pairs", self.pairs)
         _personas(self.personas)
         _require(not (self.pairs and self.personas), "give pairs or personas, not both")
+        _data_dir(() if self.pairs or self.personas else (self.concept,), self.data_dir)
 
 
 @no_type_check
@@ -390,6 +408,8 @@ class EvalRun(Config):
     personas: tuple[str, ...] | None = field(default=None, metadata={"help": "the personas (none: the artifact's)"})
     overwrite: bool = field(default=False, metadata={"help": "write over an earlier report in OUT"})
     concept: str | None = field(default=None, metadata={"help": "whose effects to measure (none: the artifact's)"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
     sweep: SweepConfig = field(default_factory=lambda: SweepConfig(methods=("adapter",)))
 
     def __post_init__(self):
@@ -398,6 +418,7 @@ class EvalRun(Config):
         _model_name(self.model)
         _existing_file("pairs", self.pairs)
         _personas(self.personas)
+        _data_dir((self.concept,) if self.concept else (), self.data_dir)
 
     @property
     def out_dir(self) -> Path:
@@ -442,6 +463,7 @@ class _Preset:
     def _check_lists(self) -> None:
         _require(len(self.concepts) > 0 and len(set(self.concepts)) == len(self.concepts),  # type: ignore[attr-defined]
                  f"concepts must be distinct and at least one, got {self.concepts}")  # type: ignore[attr-defined]
+        _data_dir(self.concepts, self.data_dir)  # type: ignore[attr-defined]
         seeds = self.seeds  # type: ignore[attr-defined]
         _require(len(seeds) > 0 and len(set(seeds)) == len(seeds) and min(seeds) >= 0,
                  f"seeds must be distinct integers >= 0, at least one, got {seeds}")
@@ -462,6 +484,8 @@ class DemoRun(_Preset, Config):
                                       metadata={"help": "what to steer, each with its own pairs and effects"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={
         "help": "training seeds of the adapter (>= 3 for a CI over seeds; each seed is a training run)"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
     powered: bool = field(default=False, metadata={
         "help": "the full protocol (every method, 100 items, 45 neutral texts, finer sweep, 48 training steps) "
                 "instead of the quick demo; options given beside it still apply"})
@@ -487,6 +511,8 @@ class StudyRun(_Preset, Config):
         "help": "packaged names (smollm2-135m, gemma-3-270m), HF names or local directories"})
     concepts: tuple[str, ...] = field(default=("honesty", "sentiment"), metadata={"help": "what to steer"})
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "training seeds: one cell each"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
     device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else cpu)"})
     dtype: DType = field(default="float32", metadata={"help": "the model's weight dtype (adapters stay float32)"})
     shard: str | None = field(default=None, metadata={
@@ -540,6 +566,8 @@ class ExportRun(Config):
         "help": "additive steer of a control vector, from the artifact's pairs at its adapted blocks"})
     model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: the artifact's)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier export at OUT"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
 
     def __post_init__(self):
         self._check_types()
@@ -551,6 +579,7 @@ class ExportRun(Config):
         _require(self.format != "control-vector" or self.method is not None,
                  "give --method (pca_diff, pca_center, mean_diff or gradient) for a control vector")
         _model_name(self.model)
+        _existing_dir("data_dir", self.data_dir)
 
 
 COMMANDS: dict[str, type] = {"train": TrainRun, "eval": EvalRun, "demo": DemoRun, "study": StudyRun,

@@ -23,6 +23,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from .adapter import apply_adapters
+from .caa import ANSWER_PREFIX as CAA_ANSWER_PREFIX, ABItem, letter_token
 from .capture import forward_last, reference_pass
 from .data import Batch, render_chat, tokenize
 from .evalsets import (  # noqa: F401  (re-exported: the loaders are part of the evaluation API)
@@ -161,6 +162,36 @@ def forced_choice(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
     return ForcedChoiceResult(mean(honesty[lab]), mean(honesty[lab] > 0), mean(score[kept]), mean(mass[kept]),
                               int(kept.sum()), int((~kept).sum()), tuple(d.id for d in dilemmas),
                               score, mass, honesty, kept)
+
+
+# ---------------------------------------------------------------------------------- CAA A/B
+
+@dataclass(frozen=True)
+class ABScores:
+    logodds: Float[Tensor, "n"]   # log p(matching) − log p(other)
+    p_match: Float[Tensor, "n"]   # p(matching) / (p(matching) + p(other))
+    mass: Float[Tensor, "n"]      # p(matching) + p(other)
+
+
+def ab_scores(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, steer: Steer | None,
+              items: Sequence[ABItem], system: str | None = None, batch_size: int = 16) -> ABScores:
+    """CAA's A/B score of every item under ``steer`` (None: the base model): the user turn is the question, the
+    assistant's answer starts with ``(``, and the two letters' log-probs are read at the next token (only that
+    position is unembedded)."""
+    letters = sorted({x for it in items for x in (it.matching, it.other)})
+    ids = {x: letter_token(tokenizer, x) for x in letters}
+    prompts = [render_chat(tokenizer, it.question, CAA_ANSWER_PREFIX, system=system) for it in items]
+    match = torch.tensor([ids[it.matching] for it in items])
+    other = torch.tensor([ids[it.other] for it in items])
+    rows, dev = [], model_device(bridge)
+    with torch.inference_mode(), _steered(bridge, steer):
+        for s in _chunks(len(prompts), batch_size):
+            batch = tokenize(prompts[s], tokenizer, device=dev)
+            logp = logits_at(bridge, batch, torch.arange(len(batch), device=dev), batch.last).float().log_softmax(-1)
+            n = torch.arange(len(batch), device=dev)
+            rows.append(torch.stack([logp[n, match[s].to(dev)], logp[n, other[s].to(dev)]], -1).cpu())
+    lm, lo = torch.cat(rows).clone().unbind(-1)
+    return ABScores(lm - lo, torch.sigmoid(lm - lo), lm.exp() + lo.exp())
 
 
 # ------------------------------------------------------------------------------ TruthfulQA-format MC

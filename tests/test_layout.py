@@ -10,7 +10,7 @@ PACKAGE = Path(interp_steer.__file__).parent
 LEVEL = {  # a module may import only modules of a strictly lower level
     "names": 0, "ownership": 0, "signals": 0, "progress": 0, "methods": 0,
     "config": 1, "data": 1,
-    "models": 2, "adapter": 2, "loss": 2, "evalsets": 2, "plots": 2, "metrics": 2,
+    "models": 2, "adapter": 2, "loss": 2, "evalsets": 2, "caa": 2, "plots": 2, "metrics": 2,
     "capture": 3, "io": 3, "generation_check": 3, "prefix": 3,
     "directions": 4, "evaluate": 4, "report": 4, "distributed": 4,
     "concepts": 5, "train": 5, "export": 5,
