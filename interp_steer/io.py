@@ -36,7 +36,7 @@ from .adapter import AdapterSpec, SVDAdapter, apply_adapters, linear_weight
 from .config import ConfigError, TrainConfig
 from .data import strict_json
 from .models import model_device
-from .ownership import claim, follow_umask, remove_owned, why_not_owned, write_manifest
+from .ownership import claim, follow_umask, read_manifest, remove_owned, why_not_owned, write_manifest
 
 FORMAT_VERSION = 2
 ARCHITECTURE = "svd_rotation_adapter"
@@ -48,6 +48,9 @@ TRAINER_FILE = "trainer.json"
 ARTIFACT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 CHECKPOINT_FILES = (*ARTIFACT_FILES, OPTIMIZER_FILE, TRAINER_FILE)
 DirWriters = Union[Mapping[str, Callable[[Path], None]], Callable[[Path], None]]
+# what each writer's ``what`` is as a manifest kind (ownership.KINDS)
+KIND_OF = {"an artifact": "artifact", "an export": "export", "a study cell": "cell", "a checkpoint": "checkpoint",
+           "a run directory": "run"}
 
 
 # ---------------------------------------------------------------------------------------- atomic writers
@@ -126,23 +129,36 @@ def _refuse_link(path: Path) -> None:
                               "path or a new one.")
 
 
-def _check_sibling(sibling: Path, name: str, path: Path, what: str) -> None:
-    """``sibling`` (``X.prev``, ``X.ckpt``) may be replaced or removed only if it is the project's copy of ``name``."""
+def _check_sibling(sibling: Path, name: str, path: Path, what: str, kind: str) -> None:
+    """``sibling`` (``X.prev``, ``X.ckpt``) may be replaced or removed only if it is the project's copy of ``name``,
+    of the kind that name holds (an artifact at ``X.ckpt`` is not a checkpoint)."""
     if sibling.is_symlink() or sibling.exists():
-        reason = why_not_owned(sibling, name)
+        reason = why_not_owned(sibling, name, (kind,))
         if reason is not None:
             raise FileExistsError(f"{sibling} is in the way of writing {what} at {path} ({reason}); interp-steer "
                                   "uses that name for its own copy and will not touch it. Move it away or choose "
                                   "another output path.")
 
 
+def check_out_name(path: str | Path) -> Path:
+    """``path`` as an output directory of its own: ``.``, ``..`` or ``/`` name none (the directory they name holds
+    everything else beside the output)."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise FileExistsError(f"{str(path)!r} names no directory of its own for an output; give a path such as "
+                              "runs/x")
+    return path
+
+
 def _check_existing(path: Path, overwrite: bool, what: str) -> None:
-    """``path`` may be written: absent, empty, or provably the project's ``what`` and ``overwrite`` given."""
+    """``path`` may be written: absent, empty, or provably the project's ``what`` (of its kind, whatever the
+    directory is called now: a renamed or copied one stays the project's) and ``overwrite`` given."""
+    check_out_name(path)
     _refuse_link(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
     if path.is_dir() and any(path.iterdir()):
-        reason = why_not_owned(path, path.name)
+        reason = why_not_owned(path, None, (KIND_OF[what],))
         if reason is not None:
             raise FileExistsError(f"{path} is not {what} interp-steer wrote ({reason}); it will not replace it or "
                                   "write into it. Choose a new or empty output directory.")
@@ -169,11 +185,12 @@ def check_dir_target(path: str | Path, overwrite: bool = False, what: str = "an 
     """
     path = Path(path)
     _check_existing(path, overwrite, what)
-    _check_sibling(path.with_name(path.name + ".prev"), path.name, path, what)
+    _check_sibling(path.with_name(path.name + ".prev"), path.name, path, what, KIND_OF[what])
     for suffix in siblings:
         sib = path.with_name(path.name + suffix)
-        _check_sibling(sib, sib.name, path, what)
-        _check_sibling(sib.with_name(sib.name + ".prev"), sib.name, path, what)
+        kind = {".ckpt": "checkpoint"}[suffix]
+        _check_sibling(sib, sib.name, path, what, kind)
+        _check_sibling(sib.with_name(sib.name + ".prev"), sib.name, path, what, kind)
     stale = _stale_temporaries(path)
     if stale:
         warnings.warn(f"{len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} left beside {path} by a "
@@ -216,20 +233,22 @@ def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
 
 def seal_run_dir(path: str | Path) -> None:
     """Record every file now under a run directory in its manifest: what a later ``--overwrite`` may replace."""
-    write_manifest(Path(path), Path(path).name)
+    write_manifest(Path(path), Path(path).name, kind="run")
 
 
-def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = False, what: str = "an artifact"
-                     ) -> Path:
+def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = False, what: str = "an artifact", *,
+                     identity: str | None = None, local: Iterable[str] = ()) -> Path:
     """Write every file into a temporary sibling directory, add its manifest, then swap it into place at once.
 
     ``writers`` is ``{file name: write(file path)}``, or one ``fill(directory)`` that writes its files itself
     (``save_pretrained``). An existing ``path`` (only with ``overwrite``, only if provably the project's:
     ``check_dir_target``) is renamed to ``path.prev`` first and removed after the swap: a kill at any moment
     leaves ``path`` or ``path.prev`` whole (``resolve_dir`` finds it). Another process writing the same path
-    gets a clear error (``ownership.claim``).
+    gets a clear error (``ownership.claim``). The manifest records the kind (``what``), ``identity`` (the run it
+    belongs to) and ``local`` (top-level entries that may later be absent as a whole: ``ownership``).
     """
-    path = Path(path)
+    path = check_out_name(path)
+    kind = KIND_OF[what]
     with claim(path):
         check_dir_target(path, overwrite, what)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,12 +261,12 @@ def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = Fa
             else:
                 for name, write in writers.items():
                     write(tmp / name)
-            write_manifest(tmp, path.name)
+            write_manifest(tmp, path.name, kind=kind, identity=identity, local=tuple(local))
             if path.is_dir():
                 if not any(path.iterdir()):
                     path.rmdir()  # an empty directory holds nothing to keep
                 else:
-                    if prev.exists() and not remove_owned(prev, path.name):  # a stale one from an earlier kill
+                    if prev.exists() and not remove_owned(prev, path.name, (kind,)):  # stale, from an earlier kill
                         raise FileExistsError(f"{prev} could not be removed; nothing was replaced")
                     os.replace(path, prev)
             os.replace(tmp, path)
@@ -255,7 +274,7 @@ def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = Fa
             shutil.rmtree(tmp, ignore_errors=True)  # a fresh directory of this call's own making
             raise
         if prev.exists():
-            remove_owned(prev, path.name)
+            remove_owned(prev, path.name, (kind,))
     return path
 
 
@@ -541,7 +560,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     writers[OPTIMIZER_FILE] = lambda p: save_file(opt_tensors, str(p))
     trainer_text = json_text(trainer)
     writers[TRAINER_FILE] = lambda p: p.write_text(trainer_text)
-    return write_dir_atomic(path, writers, overwrite=True)
+    return write_dir_atomic(path, writers, overwrite=True, what="a checkpoint")
 
 
 def load_checkpoint(path: str | Path, bridge: TransformerBridge) -> Checkpoint | None:

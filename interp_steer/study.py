@@ -26,9 +26,10 @@ import math
 import os
 import re
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import scipy.stats
 import torch
@@ -78,23 +79,32 @@ def shard(cfg: StudyRun) -> tuple[int, int]:
 
 def finished(out: Path, cell: Cell) -> bool:
     d = out / CELLS / cell.id
-    return why_not_owned(d, cell.id) is None and (d / CELL_FILE).is_file()
+    return why_not_owned(d, cell.id, ("cell",)) is None and (d / CELL_FILE).is_file()
 
 
 # ------------------------------------------------------------------------------------------ the study dir
 
+@contextmanager
+def _waited_claim(out: Path, seconds: float = 120) -> Iterator[None]:
+    """``claim(out)``, waiting up to ``seconds`` for another process (a shard) holding it."""
+    deadline = time.monotonic() + seconds
+    with ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(claim(out))
+                break
+            except FileExistsError as e:
+                if "another process" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield
+
+
 def _open_study(out: Path, cfg: StudyRun) -> None:
     """Create ``out`` for this study, or check that it holds this study (same cells' settings) to resume.
     One process at a time (a claim, waited for): shards starting together see one study."""
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with claim(out):
-                return _open_claimed(out, cfg)
-        except FileExistsError as e:
-            if "another process" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    with _waited_claim(out):
+        return _open_claimed(out, cfg)
 
 
 def _open_claimed(out: Path, cfg: StudyRun) -> None:
@@ -103,7 +113,7 @@ def _open_claimed(out: Path, cfg: StudyRun) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()):
-        reason = why_not_owned(out, out.name)
+        reason = why_not_owned(out, None, ("study",))  # a renamed or copied study is still the study
         if reason is not None:
             raise FileExistsError(f"{out} is not a study interp-steer wrote ({reason}); it will not write into it. "
                                   "Choose a new or empty --out.")
@@ -121,7 +131,7 @@ def _open_claimed(out: Path, cfg: StudyRun) -> None:
     out.mkdir(parents=True, exist_ok=True)
     whole = cfg.replace(shard=None, overwrite=False, report_only=False)
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("study", whole))
-    write_manifest(out, out.name, skip=(CELLS,))
+    write_manifest(out, out.name, skip=(CELLS,), kind="study")
 
 
 def _first_difference(a, b, where: str = "") -> str | None:
@@ -174,7 +184,9 @@ def run_cell(bridge, tok, cell: Cell, cfg: StudyRun, generic, out: Path) -> None
         write_outputs(report, tmp)
         write_json_atomic(tmp / CELL_FILE, cell_summary(cell, report, time.perf_counter() - t))
 
-    write_dir_atomic(out / CELLS / cell.id, fill, overwrite=True, what="a study cell")
+    # what a committed study leaves out (.gitignore): the adapter, the full report, the figures
+    local = (f"adapter-s{cell.seed}", "report.json", FIGURES)
+    write_dir_atomic(out / CELLS / cell.id, fill, overwrite=True, what="a study cell", local=local)
 
 
 def run_study(cfg: StudyRun) -> dict:
@@ -448,23 +460,19 @@ def study_figures(pooled: dict, cells: dict[str, dict], out: Path) -> list[Path]
 
 
 def write_study_report(out: Path, cfg: StudyRun) -> dict:
-    """``results.json``, ``REPORT.md`` and ``figures/`` over every finished cell (one process at a time; a
-    process finding another writing it leaves the report to that one)."""
-    cells, missing = read_cells(out, cfg)
-    pooled = {"cells": sorted(cells), "missing": missing, **pool(cells)}
-    try:
-        with claim(out / "results.json"):
-            if why_not_owned(out, out.name) is not None:
-                raise FileExistsError(f"{out} changed since the study wrote it ({why_not_owned(out, out.name)}); "
-                                      "the report is not rewritten")
-            write_json_atomic(out / "results.json", pooled)
-            figs = study_figures(pooled, cells, out / FIGURES) if cells else []
-            write_text_atomic(out / "REPORT.md", study_markdown(pooled, cells, cfg, [p for p in figs
-                                                                                    if p.suffix == ".png"], out))
-            write_manifest(out, out.name, skip=(CELLS,))
-    except FileExistsError as e:
-        if "another process" not in str(e):
-            raise
+    """``results.json``, ``REPORT.md`` and ``figures/`` over every finished cell (one process at a time: the
+    study's claim, waited for; its lock lies beside the study, so nothing of it is inside)."""
+    with _waited_claim(out):
+        cells, missing = read_cells(out, cfg)
+        pooled = {"cells": sorted(cells), "missing": missing, **pool(cells)}
+        reason = why_not_owned(out, None, ("study",))
+        if reason is not None:
+            raise FileExistsError(f"{out} changed since the study wrote it ({reason}); the report is not rewritten")
+        write_json_atomic(out / "results.json", pooled)
+        figs = study_figures(pooled, cells, out / FIGURES) if cells else []
+        write_text_atomic(out / "REPORT.md", study_markdown(pooled, cells, cfg, [p for p in figs
+                                                                                if p.suffix == ".png"], out))
+        write_manifest(out, out.name, skip=(CELLS,), kind="study")
     print(f"wrote {out / 'REPORT.md'} ({len(cells)} cells finished, {len(missing)} missing)")
     return pooled
 

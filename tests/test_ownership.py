@@ -149,7 +149,7 @@ def test_an_artifact_does_not_choose_what_is_loaded_or_read(tiny_cli, tmp_path, 
 def test_manifest_proves_ownership_and_removal_touches_only_listed_files(tmp_path):
     d = tmp_path / "d"
     user_files(d / "sub", {"a.txt": "a"})
-    write_manifest(d)
+    write_manifest(d, kind="run")
     assert why_not_owned(d) is None and why_not_owned(d, "other") is not None
     (d / "sub" / "late.txt").write_text("the user's")
     assert "late.txt" in why_not_owned(d)

@@ -1,0 +1,325 @@
+"""The hostile suite: what a careless or hostile user, or a cloned repository, can put where interp-steer reads and
+writes. Every case snapshots the tree around it (files with their bytes and modes, folders, links and their
+targets, never followed) and asserts that what the user owns is unchanged afterwards, and that the refusal is one
+line naming what was wrong. Cases of CONTRIBUTING's "Rejected inputs" live beside their modules' tests; the ones
+here are about files: manifests as data, reserved names, siblings, studies. A later round extends this module.
+"""
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from interp_steer import cli, commands, ownership, study
+from interp_steer.io import check_dir_target, write_dir_atomic
+from interp_steer.ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
+
+TRAIN_ARGS = ["--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2",
+              "--n-pairs", "8", "--kl-budget", "none", "--device", "cpu"]
+
+
+def tree(root: Path) -> dict:
+    """Every entry under ``root`` and ``root`` itself: ``(kind, mode, bytes or link target)``, links never
+    followed. Two equal trees hold the same bytes at the same names with the same modes."""
+    out = {}
+    root = Path(root)
+    if not os.path.lexists(root):
+        return out
+    stack = [root]
+    while stack:
+        p = stack.pop()
+        st_ = os.lstat(p)
+        rel = "." if p == root else p.relative_to(root).as_posix()
+        mode = stat.S_IMODE(st_.st_mode)
+        if stat.S_ISLNK(st_.st_mode):
+            out[rel] = ("link", mode, os.readlink(p))
+        elif stat.S_ISDIR(st_.st_mode):
+            out[rel] = ("dir", mode, None)
+            stack += sorted(p.iterdir())
+        elif stat.S_ISREG(st_.st_mode):
+            out[rel] = ("file", mode, p.read_bytes())
+        else:
+            out[rel] = ("other", mode, stat.S_IFMT(st_.st_mode))
+    return out
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def forge(directory: Path, entries: list, fmt: int | None = 2, kind: str = "artifact", name: str | None = None,
+          extra: str = "") -> None:
+    """A manifest in ``directory`` listing ``entries`` (``(key, bytes)`` pairs: the size and hash those bytes
+    have), written as raw JSON so that a key may appear twice."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = ", ".join(f'{json.dumps(k)}: {{"size": {len(b)}, "sha256": "{sha(b)}"}}' for k, b in entries)
+    head = f'"written_by": "interp-steer", "name": {json.dumps(name or directory.name)}, '
+    if fmt is not None:
+        head += f'"format": {fmt}, "kind": "{kind}", "identity": null, "local": [], '
+    (directory / MANIFEST).write_text("{" + head + f'"skip": [], "files": {{{files}}}{extra}}}')
+
+
+def user_file(path: Path, text: str = "the user's") -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text.encode()
+
+
+@pytest.fixture
+def tiny_cli(tiny, monkeypatch):
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: tiny)
+    return tiny
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+# ------------------------------------------------------------------------------------ manifests are data
+
+BAD_KEYS = {  # key -> what the refusal says of it
+    "/etc/passwd": "absolute", "../victim.txt": "'..' component", "a/../../victim.txt": "'..' component",
+    "": "empty", ".": "'.' component", "a//b": "empty", "./a": "'.' component", "a/./b": "'.' component",
+    "a/": "empty", "a\\..\\b": "backslash", "a\x00b": "NUL", MANIFEST: "the manifest itself",
+}
+
+
+@pytest.mark.parametrize("key", list(BAD_KEYS), ids=[repr(k) for k in BAD_KEYS])
+def test_a_key_outside_the_directory_makes_it_not_owned_naming_the_key(tmp_path, key):
+    d = tmp_path / "d"
+    notes = user_file(d / "notes.txt")
+    victim = user_file(tmp_path / "victim.txt")
+    forge(d, [("notes.txt", notes), (key, victim)])
+    before = tree(tmp_path)
+    reason = why_not_owned(d)
+    assert reason is not None and repr(key) in reason and BAD_KEYS[key] in reason
+    assert not remove_owned(d)
+    with pytest.raises(FileExistsError, match="not an artifact interp-steer wrote"):
+        write_dir_atomic(d, {"config.json": lambda p: p.write_text("{}")}, overwrite=True)
+    assert tree(tmp_path) == before
+
+
+def test_reproduction_a_forged_artifact_manifest_with_overwrite(tiny_cli, tmp_path, capsys):
+    """``F/`` lists notes.txt (present, right hash), an absolute victim and ``../victim_rel.txt``: ``train --out F
+    --overwrite`` refuses, naming the key; both victims and F are unchanged."""
+    f = tmp_path / "F"
+    notes = user_file(f / "notes.txt", "my notes")
+    va = user_file(tmp_path / "abs" / "victim_abs.txt", "absolute victim")
+    vr = user_file(tmp_path / "victim_rel.txt", "relative victim")
+    forge(f, [("notes.txt", notes), (str(tmp_path / "abs" / "victim_abs.txt"), va), ("../victim_rel.txt", vr)],
+          fmt=None)
+    before = tree(tmp_path)
+    code, err = run(["train", "--out", str(f), "--overwrite", *TRAIN_ARGS], capsys)
+    assert code == 2 and "is not an artifact interp-steer wrote" in err and "victim_abs.txt" in err
+    assert "absolute path" in err and err.count("\n") == 1
+    assert tree(tmp_path) == before
+
+
+def test_reproduction_a_forged_checkpoint_manifest_without_overwrite(tiny_cli, tmp_path, capsys):
+    """``K2.ckpt/`` lists an absolute path; a plain ``train --out K2`` refuses before any work: K2.ckpt is in the
+    way. Before, the run finished and ``remove_checkpoint`` deleted the victim."""
+    victim = user_file(tmp_path / "victim.txt")
+    forge(tmp_path / "K2.ckpt", [(str(tmp_path / "victim.txt"), victim)], fmt=None)
+    before = tree(tmp_path)
+    code, err = run(["train", "--out", str(tmp_path / "K2"), *TRAIN_ARGS], capsys)
+    assert code == 2 and "K2.ckpt is in the way" in err and "absolute path" in err
+    assert tree(tmp_path) == before
+
+
+@pytest.fixture
+def study_no_model(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded for a refused study")
+    monkeypatch.setattr(study, "load_model", refuse)
+
+
+def test_reproduction_a_cloned_study_whose_cell_lists_a_path_outside(study_no_model, tmp_path, capsys):
+    """A cell directory holding only a manifest listing ``../../../victim.txt`` (cell manifests are committed by
+    design): a plain resume refuses that cell before any model loads; the victim is kept."""
+    out = tmp_path / "S"
+    base = ["study", "--out", str(out), "--models", "smollm2-135m", "--concepts", "honesty", "--seeds", "0"]
+    assert run([*base, "--report-only"], capsys)[0] == 0
+    victim = user_file(tmp_path / "victim.txt")
+    forge(out / "cells" / "smollm2-135m--honesty--s0", [("../../../victim.txt", victim)], fmt=None, kind="cell")
+    before = tree(tmp_path)
+    code, err = run(base, capsys)
+    assert code == 2 and "'../../../victim.txt'" in err and "not a study cell interp-steer wrote" in err
+    assert tree(tmp_path) == before
+
+
+def test_every_listed_entry_must_be_there_as_the_plain_file_it_claims(tmp_path):
+    d = tmp_path / "d"
+    a = user_file(d / "a.txt", "a")
+    forge(d, [("a.txt", a), ("gone.txt", b"x")])
+    assert "lists 'gone.txt', which is not there" in why_not_owned(d)
+    (d / "sub").mkdir()
+    (d / "sub" / "real.txt").write_text("r")
+    os.symlink(d / "sub", d / "linked")
+    forge(d, [("a.txt", a), ("sub/real.txt", b"r"), ("linked/real.txt", b"r")])
+    assert "'linked'" in why_not_owned(d) or "linked/real.txt" in why_not_owned(d)
+    os.unlink(d / "linked")
+    forge(d, [("a.txt", a), ("a.txt", a)])
+    assert "lists 'a.txt' twice" in why_not_owned(d)
+    forge(d, [("a.txt", a), ("a.txt/b", a)])
+    assert "both as a file and as a folder" in why_not_owned(d)
+    before = tree(tmp_path)
+    assert not remove_owned(d) and tree(tmp_path) == before
+
+
+def test_a_committed_study_may_lack_what_it_leaves_out_as_a_whole_never_in_part(tmp_path):
+    """What a committed cell leaves out (its adapter folder, .gitignore) may be absent as a whole, never in part;
+    written before kinds (format 1) any whole top-level entry may be."""
+    d = tmp_path / "cell"
+    user_file(d / "cell.json", "{}")
+    user_file(d / "adapter-s0" / "config.json", "{}")
+    user_file(d / "adapter-s0" / "adapter.safetensors", "w")
+    write_manifest(d, kind="cell", local=("adapter-s0",))
+    (d / "adapter-s0" / "adapter.safetensors").unlink()
+    assert "adapter-s0/adapter.safetensors" in why_not_owned(d)
+    (d / "adapter-s0" / "config.json").unlink()
+    (d / "adapter-s0").rmdir()
+    assert why_not_owned(d) is None
+    forge(d, [("cell.json", b"{}"), ("figures/a.png", b"png")], fmt=2, kind="cell")
+    assert "figures/a.png" in why_not_owned(d)  # not declared local
+    forge(d, [("cell.json", b"{}"), ("figures/a.png", b"png")], fmt=None)
+    assert why_not_owned(d) is None
+    assert remove_owned(d) and not d.exists()
+
+
+def test_hard_links_and_links_on_the_way_are_never_the_projects(tmp_path):
+    victim = user_file(tmp_path / "outside" / "victim.txt", "keep me")
+    d = tmp_path / "d"
+    d.mkdir()
+    os.link(tmp_path / "outside" / "victim.txt", d / "hard.txt")
+    forge(d, [("hard.txt", victim)])
+    assert "hard link" in why_not_owned(d)
+    with pytest.raises(ValueError, match="hard links"):
+        write_manifest(d, kind="run")
+    os.unlink(d / "hard.txt")
+    os.symlink(tmp_path / "outside", d / "via")
+    forge(d, [("via/victim.txt", victim)])
+    assert why_not_owned(d) is not None
+    before = tree(tmp_path)
+    assert not remove_owned(d) and tree(tmp_path) == before
+
+
+def test_a_huge_manifest_or_a_deep_tree_is_refused_in_one_line(tmp_path):
+    d = tmp_path / "d"
+    forge(d, [], extra=', "pad": "' + "x" * (ownership.MAX_MANIFEST_BYTES + 1) + '"')
+    assert "larger than any interp-steer writes" in why_not_owned(d)
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY)
+    for _ in range(1100):  # deeper than Python's recursion limit
+        os.mkdir("d", dir_fd=fd)
+        fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(old)
+    os.close(fd)
+    forge(deep, [])
+    assert "deeper than" in why_not_owned(deep)
+    with pytest.raises(ValueError, match="deeper than"):
+        write_manifest(deep, kind="run")
+    assert not remove_owned(deep) and (deep / "d" / "d").is_dir()
+    for depth in range(1100, 0, -1):  # (shutil.rmtree recurses too)
+        os.rmdir(deep.joinpath(*["d"] * depth))
+
+
+# the property: whatever a manifest says, nothing outside its directory changes, and a directory that is not
+# the project's does not change either
+def _keys(tmp: Path) -> st.SearchStrategy:
+    victim = str(tmp / "outside" / "victim.txt")
+    fixed = ["inside.txt", "nested/in.txt", "missing.txt", "nested", victim, str(tmp / "outside"),
+             "../outside/victim.txt", "../../outside/victim.txt", "nested/../../outside/victim.txt",
+             "via/victim.txt", "via/sub/deep.txt", "hard.txt", "", ".", "/", "nested//in.txt", "./inside.txt",
+             "nested/./in.txt", "..", "via", MANIFEST]
+    return st.one_of(st.sampled_from(fixed), st.text(alphabet="ab./\\\x00", max_size=8))
+
+
+def _content_for(key: str, d: Path) -> bytes:
+    """The bytes that name would have if pathlib followed it (what a forger lists, to pass the hash check)."""
+    p = d / key
+    try:
+        return p.read_bytes() if p.is_file() else b"?"
+    except (OSError, ValueError):
+        return b"?"
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), fmt=st.sampled_from([None, 2]), hard=st.booleans(), via=st.booleans())
+def test_no_forged_manifest_changes_anything_outside_its_directory(tmp_path_factory, data, fmt, hard, via):
+    tmp = tmp_path_factory.mktemp("forged")
+    user_file(tmp / "outside" / "victim.txt", "victim")
+    user_file(tmp / "outside" / "sub" / "deep.txt", "deep victim")
+    os.chmod(tmp / "outside" / "victim.txt", 0o640)
+    d = tmp / "work" / "D"
+    user_file(d / "inside.txt", "inside")
+    user_file(d / "nested" / "in.txt", "nested")
+    if hard:
+        os.link(tmp / "outside" / "victim.txt", d / "hard.txt")
+    if via:
+        os.symlink(tmp / "outside", d / "via")
+    honest = ["inside.txt", "nested/in.txt"] if data.draw(st.booleans()) else []  # what is there, listed
+    keys = honest + data.draw(st.just([]) | st.lists(_keys(tmp), max_size=4))
+    forge(d, [(k, _content_for(k, d)) for k in keys], fmt=fmt)
+    outside = tree(tmp / "outside")
+    inside = tree(d)
+    owned = why_not_owned(d) is None
+    event("owned" if owned else "refused")
+    if not owned:
+        assert not remove_owned(d) and tree(d) == inside
+        with pytest.raises(FileExistsError):
+            check_dir_target(d, overwrite=True)
+    else:
+        write_dir_atomic(d, {"config.json": lambda p: p.write_text("{}")}, overwrite=True)
+        assert remove_owned(d) and not d.exists()
+    assert tree(tmp / "outside") == outside
+
+
+# ---------------------------------------------------------------------------------- reserved names
+
+def test_a_users_file_named_like_the_lock_is_never_deleted_or_written(tiny_cli, tmp_path, capsys):
+    """``.LK2.lock`` beside ``--out LK2``: a user's file, folder or link of that name is refused and kept."""
+    target = user_file(tmp_path / "target.txt", "a link's target")
+    for make in (lambda p: p.write_text("my lock notes"), lambda p: p.mkdir(),
+                 lambda p: p.symlink_to(tmp_path / "target.txt")):
+        lock = tmp_path / ".LK2.lock"
+        make(lock)
+        before = tree(tmp_path)
+        code, err = run(["train", "--out", str(tmp_path / "LK2"), *TRAIN_ARGS], capsys)
+        assert code == 2 and ".LK2.lock is in the way" in err and err.count("\n") == 1
+        assert tree(tmp_path) == before and (tmp_path / "target.txt").read_bytes() == target
+        lock.rmdir() if lock.is_dir() and not lock.is_symlink() else lock.unlink()
+    with claim(tmp_path / "LK2"):
+        assert (tmp_path / ".LK2.lock").read_bytes() == ownership.LOCK_MARK
+    assert not (tmp_path / ".LK2.lock").exists() and not list(tmp_path.glob(".LK2.lock.*"))
+
+
+def test_a_hard_link_at_a_temporary_manifest_name_is_never_written_through(tmp_path):
+    """The manifest is written to a fresh, randomly named file, never to a name that exists."""
+    d = tmp_path / "S"
+    user_file(d / "run_config.json", "{}")
+    mine = user_file(tmp_path / "mine.txt", "the user's linked file")
+    os.link(tmp_path / "mine.txt", tmp_path / "S_tmp_link")
+    os.rename(tmp_path / "S_tmp_link", d / f"{MANIFEST}.tmp")
+    with pytest.raises(ValueError, match="hard links"):
+        write_manifest(d, kind="study")  # a file of the user's inside is refused, not listed
+    assert (tmp_path / "mine.txt").read_bytes() == mine
+
+
+def test_a_users_lock_named_file_inside_an_artifact_is_not_ignored(tiny_cli, tmp_path, capsys):
+    """``.notes.lock`` the user put inside an artifact makes it not the project's: --overwrite refuses, nothing
+    moves to ``LK.prev``."""
+    art = tmp_path / "LK"
+    assert run(["train", "--out", str(art), *TRAIN_ARGS], capsys)[0] == 0
+    user_file(art / ".notes.lock", "my notes")
+    before = tree(tmp_path)
+    code, err = run(["train", "--out", str(art), "--overwrite", *TRAIN_ARGS], capsys)
+    assert code == 2 and "'.notes.lock'" in err
+    assert tree(tmp_path) == before and not (tmp_path / "LK.prev").exists()
