@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny random model (seconds) and the real default model (``slow``, loaded once)."""
+"""Shared fixtures: a tiny random model (seconds), the real default model (``slow``, loaded once), and the data
+beside the checkout (``shared``: skipped without it, failed under CI)."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,6 +18,51 @@ CHECKED = ("interp_steer", "analysis")
 install_import_hook(CHECKED, "beartype.beartype")
 
 from interp_steer.models import load_model, tiny_model  # noqa: E402
+
+# --- ../shared: data beside the checkout. CI has it; a clone from the project's public home does not. -------------
+# A test that reads it is marked `@pytest.mark.shared("data/NAME", ...)` (the paths it needs, relative to ../shared)
+# and takes the `shared_dir` fixture. Without them it skips, with one line naming the missing path; under CI
+# (`.ci/run` sets INTERP_STEER_REQUIRE_SHARED=1; CI=true does the same) it fails, so CI never skips it silently.
+SHARED_ENV, REQUIRE_ENV = "INTERP_STEER_SHARED", "INTERP_STEER_REQUIRE_SHARED"
+SHARED = Path(os.environ.get(SHARED_ENV) or Path(__file__).resolve().parents[2] / "shared")
+
+
+def shared_required(env=os.environ) -> bool:
+    """Whether a missing ../shared fails the tests that read it: INTERP_STEER_REQUIRE_SHARED if set (0/false/no:
+    skip), else CI (true/1/yes: fail)."""
+    flag = env.get(REQUIRE_ENV, "").strip().lower()
+    if flag:
+        return flag not in ("0", "false", "no")
+    return env.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing_shared(marker, root: Path = SHARED) -> str | None:
+    """The first path a `shared` marker names (default: ``data``) that is not under ``root``, as a message."""
+    for rel in marker.args or ("data",):
+        if not (root / rel).exists():
+            return (f"{root / rel} is missing: this test reads ../shared beside the checkout ({SHARED_ENV}=DIR "
+                    "points elsewhere)")
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before any fixture (the real model) is set up
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("shared")
+    why = missing_shared(marker) if marker is not None else None
+    if why is None:
+        return
+    if shared_required():
+        pytest.fail(f"{why}; {REQUIRE_ENV} or CI requires it", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture
+def shared_dir(request) -> Path:
+    """The ../shared directory (``$INTERP_STEER_SHARED`` if set), for a test marked ``@pytest.mark.shared(...)``."""
+    if request.node.get_closest_marker("shared") is None:
+        pytest.fail('a test reading ../shared must be marked @pytest.mark.shared("data/NAME"): `make test-fast` '
+                    "deselects those, and a missing ../shared skips them", pytrace=False)
+    return SHARED
 
 
 @pytest.fixture(scope="session")

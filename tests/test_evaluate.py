@@ -2,7 +2,6 @@
 
 import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from interp_steer.directions import SteeringVector
 
 from interp_steer import evaluate as ev  # imported under the jaxtyping import hook by conftest.py
 
-DAILY = Path(__file__).resolve().parents[2] / "shared" / "data" / "daily_dilemmas"
+DAILY = "data/daily_dilemmas"  # under ../shared (tests/conftest.py: the `shared` marker and fixture)
 INSTRUCTION = 'Answer with "My choice: Yes" or "My choice: No".'
 
 
@@ -381,12 +380,12 @@ def test_daily_dilemmas_labels_from_truthfulness_virtue(tmp_path):
         ev.load_daily_dilemmas_csv(write_tqa(tmp_path / "at.csv", [rows[0], ("1", "x", "maybe", "[]")], header))
 
 
-@pytest.mark.shared
-def test_real_daily_dilemmas_files():
-    assert DAILY.is_dir(), f"{DAILY} is missing: this test reads ../shared (CI has it); run `make test-fast` without it"
-    plain = ev.load_daily_dilemmas_csv(DAILY / "dilemma.csv")
+@pytest.mark.shared(DAILY)
+def test_real_daily_dilemmas_files(shared_dir):
+    daily = shared_dir / DAILY
+    plain = ev.load_daily_dilemmas_csv(daily / "dilemma.csv")
     assert len(plain) == 1360 and all(d.honest_answer is None for d in plain)
-    detail = {d.id: d.honest_answer for d in ev.load_daily_dilemmas_csv(DAILY / "dilemmas_with_detail_by_action_test.csv")}
+    detail = {d.id: d.honest_answer for d in ev.load_daily_dilemmas_csv(daily / "dilemmas_with_detail_by_action_test.csv")}
     assert detail == {"dd-55": "Yes", "dd-107": None, "dd-176": "Yes", "dd-257": None}
 
 
@@ -397,15 +396,14 @@ def test_real_model_puts_its_next_token_mass_on_yes_or_no(real):
     assert res.n_dropped == 0 and res.choice_mass > 0.5  # the prompt works: the answer follows "My choice:"
 
 
-@pytest.mark.shared
-def test_steering_f1_on_daily_dilemmas_labelled_sample(tiny):
+@pytest.mark.shared(DAILY)
+def test_steering_f1_on_daily_dilemmas_labelled_sample(tiny, shared_dir):
     """DailyDilemmas' labelled dilemmas as the target cluster of the honesty concept's forced choice: the effect's
     series and Steering F1 from them, on the tiny model (steered by a scaled final norm, a real change of answers)."""
     from interp_steer.concepts import forced_choice_effect, honesty_f1
 
     bridge, tok = tiny
-    assert DAILY.is_dir(), f"{DAILY} is missing: this test reads ../shared (CI has it); run `make test-fast` without it"
-    labelled = [d for d in ev.load_daily_dilemmas_csv(DAILY / "dilemmas_with_detail_by_action_test.csv")
+    labelled = [d for d in ev.load_daily_dilemmas_csv(shared_dir / DAILY / "dilemmas_with_detail_by_action_test.csv")
                 if d.honest_answer is not None]
     effect = forced_choice_effect(len(labelled), 6, dilemmas=labelled)
     assert effect.extra == ("f1_target", "f1_control", "choice_mass")
