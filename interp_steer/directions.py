@@ -174,10 +174,12 @@ def retain_grad_hook(store: dict[str, Tensor], key: str) -> Callable:
 
 
 def additive_vector(bridge: TransformerBridge, name: str, artifact, hs: dict, batches) -> SteeringVector:
-    """The additive steer ``name`` (pca_diff, pca_center, mean_diff, random, gradient) at the hooks of ``hs``."""
+    """The additive steer ``name`` (pca_diff, pca_center, mean_diff, random, gradient) at the hooks of ``hs``.
+    ``random`` is drawn from the artifact's training seed: each seed of a study is a fresh draw, so the null
+    control's interval over seeds is an interval over directions."""
     if name == "gradient":
         layers = [layer_of(n) for n in hs]
         # a forward + backward per batch: 4 batches (~32 pairs) give a stable mean at a fraction of the cost
         dirs = gradient_directions(bridge, batches[:4], layers, artifact.loss_hook, artifact.d_steer)
         return SteeringVector(dirs, steering_vector(hs, "mean_diff").scales)
-    return steering_vector(hs, name)
+    return steering_vector(hs, name, seed=artifact.config.seed if artifact is not None else 0)

@@ -36,7 +36,7 @@ import torch
 
 from . import progress as command_progress
 from .commands import check_device, concept_report, merge_units, planned_units
-from .concepts import get_concept
+from .concepts import F1_THRESHOLDS, get_concept
 from .config import ConfigError, StudyRun, run_config_doc
 from .io import (
     RUN_CONFIG_FILE, check_dir_target, read_json, write_dir_atomic, write_json_atomic, write_text_atomic,
@@ -49,6 +49,7 @@ from .report import mean_ci, paired_difference, write_outputs
 from .train import kl_text
 
 CELLS = "cells"
+PROMPTING_KL = "at prompting's KL"  # the comparisons read at prompting's own cost
 CELL_FILE = "cell.json"
 FIGURES = "figures"
 
@@ -175,7 +176,7 @@ def cell_summary(cell: Cell, report: dict, seconds: float) -> dict:
 
 def run_cell(bridge, tok, cell: Cell, cfg: StudyRun, generic, out: Path) -> None:
     """Train and sweep one cell into a temporary directory, then move it into ``out/cells/ID`` whole."""
-    concept = get_concept(cell.concept)
+    concept = get_concept(cell.concept, cfg.data_dir)
 
     def fill(tmp: Path) -> None:
         t = time.perf_counter()
@@ -194,7 +195,7 @@ def run_study(cfg: StudyRun) -> dict:
     cell. Returns the pooled results."""
     check_device(cfg)
     for c in cfg.concepts:
-        get_concept(c)  # an unknown name fails before any work
+        get_concept(c, cfg.data_dir)  # an unknown name (or unreadable CAA data) fails before any work
     out = Path(cfg.out)
     cells = study_cells(cfg)
     i, n = shard(cfg)
@@ -217,9 +218,10 @@ def run_cells(todo: Sequence[Cell], cfg: StudyRun, out: Path) -> None:
     learnt per model and kind of work (progress.py)."""
     loaded = load_model(todo[0].model, cfg.device, cfg.dtype)
     tok = loaded[1]
-    n_pairs = {c: len(get_concept(c).pairs(tok)) for c in cfg.concepts}  # the pair texts need no model
+    concepts = {c: get_concept(c, cfg.data_dir) for c in cfg.concepts}
+    n_pairs = {c: len(concepts[c].pairs(tok)) for c in cfg.concepts}  # the pair texts need no model
     plans = [({f"{m}:kl_text": 1}, {}) for m in dict.fromkeys(c.model for c in todo)]
-    plans += [planned_units(get_concept(c.concept), n_pairs[c.concept], (c.seed,), cfg.train, cfg.sweep,
+    plans += [planned_units(concepts[c.concept], n_pairs[c.concept], (c.seed,), cfg.train, cfg.sweep,
                             prefix=f"{c.model}:") for c in todo]
     counts, prior = merge_units(*plans)
     model, generic = None, None
@@ -298,6 +300,9 @@ def pool(cells: dict[str, dict]) -> dict:
                 if side == "plus" and all(ends) and ends:
                     row["steering_f1"] = _over_seeds([_num(x.get("steering_f1")) for x in ends], None)
                     row["steering_f1_raw"] = _over_seeds([_num(x.get("f1_raw")) for x in ends], None)
+                    row["steering_f1_by_threshold"] = {
+                        label: _over_seeds([_num(x.get("by_threshold", {}).get(label, {}).get("steering_f1"))
+                                            for x in ends], None) for label in F1_THRESHOLDS}
                     row["focus"] = [_num(x.get("focus")) for x in ends]
                     row["mass"] = [x.get("mass") for x in ends]
                 rows.append(row)
@@ -338,6 +343,34 @@ def compare(cs: list[dict], effects: Sequence[str], primary: str) -> list[dict]:
                 lo, hi = pooled["ci95"]
                 out.append({"side": side, "effect": e, "against": other, "label": label, **pooled,
                             "significant": bool(lo > 0 or hi < 0)})
+        out += _at_prompting_cost(cs, effects, side, sign)
+    return out
+
+
+def _at_prompting_cost(cs: list[dict], effects: Sequence[str], side: str, sign: float) -> list[dict]:
+    """Every steering method against prompting at prompting's own KL that way (the sweep's ``at_prompting_cost``),
+    paired per seed over items like ``compare``; label ``at prompting's KL``."""
+    iso0 = cs[0]["iso_table"]
+    if "prompting" not in iso0 or "at_prompting_cost" not in iso0["prompting"]:
+        return []
+    out = []
+    for m in [m for m in iso0 if m != "prompting"]:
+        for e in effects:
+            per = []
+            for c in cs:
+                a = c["iso_table"][m].get("at_prompting_cost", {}).get(side, {}).get("effects", {}).get(e)
+                b = c["iso_table"]["prompting"]["at_prompting_cost"][side]["effects"].get(e)
+                if a is None or b is None:
+                    continue
+                per.append(paired_difference([sign * _num(x) for x in a["item_deltas"]],
+                                             [sign * _num(x) for x in b["item_deltas"]]))
+            if not per:
+                continue
+            pooled = _over_seeds([p["diff"] for p in per], per[0]["ci95"] if len(per) == 1 else None)
+            lo, hi = pooled["ci95"]
+            kl = [_num(c["iso_table"]["prompting"]["at_prompting_cost"][side]["cost"]) for c in cs]
+            out.append({"side": side, "effect": e, "method": m, "against": "prompting", "label": PROMPTING_KL,
+                        "kl": kl, **pooled, "significant": bool(lo > 0 or hi < 0)})
     return out
 
 
@@ -356,7 +389,8 @@ def group_markdown(g: dict, budget: float) -> list[str]:
     sign_of = {"plus": "+", "minus": "−"}
     f1 = any("steering_f1" in r for r in g["rows"])
     head = (f"| method | dir | Δ {primary} [95% CI] | " + "".join(f"Δ {e} | " for e in effects[1:])
-            + "KL at c* | peak Δ within budget [95% CI] | " + ("Steering F1 (raw) | " if f1 else ""))
+            + "KL at c* | peak Δ within budget [95% CI] | "
+            + ("Steering F1 @0.5 / @0.95 / @0.05 (raw) | " if f1 else ""))
     lines = [f"### {g['model']} · {g['concept']} (seeds {', '.join(map(str, g['seeds']))})", "", head.rstrip(),
              "|" + "---|" * (head.count("|") - 1)]
     for r in g["rows"]:
@@ -367,17 +401,56 @@ def group_markdown(g: dict, budget: float) -> list[str]:
                  *(_ci(r["effects"][e]) for e in effects[1:]), _f(sum(kl) / len(kl) if kl else math.nan, ".3f"),
                  _ci(r["peak"]["delta"]) + back]
         if f1:
-            cells.append(f"{_f(r['steering_f1']['mean'], '.1f')} ({_f(r['steering_f1_raw']['mean'], '.1f')})"
-                         if "steering_f1" in r else "")
+            by = r.get("steering_f1_by_threshold", {})
+            cells.append(" / ".join(_f(by[k]["mean"], ".1f") if k in by else "–" for k in F1_THRESHOLDS)
+                         + f" ({_f(r['steering_f1_raw']['mean'], '.1f')})" if "steering_f1" in r else "")
         lines.append("| " + " | ".join(cells) + " |")
+    seeds = lambda c: f"{c.get('ci_kind', '')} ({c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''})"  # noqa: E731
     lines += ["", f"Adapter against the others at KL = {budget} (> 0: the adapter steers further that way; "
               "* marks a 95 % CI excluding 0):", "", "| dir | effect | adapter − | diff [95% CI] | CI over |",
               "|---|---|---|---|---|"]
     for c in g["comparisons"]:
+        if c["label"] == PROMPTING_KL:
+            continue
         name = c["against"] if c["label"] != "best additive" else f"{c['against']} (best additive)"
         lines.append(f"| {sign_of[c['side']]} | {c['effect']} | {name} | {_ci(c)}{' *' if c['significant'] else ''}"
-                     f" | {c.get('ci_kind', '')} ({c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}) |")
+                     f" | {seeds(c)} |")
+    at_prompt = [c for c in g["comparisons"] if c["label"] == PROMPTING_KL]
+    if at_prompt:
+        lines += ["", "Every steering method against prompting at the KL prompting itself spends that way (> 0: the "
+                  "method steers further than the prompt at equal cost):", "",
+                  "| dir | effect | method − prompting | prompting's KL | diff [95% CI] | CI over |",
+                  "|---|---|---|---|---|---|"]
+        for c in at_prompt:
+            kl = [x for x in c["kl"] if math.isfinite(x)]
+            lines.append(f"| {sign_of[c['side']]} | {c['effect']} | {c['method']} | "
+                         f"{_f(sum(kl) / len(kl) if kl else math.nan, '.3f')} | {_ci(c)}"
+                         f"{' *' if c['significant'] else ''} | {seeds(c)} |")
     return lines + [""]
+
+
+def verdict(pooled: dict) -> dict:
+    """Per model, how many (concept, direction) pairs put the adapter ahead of, level with or behind the best
+    additive baseline on the primary effect at the budget (ahead/behind: the paired 95 % CI excludes 0)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for g in pooled["groups"]:
+        primary = g["effects"][0]["name"]
+        v = out.setdefault(g["model"], {"ahead": [], "level": [], "behind": []})
+        for c in g["comparisons"]:
+            if c["label"] != "best additive" or c["effect"] != primary:
+                continue
+            lo, hi = c["ci95"]
+            key = "ahead" if lo > 0 else "behind" if hi < 0 else "level"
+            v[key].append(f"{g['concept']} {'↑' if c['side'] == 'plus' else '↓'}")
+    return out
+
+
+def verdict_markdown(pooled: dict) -> list[str]:
+    lines = ["| model | adapter ahead of the best additive | level | behind |", "|---|---|---|---|"]
+    for model, v in verdict(pooled).items():
+        lines.append(f"| {model} | " + " | ".join(f"{len(v[k])}" + (f" ({', '.join(v[k])})" if v[k] else "")
+                                                for k in ("ahead", "level", "behind")) + " |")
+    return lines
 
 
 def summary_markdown(pooled: dict) -> list[str]:
@@ -385,8 +458,8 @@ def summary_markdown(pooled: dict) -> list[str]:
     seeds; † budget not reached), and the adapter against the best additive baseline with its interval. The
     README's results table is this table (tests/test_readme.py checks it)."""
     head = ("| model · concept (effect; seeds) | adapter ↑ / ↓ | best additive ↑ / ↓ | prompting ↑ / ↓ | "
-            "random ↑ / ↓ | adapter − best additive ↑ / ↓ [95% CI] |")
-    lines = [head, "|---|---|---|---|---|---|"]
+            "random ↑ / ↓ | adapter − best additive ↑ / ↓ [95% CI] | adapter − prompting at its KL ↑ / ↓ |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for g in pooled["groups"]:
         p = g["effects"][0]["name"]
         by: dict = {}
@@ -400,15 +473,19 @@ def summary_markdown(pooled: dict) -> list[str]:
         best = {c["side"]: c for c in g["comparisons"] if c["effect"] == p and c["label"] == "best additive"}
         names = "/".join(dict.fromkeys(c["against"] for c in best.values())) or "–"
 
-        def diff(side: str) -> str:
-            c = best.get(side)
+        at_kl = {c["side"]: c for c in g["comparisons"]
+                 if c["effect"] == p and c["label"] == PROMPTING_KL and c["method"] == "adapter"}
+
+        def diff(side: str, of: dict = best) -> str:
+            c = of.get(side)
             return "–" if c is None else _ci(c, "+.2f") + (" *" if c["significant"] else "")
 
         lines.append(f"| {g['model']} · {g['concept']} ({p}; {len(g['seeds'])}) | {at('adapter', 'plus')} / "
                      f"{at('adapter', 'minus')} | {names}: "
                      + " / ".join(at(best[s]["against"], s) if s in best else "–" for s in ("plus", "minus"))
                      + f" | {at('prompting', 'plus')} / {at('prompting', 'minus')} | {at('random', 'plus')} / "
-                     f"{at('random', 'minus')} | {diff('plus')} / {diff('minus')} |")
+                     f"{at('random', 'minus')} | {diff('plus')} / {diff('minus')} | {diff('plus', at_kl)} / "
+                     f"{diff('minus', at_kl)} |")
     return lines
 
 
@@ -494,12 +571,18 @@ def study_markdown(pooled: dict, cells: dict[str, dict], cfg: StudyRun, figures:
              "paired 95 % interval over items. 'peak Δ within budget': the largest effect that way at any measured "
              "coefficient whose KL is within the budget (↩: a seed's curve turns back, its effect at the budget "
              "is significantly below its peak). Steering F1: AntiPaSTO's metric (arXiv 2601.07473) at the budget "
-             "coefficients, NaN when the Yes/No mass at ±c is below 0.95; raw: without the mass factor.", ""]
+             "coefficients, NaN where the Yes/No mass at ±c is below the threshold; shown at 0.5 (the threshold "
+             "its evaluation code passed for its published numbers), 0.95 (its caption) and 0.05 (its code since "
+             "2026-01-18); raw: without the mass factor. 'adapter − prompting at its KL': both read where "
+             "prompting's own KL lies (prompting rarely spends the budget).", ""]
     if first:
         parts += [f"Items: {first['data']['items']}; machine: {first['machine']['platform']}, "
                   f"{first['machine']['torch_threads']} torch threads. Cell time: "
                   + ", ".join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in sorted(cells.items())) + ".", ""]
     if pooled["groups"]:
+        parts += ["## Verdict", "", "Per model, the (concept, direction) pairs where the adapter's effect at the "
+                  "budget is ahead of, level with or behind the best additive baseline's (paired 95 % CI):", "",
+                  *verdict_markdown(pooled), ""]
         parts += ["## Summary", "", f"Δ of each concept's primary effect at KL = {budget} (↑: toward the concept, ↓: "
                   "away; mean over seeds; † the budget was not reached, the last point is shown); * marks an "
                   "interval excluding 0.", "", *summary_markdown(pooled), ""]

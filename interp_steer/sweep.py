@@ -331,4 +331,33 @@ def run_sweep(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, methods: 
     results = []
     for m in tqdm(methods, desc="methods", disable=not progress or command_progress.active()):
         results.append(sweep_method(bridge, tok, m, data, zero))
+    at_prompting_cost(results, data.budget_metric, data.primary)
     return results
+
+
+def at_prompting_cost(results: Sequence[MethodResult], budget_metric: BudgetMetric, primary: str,
+                      name: str = "prompting") -> None:
+    """Every method's effects at the cost prompting itself spends, per direction (``iso["at_prompting_cost"]``):
+    a prompt rarely spends the budget, so "adapter vs prompting" at the budget compares unequal costs; here the
+    steer is read where its curve reaches prompting's KL at c = ±1 (interpolated per item, as at the budget)."""
+    prompt = next((r for r in results if r.name == name), None)
+    if prompt is None:
+        return
+    for side, sign in (("plus", 1.0), ("minus", -1.0)):
+        target = next((p.cost(budget_metric) for p in prompt.points if p.coeff == sign), math.nan)
+        for r in results:
+            c = [p.coeff for p in r.points]
+            if r is prompt:
+                coeff, reached = sign, True
+            elif math.isfinite(target) and target <= 0:  # ΔNLL can be negative: equal cost is c = 0 itself
+                coeff, reached = 0.0, True
+            elif math.isfinite(target):
+                costs = [p.cost(budget_metric) for p in r.points]
+                iso = iso_coherence(c, [p.effects[primary] for p in r.points], costs, target)
+                ip = iso.plus if side == "plus" else iso.minus
+                coeff, reached = ip.coeff, ip.crossed
+            else:
+                coeff, reached = math.nan, False
+            r.iso.setdefault("at_prompting_cost", {})[side] = {
+                "cost": target, "coeff": coeff, "reached": reached,
+                "effects": {e: paired_delta(r.points, coeff, e) for e in r.points[0].effects}}

@@ -86,3 +86,15 @@ def test_gradient_direction_at_the_loss_layer_is_d_steer(tiny):
     g0 = g["blocks.0.hook_resid_post"]
     assert torch.isfinite(g0).all() and g0.norm().item() == pytest.approx(1.0, abs=1e-5)
     assert all(p.grad is None for p in bridge.parameters())
+
+
+def test_the_random_baseline_is_a_fresh_draw_per_training_seed(tiny, hs):
+    from types import SimpleNamespace
+
+    from interp_steer.directions import additive_vector
+
+    states = {"blocks.0.hook_resid_post": hs[0]}
+    art = lambda seed: SimpleNamespace(config=SimpleNamespace(seed=seed))  # noqa: E731
+    d0, d0b, d1 = (additive_vector(tiny[0], "random", art(s), states, []).directions["blocks.0.hook_resid_post"]
+                   for s in (0, 0, 1))
+    assert torch.equal(d0, d0b) and not torch.allclose(d0, d1)  # the same seed, the same draw; another, another

@@ -16,8 +16,8 @@ from interp_steer.concepts import get_concept
 from interp_steer.evaluate import coherence_reference, load_neutral_texts
 from interp_steer.report import comparisons, paired_difference, seed_groups, write_outputs
 from interp_steer.sweep import (
-    Method, Point, SweepData, adapter_method, budget_bracket, dose_grid, iso_summary, paired_delta, prompting_method,
-    run_sweep, vector_method,
+    Method, MethodResult, Point, SweepData, adapter_method, at_prompting_cost, budget_bracket, dose_grid, iso_summary,
+    paired_delta, prompting_method, run_sweep, vector_method,
 )
 
 
@@ -137,6 +137,24 @@ def test_paired_delta_matches_a_hand_computation():
     assert out["n_items"] == 3 and out["se"] == pytest.approx(se, rel=1e-9)
     assert out["delta_paired"] == pytest.approx(mean) and out["ci95"][0] == pytest.approx(mean - 1.959964 * se, rel=1e-6)
     assert out["item_deltas"][:3] == pytest.approx(deltas) and math.isnan(out["item_deltas"][3])
+
+
+def test_every_method_is_also_read_at_the_cost_prompting_spends():
+    """Prompting spends KL 0.04 up and 0.09 down (its points at c = ±1); a steer of cost c² and effect 2c is read
+    at c = +0.2 and c = −0.3 (interpolated between measured points, per item), prompting at its own ±1."""
+    steer = synthetic({c: [2 * c, 2 * c + 0.1, 2 * c - 0.1] for c in (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)})
+    prompt = [Point("prompting", c, dnll=k, kl_mean=k, kl_p95=0.0, effects={"e": e}, items={"e": [e, e + 1, e - 1]})
+              for c, k, e in ((-1.0, 0.09, -0.3), (0.0, 0.0, 0.0), (1.0, 0.04, 0.5))]
+    results = [MethodResult("m", steer), MethodResult("prompting", prompt)]
+    at_prompting_cost(results, "kl", "e")
+    up, down = results[0].iso["at_prompting_cost"]["plus"], results[0].iso["at_prompting_cost"]["minus"]
+    # cost is c² only at the measured points: linear between them, so KL 0.04 falls at c = 0.25·0.04/0.0625
+    assert up["cost"] == 0.04 and up["reached"] and up["coeff"] == pytest.approx(0.16)
+    assert up["effects"]["e"]["delta"] == pytest.approx(0.32)
+    assert down["coeff"] == pytest.approx(-(0.25 + 0.25 * (0.09 - 0.0625) / (0.25 - 0.0625)))
+    own = results[1].iso["at_prompting_cost"]
+    assert own["plus"]["coeff"] == 1.0 and own["plus"]["effects"]["e"]["delta"] == pytest.approx(0.5)
+    assert own["minus"]["effects"]["e"]["item_deltas"] == pytest.approx([-0.3] * 3)  # paired against its c = 0
 
 
 def test_dose_grid_measures_at_least_seven_points_per_direction_around_the_crossing():
