@@ -431,9 +431,13 @@ class EvalRun(Config):
 DEMO_TRAIN = {"steps": 8, "kl_texts": 12, "n_pairs": 64}
 DEMO_SWEEP = {"methods": ("adapter", "mean_diff", "pca_diff", "random", "prompting"), "n_items": 12,
               "n_secondary": 0, "n_neutral": 8, "bisect": 1, "grid": (0.5,)}
-POWERED = {"train": {"steps": 48, "kl_texts": 32, "n_pairs": None},
-           "sweep": {"methods": METHODS, "n_items": 100, "n_secondary": 16, "n_neutral": 45, "bisect": 3,
-                     "grid": (0.25, 0.5, 0.75, 1.25, 1.5, 2.0)}}
+# Powered: >= 100 held-out items, every neutral text, a tight bracket and 8 measured points per dose curve, all
+# within 1.5x the budget (the bracket's two ends and 6 fractions of c*; KL grows about as c^2, so 1.15 c* costs
+# about 1.3x the budget); no VADER (16 replies gave intervals wider than the differences reported); 256 pairs
+# (205 to train on, the rest held out: the reference and baseline captures stay minutes on long A/B prompts).
+POWERED = {"train": {"steps": 48, "kl_texts": 32, "n_pairs": 256},
+           "sweep": {"methods": METHODS, "n_items": 100, "n_secondary": 0, "n_neutral": 45, "bisect": 3,
+                     "grid": (0.2, 0.4, 0.6, 0.8, 0.9, 1.15)}}
 
 
 class _Preset:
@@ -443,7 +447,8 @@ class _Preset:
     @classmethod
     def from_dict(cls, d: Any, where: str = "") -> Any:
         if isinstance(d, dict):
-            preset = POWERED if d.get("powered") is True else {"train": DEMO_TRAIN, "sweep": DEMO_SWEEP}
+            powered = d.get("powered", cls.__dataclass_fields__["powered"].default)  # type: ignore[attr-defined]
+            preset = POWERED if powered is True else {"train": DEMO_TRAIN, "sweep": DEMO_SWEEP}
             d = dict(d)
             for name, values in preset.items():
                 given = d.get(name, {})
@@ -518,7 +523,8 @@ class StudyRun(_Preset, Config):
     shard: str | None = field(default=None, metadata={
         "help": "I/N: run every N-th cell from the I-th (0-based); under torchrun: the rank and world size"})
     overwrite: bool = field(default=False, metadata={"help": "recompute finished cells too (else they are kept)"})
-    powered: bool = field(default=False, metadata={"help": "the full protocol's sizes instead of the quick ones"})
+    powered: bool = field(default=True, metadata={
+        "help": "the powered protocol (config.POWERED); --no-powered: the quick demo's sizes"})
     report_only: bool = field(default=False, metadata={"help": "write the report from finished cells; run none"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**DEMO_TRAIN))
     sweep: SweepConfig = field(default_factory=lambda: SweepConfig(**DEMO_SWEEP))
