@@ -255,6 +255,7 @@ def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = Fa
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         follow_umask(tmp, directory=True)
         prev = path.with_name(path.name + ".prev")
+        moved = False  # path became prev here: proven the project's above, whatever name it was written as
         try:
             if callable(writers):
                 writers(tmp)
@@ -269,12 +270,13 @@ def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = Fa
                     if prev.exists() and not remove_owned(prev, path.name, (kind,)):  # stale, from an earlier kill
                         raise FileExistsError(f"{prev} could not be removed; nothing was replaced")
                     os.replace(path, prev)
+                    moved = True
             os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a fresh directory of this call's own making
             raise
         if prev.exists():
-            remove_owned(prev, path.name, (kind,))
+            remove_owned(prev, None if moved else path.name, (kind,))
     return path
 
 
@@ -391,13 +393,14 @@ def artifact_writers(artifact: SteeringArtifact) -> dict[str, Callable[[Path], N
 
 
 def save_artifact(path: str | Path, artifact: SteeringArtifact, *, overwrite: bool = False,
-                  run_config: dict | None = None) -> Path:
-    """Write the artifact directory at once (see module docstring); ``run_config`` goes beside it."""
+                  run_config: dict | None = None, identity: str | None = None) -> Path:
+    """Write the artifact directory at once (see module docstring); ``run_config`` goes beside it; ``identity``
+    (``train.run_identity``) goes into its manifest."""
     writers = artifact_writers(artifact)
     if run_config is not None:
         text = json_text(run_config)
         writers[RUN_CONFIG_FILE] = lambda p: p.write_text(text)
-    return write_dir_atomic(path, writers, overwrite)
+    return write_dir_atomic(path, writers, overwrite, identity=identity)
 
 
 _SPEC_KEYS = {"site", "rank", "scale", "rotate_u", "bias"}
@@ -551,8 +554,10 @@ class Checkpoint:
     duals: list[float] = field(default_factory=list)  # the KL constraint's multipliers (c = +1, c = −1)
 
 
-def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
-    """The artifact's files plus the optimiser state, swapped into place at once (``write_dir_atomic``)."""
+def save_checkpoint(path: str | Path, ckpt: Checkpoint, identity: str | None = None,
+                    run_config: dict | None = None) -> Path:
+    """The artifact's files plus the optimiser state, swapped into place at once (``write_dir_atomic``); its
+    manifest records ``identity``, the run it belongs to, and ``run_config`` (how to resume it) goes beside."""
     state = ckpt.optimizer
     opt_tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in state["state"].items() for k, v in s.items()}
     trainer = {"step": ckpt.step, "scale": ckpt.scale, "duals": ckpt.duals, "param_groups": state["param_groups"]}
@@ -560,7 +565,10 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     writers[OPTIMIZER_FILE] = lambda p: save_file(opt_tensors, str(p))
     trainer_text = json_text(trainer)
     writers[TRAINER_FILE] = lambda p: p.write_text(trainer_text)
-    return write_dir_atomic(path, writers, overwrite=True, what="a checkpoint")
+    if run_config is not None:
+        run_text = json_text(run_config)
+        writers[RUN_CONFIG_FILE] = lambda p: p.write_text(run_text)
+    return write_dir_atomic(path, writers, overwrite=True, what="a checkpoint", identity=identity)
 
 
 def load_checkpoint(path: str | Path, bridge: TransformerBridge) -> Checkpoint | None:
@@ -594,8 +602,45 @@ def load_checkpoint(path: str | Path, bridge: TransformerBridge) -> Checkpoint |
                       float(trainer["scale"]), [float(x) for x in trainer.get("duals", [])])
 
 
-def remove_checkpoint(path: str | Path) -> None:
-    """Remove a finished run's checkpoint directories, where they are provably the project's (``ownership``)."""
+def checkpoint_identity(path: str | Path, name: str | None = None) -> str | None:
+    """The run identity a checkpoint directory's manifest records, the directory written as ``name`` (default:
+    its name; ``X.ckpt`` for ``X.ckpt.prev``); None if it is not a checkpoint of the project's, or was written
+    before identities."""
+    path = Path(path)
+    m = read_manifest(path, name or path.name, ("checkpoint",))
+    return None if isinstance(m, str) else m.identity
+
+
+def check_checkpoint(out: str | Path, identity: str, overwrite: bool, resume: bool) -> None:
+    """Raise unless the checkpoint beside ``out`` (``out.ckpt`` and its ``.prev``) is absent or this run's: its
+    manifest records ``identity``. With ``resume`` the checkpoint is the one to continue (``train`` compares its
+    TrainConfig and identity once it is loaded). Another run's checkpoint is kept, named, with how to resume or
+    remove it, unless ``overwrite`` discards it. Writes nothing."""
+    out = Path(out)
+    ckpt = out.with_name(out.name + ".ckpt")
+    for p in (ckpt, ckpt.with_name(ckpt.name + ".prev")):
+        if not (p.exists() or p.is_symlink()):
+            continue
+        m = read_manifest(p, ckpt.name, ("checkpoint",))
+        if isinstance(m, str):
+            raise FileExistsError(f"{p} is in the way of the checkpoint of {out} ({m}); interp-steer will not touch "
+                                  "it. Move it away or choose another output path.")
+        if overwrite or resume or m.identity == identity:  # resumed: its TrainConfig and identity are compared
+            continue
+        how = (f"`interp-steer train --config {ckpt / RUN_CONFIG_FILE} --resume`" if (ckpt / RUN_CONFIG_FILE).is_file()
+               else "the command that wrote it, with --resume")
+        raise FileExistsError(f"{p} is the checkpoint of another training run (its config, pairs or model differ "
+                              f"from this one's); interp-steer keeps it. Resume that run with {how}, pass "
+                              "--overwrite to discard it, or remove it yourself.")
+
+
+def remove_checkpoint(path: str | Path, identity: str | None, resumed: bool = False, overwrite: bool = False
+                      ) -> None:
+    """Remove a finished run's checkpoint directories, where they are provably the project's (``ownership``) and
+    this run's: their manifest records ``identity`` (or, if ``resumed``, they were written before identities),
+    or ``overwrite`` discards another run's."""
     path = Path(path)
     for p in (path, path.with_name(path.name + ".prev")):
-        remove_owned(p, path.name)
+        found = checkpoint_identity(p, path.name)
+        if found == identity or overwrite or (resumed and found is None):
+            remove_owned(p, path.name, ("checkpoint",))

@@ -19,6 +19,8 @@ the one-process step. Rank 0 alone writes checkpoints and the artifact; the othe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import signal
 import threading
@@ -48,8 +50,8 @@ from .directions import dhs_svd_direction, mean_diff_direction, paired_diff
 from .distributed import World
 from .evaluate import evaluate_pairs, generate_ids, greedy_continuations, reply_batch
 from .io import (
-    CHECKPOINT_FILES, Checkpoint, SteeringArtifact, check_dir_target, load_checkpoint, remove_checkpoint, resolve_dir,
-    save_artifact, save_checkpoint,
+    CHECKPOINT_FILES, Checkpoint, SteeringArtifact, check_checkpoint, check_dir_target, checkpoint_identity,
+    load_checkpoint, model_name, remove_checkpoint, resolve_dir, save_artifact, save_checkpoint,
 )
 from .loss import (
     Total, behaviour_loss, dual_step, kl_lagrangian, shift_objective, steering_loss, token_kl, token_logprobs, token_mask,
@@ -478,6 +480,8 @@ class _Checkpoints:
     bridge: TransformerBridge
     cfg: TrainConfig
     data: dict | None
+    identity: str
+    run_config: dict | None
 
     def due(self, done: int, stop: bool) -> bool:
         every = self.cfg.checkpoint_every
@@ -486,7 +490,8 @@ class _Checkpoints:
     def save(self, step: int, adapters, d_steer: Tensor, hook: str, opt, scale: float, duals: Sequence[float]) -> None:
         if self.world.main:
             art = SteeringArtifact.build(self.bridge, adapters, d_steer, hook, self.cfg, {"step": step}, self.data)
-            save_checkpoint(self.path, Checkpoint(art, opt.state_dict(), step, scale, list(duals)))  # type: ignore[arg-type]
+            save_checkpoint(self.path, Checkpoint(art, opt.state_dict(), step, scale, list(duals)),  # type: ignore[arg-type]
+                            self.identity, self.run_config)
         if self.world.parallel:
             distributed.barrier()
 
@@ -517,17 +522,20 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
     """
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out.with_name(out.name + ".ckpt") if out is not None else None
-    if out is not None:  # a bad output path (or a checkpoint beside it that is not ours) is found now
+    identity = run_identity(cfg, model_name(bridge), pairs)
+    if out is not None:  # a bad output path (or a checkpoint beside it of another run) is found now
         check_dir_target(out, overwrite, siblings=(".ckpt",))
+        check_checkpoint(out, identity, overwrite, resume)
     torch.manual_seed(cfg.seed)
     world = distributed.current()
     progress = progress and world.main
     run = _prepare(bridge, tokenizer, pairs, cfg, world, progress, generic)
-    adapters, opt, start, d_steer, scale, duals = _start(bridge, cfg, run, ckpt_path if resume else None, world)
+    adapters, opt, start, d_steer, scale, duals = _start(bridge, cfg, run, ckpt_path if resume else None, world,
+                                                         identity)
     objective: Objective = (BehaviourObjective(run.cont, cfg) if run.cont is not None else
                             PairObjective(run.local, run.ref, run.hook, d_steer, scale, cfg, run.total))
     kl = KLConstraint(run.generic, d_steer, scale, cfg, duals, run.total) if run.generic is not None else None
-    ckpt = _Checkpoints(ckpt_path, world, bridge, cfg, data)
+    ckpt = _Checkpoints(ckpt_path, world, bridge, cfg, data, identity, run_config)
     timings = run.timings
 
     history: list[dict] = []
@@ -536,43 +544,49 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
                initial=start, total=cfg.steps)
     # every pass of the loop hooks blocks >= first only: the residual entering it is computed once per batch
     first = first_block([*(sp.site for sp in run.specs), run.hook, *([run.text_hook] if run.text_hook else [])])
-    with _DeferredInterrupt() as interrupt, reuse_prefix(bridge, first) as prefix:
-        for step in bar:
-            t = time.perf_counter()
-            loss, parts = objective.loss(step, bridge, adapters)
-            if kl is not None:
-                loss = kl.add(step, bridge, adapters, loss, parts)
-            t1 = time.perf_counter()
-            if not math.isfinite(parts["loss"]):
-                raise ckpt.diverged(parts, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world.parallel:  # each process holds its rows' part of the global loss's gradient
-                distributed.sum_gradients(adapters.parameters())
-            torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.grad_clip)
-            opt.step()
-            if kl is not None:
-                kl.update(parts)
-            fwd_s += t1 - t
-            bwd_s += time.perf_counter() - t1
-            history.append({"step": step, **parts})
-            if callback is not None:
-                callback(step, adapters)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k != "loss"})
-            command_progress.tick("step")
-            done = step + 1
-            # under torchrun every process gets the Ctrl-C, not necessarily in the same step: they agree first
-            stop = distributed.any_rank(interrupt.requested) if world.parallel else interrupt.requested
-            if ckpt.due(done, stop):
-                ckpt.save(done, adapters, d_steer, run.hook, opt, scale, kl.duals if kl else duals)
-            if stop:
-                tqdm.write(f"interrupted: checkpoint at {ckpt_path} (step {done}); rerun with --resume")
-                interrupt.stop()
-    n_steps = max(1, len(history))
-    timings.update(policy_forward_s_per_step=fwd_s / n_steps, backward_s_per_step=bwd_s / n_steps,
-                   train_s=fwd_s + bwd_s, prefix_reused=float(prefix.reused),
-                   prefix_full=float(prefix.full + prefix.filled))
-    return _finish(bridge, cfg, run, adapters, d_steer, scale, history, out, overwrite, data, run_config, world)
+    with _DeferredInterrupt() as interrupt:  # held through the artifact's writing: a late SIGTERM still gets it
+        with reuse_prefix(bridge, first) as prefix:
+            for step in bar:
+                t = time.perf_counter()
+                loss, parts = objective.loss(step, bridge, adapters)
+                if kl is not None:
+                    loss = kl.add(step, bridge, adapters, loss, parts)
+                t1 = time.perf_counter()
+                if not math.isfinite(parts["loss"]):
+                    raise ckpt.diverged(parts, step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if world.parallel:  # each process holds its rows' part of the global loss's gradient
+                    distributed.sum_gradients(adapters.parameters())
+                torch.nn.utils.clip_grad_norm_(adapters.parameters(), cfg.grad_clip)
+                opt.step()
+                if kl is not None:
+                    kl.update(parts)
+                fwd_s += t1 - t
+                bwd_s += time.perf_counter() - t1
+                history.append({"step": step, **parts})
+                if callback is not None:
+                    callback(step, adapters)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k != "loss"})
+                command_progress.tick("step")
+                done = step + 1
+                # under torchrun every process gets the Ctrl-C, not necessarily in the same step: they agree first
+                stop = distributed.any_rank(interrupt.requested) if world.parallel else interrupt.requested
+                if ckpt.due(done, stop):
+                    ckpt.save(done, adapters, d_steer, run.hook, opt, scale, kl.duals if kl else duals)
+                if stop:
+                    tqdm.write(f"interrupted: checkpoint at {ckpt_path} (step {done}); rerun with --resume")
+                    interrupt.stop()
+        n_steps = max(1, len(history))
+        timings.update(policy_forward_s_per_step=fwd_s / n_steps, backward_s_per_step=bwd_s / n_steps,
+                       train_s=fwd_s + bwd_s, prefix_reused=float(prefix.reused),
+                       prefix_full=float(prefix.full + prefix.filled))
+        result = _finish(bridge, cfg, run, adapters, d_steer, scale, history, out, overwrite, data, run_config, world,
+                         identity, resumed=resume and start > 0)
+        if interrupt.requested:  # the signal came after the last step: the artifact is whole, then it stops
+            tqdm.write(f"stopped after the last step; the artifact is written at {out}")
+            interrupt.stop()
+    return result
 
 
 def _prepare(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
@@ -667,7 +681,15 @@ def _check_generic(generic: GenericText, cfg: TrainConfig, text_hook: str | None
                          f"needs {text_hook}: compute it with kl_text(bridge, tokenizer, cfg)")
 
 
-def _start(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, ckpt_path: Path | None, world: World):
+def run_identity(cfg: TrainConfig, model: str, pairs: Sequence[ContrastivePair]) -> str:
+    """Which run a checkpoint or artifact belongs to: the SHA-256 of its TrainConfig, its model's name and its
+    pairs. A checkpoint is replaced or removed only by the run of its identity (``io.check_checkpoint``)."""
+    doc = {"train_config": cfg.to_dict(), "model": model, "pairs": [[p.chosen, p.rejected] for p in pairs]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def _start(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, ckpt_path: Path | None, world: World,
+           identity: str):
     """Fresh adapters and optimiser, or those of the checkpoint at ``ckpt_path`` (``--resume``): ``(adapters,
     optimiser, first step, d_steer, scale, duals)``, the same in every process."""
     adapters = make_adapters(bridge, run.specs, seed=cfg.seed, init_scale=cfg.init_scale, align=run.align)
@@ -678,6 +700,10 @@ def _start(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, ckpt_path: 
         if found.artifact.config != cfg:
             raise ValueError(f"checkpoint {ckpt_path} was written with a different TrainConfig; resume with the "
                              "same config, or start a new output directory")
+        written = checkpoint_identity(resolve_dir(ckpt_path, CHECKPOINT_FILES) or ckpt_path, ckpt_path.name)
+        if written not in (None, identity):
+            raise ValueError(f"checkpoint {ckpt_path} was written from other pairs or another model (same "
+                             "TrainConfig); resume with the same pairs and model, or start a new output directory")
         adapters, d_steer, scale, start = found.artifact.adapters, found.artifact.d_steer, found.scale, found.step
         duals = list(found.duals) or duals
         opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -689,7 +715,7 @@ def _start(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, ckpt_path: 
 
 def _finish(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, adapters, d_steer: Tensor, scale: float,
             history: list[dict], out: Path | None, overwrite: bool, data: dict | None, run_config: dict | None,
-            world: World) -> TrainResult:
+            world: World, identity: str, resumed: bool) -> TrainResult:
     """Held-out metrics, the artifact (written by rank 0, the checkpoint then removed), the result."""
     t = time.perf_counter()
     # small (held-out pairs, forward only): every process runs all of it and returns the same metrics
@@ -701,8 +727,8 @@ def _finish(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, adapters, 
     artifact = SteeringArtifact.build(bridge, adapters, d_steer, run.hook, cfg, metrics, data)
     if out is not None:
         if world.main:
-            save_artifact(out, artifact, overwrite=overwrite, run_config=run_config)
-            remove_checkpoint(out.with_name(out.name + ".ckpt"))
+            save_artifact(out, artifact, overwrite=overwrite, run_config=run_config, identity=identity)
+            remove_checkpoint(out.with_name(out.name + ".ckpt"), identity, resumed, overwrite)
         if world.parallel:
             distributed.barrier()
     return TrainResult(artifact, run.whole.extra, run.batches, history, run.timings)

@@ -323,3 +323,125 @@ def test_a_users_lock_named_file_inside_an_artifact_is_not_ignored(tiny_cli, tmp
     code, err = run(["train", "--out", str(art), "--overwrite", *TRAIN_ARGS], capsys)
     assert code == 2 and "'.notes.lock'" in err
     assert tree(tmp_path) == before and not (tmp_path / "LK.prev").exists()
+
+
+# ------------------------------------------------------------------------ identity, not names, for siblings
+
+TINY = dict(layers=(0, 1), loss_layer=2, rank=4, steps=4, batch_pairs=2, n_pairs=8, checkpoint_every=100,
+            held_out=0.25)
+
+
+def _terminated_run(tiny, out: Path, **changes) -> None:
+    """A training run stopped by SIGTERM after its second step: ``out.ckpt`` is left, resumable."""
+    import signal
+
+    from interp_steer.config import LossConfig, TrainConfig
+    from interp_steer.data import persona_pairs
+    from interp_steer.signals import Terminated
+    from interp_steer.train import train
+
+    bridge, tok = tiny
+
+    def term(step, adapters):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = TrainConfig(**{**TINY, **changes}, loss=LossConfig(kl_budget=None))
+    with pytest.raises(Terminated):
+        train(bridge, tok, persona_pairs(tok), cfg, out, progress=False, callback=term)
+
+
+def test_another_runs_checkpoint_is_kept_and_named_with_how_to_resume_it(tiny_cli, tmp_path, capsys):
+    """``train --out K4`` stopped (K4.ckpt left), then a fresh ``train --out K4 --seed 3``: refused, the
+    checkpoint kept byte for byte; ``--overwrite`` discards it."""
+    _terminated_run(tiny_cli, tmp_path / "K4")
+    assert (tmp_path / "K4.ckpt").is_dir()
+    before = tree(tmp_path)
+    code, err = run(["train", "--out", str(tmp_path / "K4"), "--seed", "3", *TRAIN_ARGS], capsys)
+    assert code == 2 and "K4.ckpt is the checkpoint of another training run" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert tree(tmp_path) == before
+    assert run(["train", "--out", str(tmp_path / "K4"), "--seed", "3", *TRAIN_ARGS, "--overwrite"], capsys)[0] == 0
+    assert not (tmp_path / "K4.ckpt").exists() and (tmp_path / "K4" / "config.json").is_file()
+
+
+def test_a_runs_own_checkpoint_is_resumed_and_then_removed(tiny, tmp_path):
+    from interp_steer.config import LossConfig, TrainConfig
+    from interp_steer.data import persona_pairs
+    from interp_steer.train import train
+
+    _terminated_run(tiny, tmp_path / "R")
+    bridge, tok = tiny
+    train(bridge, tok, persona_pairs(tok), TrainConfig(**TINY, loss=LossConfig(kl_budget=None)), tmp_path / "R",
+          resume=True, progress=False)
+    assert not (tmp_path / "R.ckpt").exists() and (tmp_path / "R" / "adapter.safetensors").is_file()
+
+
+def test_an_artifact_named_like_a_checkpoint_is_not_one(tiny_cli, tmp_path, capsys):
+    """``train --out Z.ckpt`` then ``train --out Z``: the artifact Z.ckpt is in the way, kept."""
+    assert run(["train", "--out", str(tmp_path / "Z.ckpt"), *TRAIN_ARGS], capsys)[0] == 0
+    before = tree(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        code, err = run(["train", "--out", str(tmp_path / "Z"), *TRAIN_ARGS, *extra], capsys)
+        assert code == 2 and "Z.ckpt is in the way" in err and "an artifact interp-steer wrote, not a checkpoint" in err
+    assert tree(tmp_path) == before
+
+
+def test_eval_out_at_another_artifact_is_refused(tiny_cli, tmp_path, capsys):
+    """``eval base --out art3 --overwrite`` where art3 is another trained artifact: refused, art3 unchanged."""
+    for name in ("base", "art3"):
+        assert run(["train", "--out", str(tmp_path / name), *TRAIN_ARGS], capsys)[0] == 0
+    before = tree(tmp_path)
+    code, err = run(["eval", str(tmp_path / "base"), "--out", str(tmp_path / "art3"), "--overwrite"], capsys)
+    assert code == 2 and "an artifact interp-steer wrote, not a run directory" in err
+    assert tree(tmp_path) == before
+
+
+def test_a_renamed_artifact_stays_the_projects(tiny_cli, tmp_path, capsys):
+    assert run(["train", "--out", str(tmp_path / "A"), *TRAIN_ARGS], capsys)[0] == 0
+    os.rename(tmp_path / "A", tmp_path / "B")
+    assert run(["train", "--out", str(tmp_path / "B"), *TRAIN_ARGS, "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["B"]
+
+
+def test_a_copied_committed_study_reports_from_its_copy(tmp_path, capsys, study_no_model):
+    """``cp -r docs/study COPY; interp-steer study --config docs/study/run_config.json --out COPY --report-only``:
+    the committed manifests (written before kinds) are read, the copy is the study's, the report rewritten."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "study_copy"
+    shutil.copytree(repo / "docs" / "study", copy, symlinks=True)
+    cells = tree(copy / "cells")
+    code, err = run(["study", "--config", str(repo / "docs" / "study" / "run_config.json"), "--out", str(copy),
+                     "--report-only"], capsys)
+    assert code == 0, err
+    results = json.loads((copy / "results.json").read_text())
+    assert results["missing"] == [] and len(results["cells"]) == 12
+    assert tree(copy / "cells") == cells and why_not_owned(copy, None, ("study",)) is None
+
+
+def test_sigterm_after_the_last_step_still_writes_the_artifact(tiny, tmp_path, monkeypatch):
+    """A SIGTERM while the finished run measures its held-out pairs: the artifact is written, then it stops."""
+    import importlib
+    import signal
+
+    from interp_steer.config import LossConfig, TrainConfig
+    from interp_steer.data import persona_pairs
+    from interp_steer.io import load_artifact
+    from interp_steer.signals import Terminated
+
+    train_mod = importlib.import_module("interp_steer.train")  # (the package exports the function as train)
+    real = train_mod.evaluate_pairs
+
+    def late(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate_pairs", late)
+    bridge, tok = tiny
+    with pytest.raises(Terminated):
+        train_mod.train(bridge, tok, persona_pairs(tok), TrainConfig(**TINY, loss=LossConfig(kl_budget=None)),
+                        tmp_path / "T", progress=False)
+    assert load_artifact(tmp_path / "T", bridge).metrics["steps_done"] == TINY["steps"]
+    assert not (tmp_path / "T.ckpt").exists()
