@@ -41,8 +41,8 @@ from .config import ConfigError, StudyRun, run_config_doc
 from .io import (
     RUN_CONFIG_FILE, check_dir_target, read_json, write_dir_atomic, write_json_atomic, write_text_atomic,
 )
-from .models import load_model
-from .ownership import MANIFEST, claim, why_not_owned, write_manifest
+from .models import DEFAULT_NAMES, GEMMA_NAMES, load_model
+from .ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
 from .methods import color as color_of, names as method_names
 from .plots import figure, save
 from .report import mean_ci, paired_difference, write_outputs
@@ -62,8 +62,40 @@ class Cell:
 
     @property
     def id(self) -> str:
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model).name if "/" in self.model else self.model)
-        return f"{slug}--{self.concept}--s{self.seed}"
+        return f"{model_slug(self.model)}--{self.concept}--s{self.seed}"
+
+
+def model_slug(model: str) -> str:
+    """The model's part of a cell id: a packaged model's short name whichever of its names is given, else the
+    whole name as given (a hub id, a directory path), so that two models in folders of one name differ."""
+    if model in DEFAULT_NAMES or model in GEMMA_NAMES:
+        return DEFAULT_NAMES[0] if model in DEFAULT_NAMES else GEMMA_NAMES[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.normpath(model).lstrip("./") or model)
+
+
+def model_identity(model: str) -> str:
+    """What a study's model is, to refuse one named twice: the packaged model whichever of its names; a local
+    directory's resolved path; a hub id as given."""
+    if model in DEFAULT_NAMES or model in GEMMA_NAMES:
+        return DEFAULT_NAMES[1] if model in DEFAULT_NAMES else GEMMA_NAMES[1]
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model.startswith(("/", ".", "~")) or path.exists() else model
+
+
+def check_models(models: Sequence[str]) -> None:
+    """Refuse one model named twice (an alias beside its HF name, two paths to one directory) and two models
+    whose cell ids would be one, before anything is written."""
+    seen: dict[str, str] = {}
+    slugs: dict[str, str] = {}
+    for m in models:
+        key, slug = model_identity(m), model_slug(m)
+        if key in seen:
+            raise ConfigError(f"--models names one model twice: {seen[key]!r} and {m!r} are both {key}; give each "
+                              "model once")
+        if slug in slugs:
+            raise ConfigError(f"--models {slugs[slug]!r} and {m!r} would share the cell ids {slug}--…; give one of "
+                              "them by another path (e.g. its absolute path)")
+        seen[key], slugs[slug] = m, m
 
 
 def study_cells(cfg: StudyRun) -> list[Cell]:
@@ -72,10 +104,19 @@ def study_cells(cfg: StudyRun) -> list[Cell]:
 
 
 def shard(cfg: StudyRun) -> tuple[int, int]:
-    """``(i, n)``: ``--shard``, else torchrun's ``RANK``/``WORLD_SIZE``, else ``(0, 1)``."""
+    """``(i, n)``: ``--shard``, else torchrun's ``RANK``/``WORLD_SIZE`` (checked like ``--shard``), else
+    ``(0, 1)``."""
     if cfg.shard is not None:
         return cfg.shard_index()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    try:
+        i, n = int(rank), int(size)
+    except ValueError:
+        i = n = -1
+    if not 0 <= i < n:
+        raise ConfigError(f"RANK={rank!r} and WORLD_SIZE={size!r} (torchrun's environment) must be integers with "
+                          "0 <= RANK < WORLD_SIZE; unset them to run every cell in one process, or give --shard I/N")
+    return i, n
 
 
 def finished(out: Path, cell: Cell) -> bool:
@@ -197,19 +238,34 @@ def run_study(cfg: StudyRun) -> dict:
     for c in cfg.concepts:
         get_concept(c, cfg.data_dir)  # an unknown name (or unreadable CAA data) fails before any work
     out = Path(cfg.out)
+    check_models(cfg.models)
     cells = study_cells(cfg)
     i, n = shard(cfg)
     mine = cells[i::n]
+    if (out / CELLS).is_symlink() or (out / CELLS).exists() and not (out / CELLS).is_dir():
+        raise FileExistsError(f"{out / CELLS} is a symbolic link or not a directory; interp-steer writes its cells "
+                              "only into a real directory of the study. Move it away or choose another --out.")
     for cell in mine:  # a cell name holding what the study did not write: refused before any work
         d = out / CELLS / cell.id
         if d.is_symlink() or (d.exists() and why_not_owned(d, cell.id) is not None):
             check_dir_target(d, True, "a study cell")
-    _open_study(out, cfg)
-    todo = [c for c in mine if cfg.overwrite or not finished(out, c)] if not cfg.report_only else []
-    print(f"study {out}: {len(cells)} cells, shard {i}/{n}: {len(mine)}, {len(mine) - len(todo)} already finished, "
-          f"{len(todo)} to run")
-    if todo:
-        run_cells(todo, cfg, out)
+    made = [p for p in [out, *out.parents] if not p.exists()]  # a study that fails before a cell leaves none
+    try:
+        _open_study(out, cfg)
+        todo = [c for c in mine if cfg.overwrite or not finished(out, c)] if not cfg.report_only else []
+        print(f"study {out}: {len(cells)} cells, shard {i}/{n}: {len(mine)}, {len(mine) - len(todo)} already "
+              f"finished, {len(todo)} to run")
+        if todo:
+            run_cells(todo, cfg, out)
+    except BaseException:
+        if made and not any(finished(out, c) for c in cells):
+            remove_owned(out, None, ("study",))
+            for p in made[1:]:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+        raise
     return write_study_report(out, cfg)
 
 

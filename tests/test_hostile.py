@@ -445,3 +445,65 @@ def test_sigterm_after_the_last_step_still_writes_the_artifact(tiny, tmp_path, m
                         tmp_path / "T", progress=False)
     assert load_artifact(tmp_path / "T", bridge).metrics["steps_done"] == TINY["steps"]
     assert not (tmp_path / "T.ckpt").exists()
+
+
+# --------------------------------------------------------------------------- studies that cannot collide
+
+def _fake_model(d: Path) -> str:
+    user_file(d / "config.json", '{"model_type": "llama"}')
+    return str(d)
+
+
+def test_two_models_in_folders_of_one_name_get_cells_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b = _fake_model(tmp_path / "mA" / "m"), _fake_model(tmp_path / "mB" / "m")
+    study.check_models(["./mA/m", "./mB/m"])
+    ids = {study.Cell(m, "honesty", 0).id for m in ("./mA/m", "./mB/m", a, b)}
+    assert len(ids) == 4
+    assert study.Cell("smollm2-135m", "honesty", 0).id == study.Cell("HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                                     "honesty", 0).id == "smollm2-135m--honesty--s0"
+
+
+@pytest.mark.parametrize("models", [["smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"],
+                                    ["gemma-3-270m", "google/gemma-3-270m"], ["./m", "{tmp}/m"], ["./m", "m"]])
+def test_one_model_named_twice_is_refused_before_anything_is_written(study_no_model, tmp_path, monkeypatch, capsys,
+                                                                     models):
+    monkeypatch.chdir(tmp_path)
+    _fake_model(tmp_path / "m")
+    before = tree(tmp_path)
+    code, err = run(["study", "--out", str(tmp_path / "S"), "--models", ",".join(models).format(tmp=tmp_path),
+                     "--concepts", "honesty", "--seeds", "0"], capsys)
+    assert code == 2 and "names one model twice" in err and err.count("\n") == 1
+    assert tree(tmp_path) == before
+
+
+def test_a_symlinked_cells_folder_is_refused_and_its_target_untouched(study_no_model, tmp_path, capsys):
+    out = tmp_path / "S"
+    base = ["study", "--out", str(out), "--models", "smollm2-135m", "--concepts", "honesty", "--seeds", "0"]
+    assert run([*base, "--report-only"], capsys)[0] == 0
+    user_file(tmp_path / "mine" / "thesis.tex", "chapter 1")
+    (out / "cells").symlink_to(tmp_path / "mine")
+    before = tree(tmp_path)
+    code, err = run(base, capsys)
+    assert code == 2 and "cells is a symbolic link" in err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("env", [{"RANK": "5", "WORLD_SIZE": "2"}, {"RANK": "-1", "WORLD_SIZE": "2"},
+                                 {"RANK": "0", "WORLD_SIZE": "0"}, {"RANK": "abc", "WORLD_SIZE": "2"}])
+def test_rank_and_world_size_are_checked_like_shard(study_no_model, tmp_path, monkeypatch, capsys, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, err = run(["study", "--out", str(tmp_path / "S"), "--models", "smollm2-135m", "--seeds", "0"], capsys)
+    assert code == 2 and "0 <= RANK < WORLD_SIZE" in err and f"RANK={env['RANK']!r}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_study_whose_model_fails_to_load_writes_nothing(tmp_path, monkeypatch, capsys):
+    def fail(*a, **k):
+        raise OSError("Could not load model 'smollm2-135m': the cache is damaged")
+    monkeypatch.setattr(study, "load_model", fail)
+    code, err = run(["study", "--out", str(tmp_path / "a" / "b" / "S9"), "--models", "smollm2-135m", "--concepts",
+                     "honesty", "--seeds", "0"], capsys)
+    assert code == 2 and "Could not load model" in err
+    assert list(tmp_path.iterdir()) == []
