@@ -1,9 +1,10 @@
 """One command per figure: ``python -m analysis.figures NAME [--out figures] [--pairs N] [--steps N]``.
 
 NAME is one of ``loss_geometry`` (a diagram, no model), ``dhs_spectra``, ``layer_map``, ``pca_vs_learned`` (train a
-small adapter on the default model, then analyse it), ``dose_response`` (re-plot ``runs/demo/sentiment/report.json``), or
-``all``. Every figure is written as PNG and SVG with ``interp_steer.plots``; the numbers behind the model figures
-go to ``--summary`` (default ``runs/analysis/summary.json``).
+small adapter on the default model, then analyse it), or ``all``. Every figure is written as PNG and SVG with
+``interp_steer.plots``; the numbers behind the model figures go to ``--summary`` (default
+``runs/analysis/summary.json``) before they are drawn, and each model figure records that file's SHA-256. The
+dose-response figures are the demo's and the study's own (``runs/demo/CONCEPT/figures``, ``STUDY/figures``).
 
 The defaults (96 pairs, 16 steps, loss at layer 22, ``mlp.out`` adapters on layers 8–20, every 2nd) keep ``all``
 at a few minutes on 2 CPU cores. They are a quick look, not the trained adapter of ``make demo``.
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -29,8 +30,7 @@ from interp_steer.plots import COLORS, figure, plt, save
 
 from .study import Study, StudyConfig
 
-FIGURES = ("loss_geometry", "dhs_spectra", "layer_map", "pca_vs_learned", "dose_response")
-DEFAULT_REPORT = Path("runs/demo/sentiment/report.json")
+FIGURES = ("loss_geometry", "dhs_spectra", "layer_map", "pca_vs_learned")
 DEFAULT_SUMMARY = Path("runs/analysis/summary.json")
 
 
@@ -164,7 +164,7 @@ def _twin_legend(ax, twin, **kw) -> None:
 
 
 @styled
-def dhs_spectra_figure(data: dict, out: Path) -> list[Path]:
+def dhs_spectra_figure(data: dict, out: Path, sources: Sequence[Path] = ()) -> list[Path]:
     """(a) normalised dHS spectra, (b) size of dHS_ref and dHS_pi per layer, (c) separability per layer."""
     rep, cfg = data["dhs_report"], data["config"]
     fig, (a1, a2, a3) = figure(3, 1, height=5.6)
@@ -200,7 +200,7 @@ def dhs_spectra_figure(data: dict, out: Path) -> list[Path]:
     a3b.spines["right"].set_visible(True)
     a3.set_title("(c) separability and one-dimensionality", loc="left")
     _twin_legend(a3, a3b, loc="upper left")
-    return save(fig, out, "dhs_spectra")
+    return save(fig, out, "dhs_spectra", sources)
 
 
 def _heatmap(ax, columns: dict, layers, cmap, vmin, vmax, label):
@@ -219,7 +219,7 @@ def _heatmap(ax, columns: dict, layers, cmap, vmin, vmax, label):
 
 
 @styled
-def layer_map_figure(data: dict, out: Path) -> list[Path]:
+def layer_map_figure(data: dict, out: Path, sources: Sequence[Path] = ()) -> list[Path]:
     """(a) cosines of gradient, learned, PCA and mean-diff directions per layer; (b) dHS energy in weight subspaces."""
     lm, rep, cfg = data["layer_map"], data["dhs_report"], data["config"]
     fig, (a1, a2) = figure(1, 2, height=4.6, gridspec_kw={"width_ratios": [7, 5]})
@@ -234,11 +234,11 @@ def layer_map_figure(data: dict, out: Path) -> list[Path]:
     _heatmap(a2, en, rep["layers"], "magma", 0, top, f"(b) share of dHS energy\nin top-r subspaces, r = {rep['rank']}")
     for ax in (a1, a2):
         ax.axhline(cfg["loss_layer"], color="k", lw=0.7, ls=":")
-    return save(fig, out, "layer_map")
+    return save(fig, out, "layer_map", sources)
 
 
 @styled
-def pca_vs_learned_figure(data: dict, out: Path) -> list[Path]:
+def pca_vs_learned_figure(data: dict, out: Path, sources: Sequence[Path] = ()) -> list[Path]:
     """(a) PCA axis vs the adapter's top output direction per adapter layer; (b) the same over training."""
     per, tr = data["pca_vs_learned"]["per_layer"], data["pca_vs_learned"]["over_training"]
     fig, (a1, a2) = figure(2, 1, height=4.6)
@@ -270,21 +270,7 @@ def pca_vs_learned_figure(data: dict, out: Path) -> list[Path]:
     a2.set_ylim(0, 1.02)
     a2.set_title("(b) over training", loc="left")
     a2.legend(ncol=4, frameon=False, fontsize=5.5)
-    return save(fig, out, "pca_vs_learned")
-
-
-def dose_response_figure(out: Path, report: Path = DEFAULT_REPORT) -> list[Path]:
-    """Re-plot the demo's dose-response curves from ``report`` into ``out`` (the tracked ``figures/``).
-
-    ``make demo`` writes ``runs/demo/CONCEPT/report.json`` and its own copies of these figures under
-    ``runs/demo/CONCEPT/figures/``; the tracked figures change only here (``make figures``). Reports of
-    ``interp-steer eval`` re-plot the same way.
-    """
-    report = Path(report)
-    if not report.is_file():
-        raise FileNotFoundError(f"{report} does not exist: the dose-response figure re-plots the demo's report. "
-                                "Run `make demo` (or `interp-steer demo`) first, or pass --report PATH.")
-    return plots.dose_response_figures(json.loads(report.read_text()), out)
+    return save(fig, out, "pca_vs_learned", sources)
 
 
 # --- command line -----------------------------------------------------------------------------------------
@@ -298,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objective", choices=("shift", "separation"), default=None,
                         help="training objective of the quick adapter (default: TrainConfig's)")
     parser.add_argument("--model", default=None, help="model name or directory (default: packaged SmolLM2)")
-    parser.add_argument("--report", default=str(DEFAULT_REPORT), help=f"demo report (default {DEFAULT_REPORT})")
     parser.add_argument("--summary", default=str(DEFAULT_SUMMARY),
                         help=f"where the numbers behind the model figures go (default {DEFAULT_SUMMARY})")
     parser.add_argument("--from-summary", default=None, metavar="PATH",
@@ -311,53 +296,44 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pairs must be >= 10 (a held-out fifth is needed) and --steps >= 1")
     if args.threads:
         import torch
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)  # numpy/scipy BLAS too: two pools fighting over 2 cores is slow
 
     out = Path(args.out)
     names = list(FIGURES) if args.name == "all" else [args.name]
-    study = Study(StudyConfig(pairs=args.pairs, steps=args.steps, objective=args.objective, model=args.model))
-    stored = _load_summary(Path(args.from_summary)) if args.from_summary else None
     needs = {"dhs_spectra": ("dhs_report",), "layer_map": ("layer_map", "dhs_report"),
              "pca_vs_learned": ("pca_vs_learned",)}
-
-    def model_data(name: str) -> dict:
-        if stored is not None:
-            missing = [k for k in needs[name] if k not in stored]
-            if missing:
-                raise SystemExit(f"error: {args.from_summary} has no {missing}; run `{name}` without --from-summary")
-            return stored
-        for key in needs[name]:
-            getattr(study, key)  # compute (once) what this figure draws
-        return study.summary()
-
-    makers: dict[str, Callable[[], list[Path]]] = {
-        "loss_geometry": lambda: loss_geometry_figure(out),
-        "dhs_spectra": lambda: dhs_spectra_figure(model_data("dhs_spectra"), out),
-        "layer_map": lambda: layer_map_figure(model_data("layer_map"), out),
-        "pca_vs_learned": lambda: pca_vs_learned_figure(model_data("pca_vs_learned"), out),
-        "dose_response": lambda: dose_response_figure(out, Path(args.report)),
-    }
-    t0 = time.perf_counter()
-    for name in names:
-        try:
-            paths = makers[name]()
-        except FileNotFoundError as e:
-            if args.name != "all":
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            print(f"skipped {name}: {e}", file=sys.stderr)
-            continue
-        for p in paths:
-            print(f"wrote {p}")
-    if stored is None and any(n in needs for n in names):
+    keys = [k for n in names for k in needs.get(n, ())]
+    data, sources = {}, []
+    if keys and args.from_summary:
+        data, sources = _load_summary(Path(args.from_summary)), [Path(args.from_summary)]
+        missing = sorted({k for k in keys if k not in data})
+        if missing:
+            raise SystemExit(f"error: {args.from_summary} has no {missing}; run {args.name} without --from-summary")
+    elif keys:
+        # every number first, then the summary, then the figures: each figure records the summary's SHA-256
+        study = Study(StudyConfig(pairs=args.pairs, steps=args.steps, objective=args.objective, model=args.model))
+        t0 = time.perf_counter()
+        for key in keys:
+            getattr(study, key)  # computed once
         study.timings["total"] = round(time.perf_counter() - t0, 1)
         summary = Path(args.summary)
         summary.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(summary, study.summary(), indent=1)
         print(f"wrote {summary}")
+        data, sources = _load_summary(summary), [summary]
+
+    makers: dict[str, Callable[[], list[Path]]] = {
+        "loss_geometry": lambda: loss_geometry_figure(out),
+        "dhs_spectra": lambda: dhs_spectra_figure(data, out, sources),
+        "layer_map": lambda: layer_map_figure(data, out, sources),
+        "pca_vs_learned": lambda: pca_vs_learned_figure(data, out, sources),
+    }
+    for name in names:
+        for p in makers[name]():
+            print(f"wrote {p}")
     return 0
 
 

@@ -1,12 +1,17 @@
 """One figure style for the project (one-column width, labelled axes with units) and the dose-response plots.
 
-Every figure is written as PNG and SVG, each to a temporary name first and then renamed.
+Every figure is written as PNG and SVG, each to a temporary name first and then renamed. A figure drawn from
+files (a study's ``results.json``, a report) carries their SHA-256 in its metadata (``Source``: one
+``sha256:HEX PATH`` line per file, PATH relative to the figure's directory), so ``figure_sources`` can tell
+whether it still shows what those files hold.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -33,21 +38,69 @@ def figure(nrows: int = 1, ncols: int = 1, height: float = 2.4, width: float = C
         return plt.subplots(nrows, ncols, figsize=(width, height), **kw)
 
 
-def save(fig, directory: str | Path, name: str) -> list[Path]:
-    """Write ``name.png`` and ``name.svg`` into ``directory`` atomically; close the figure."""
+SOURCE_KEY = "Source"  # PNG text chunk and SVG Dublin Core element (dc:source) holding the provenance
+
+
+def save(fig, directory: str | Path, name: str, sources: Sequence[str | Path] = ()) -> list[Path]:
+    """Write ``name.png`` and ``name.svg`` into ``directory`` atomically; close the figure.
+
+    ``sources``: the files the figure was drawn from; each one's SHA-256 and path (relative to ``directory``)
+    go into both files' metadata (``figure_sources`` reads them back).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    lines = [f"sha256:{_sha256(Path(src))} {Path(os.path.relpath(src, directory)).as_posix()}" for src in sources]
     paths = []
     with plt.rc_context(STYLE):
         fig.tight_layout()
         for ext in ("png", "svg"):
             path = directory / f"{name}.{ext}"
             tmp = directory / f".{name}.tmp.{ext}"
-            fig.savefig(tmp, format=ext)
+            fig.savefig(tmp, format=ext, metadata={SOURCE_KEY: "\n".join(lines)} if lines else None)
             os.replace(tmp, path)
             paths.append(path)
     plt.close(fig)
     return paths
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def figure_sources(path: str | Path) -> list[tuple[Path, str]]:
+    """The files a PNG or SVG written by ``save`` was drawn from, with the SHA-256 each had then: ``[(file,
+    sha256), ...]``, the file resolved against the figure's directory; ``[]`` for a figure drawn from no file."""
+    path = Path(path)
+    if path.suffix == ".png":
+        from PIL import Image  # matplotlib's own dependency
+
+        with Image.open(path) as im:
+            text = im.text.get(SOURCE_KEY, "")
+    elif path.suffix == ".svg":
+        from html import unescape
+
+        m = re.search(r"<dc:source>(.*?)</dc:source>", path.read_text(), re.S)
+        text = unescape(m.group(1)) if m else ""
+    else:
+        raise ValueError(f"{path}: figure_sources reads .png and .svg figures, not {path.suffix!r}")
+    out = []
+    for line in filter(None, (x.strip() for x in text.splitlines())):
+        m = re.fullmatch(r"sha256:([0-9a-f]{64}) (.+)", line)
+        if m is None:
+            raise ValueError(f"{path}: unreadable {SOURCE_KEY} line {line!r} (expected 'sha256:HEX PATH')")
+        out.append((Path(os.path.normpath(path.parent / m.group(2))), m.group(1)))
+    return out
+
+
+def stale_sources(path: str | Path) -> list[str]:
+    """What makes a figure out of date: each source file that is missing or whose SHA-256 differs now."""
+    bad = []
+    for src, digest in figure_sources(path):
+        if not src.is_file():
+            bad.append(f"{src} (missing)")
+        elif _sha256(src) != digest:
+            bad.append(f"{src} (changed since the figure was drawn)")
+    return bad
 
 
 def _color(name: str) -> str:
@@ -71,9 +124,9 @@ def _paired_band(pts: Sequence[dict], effect: str) -> tuple[list[float], list[fl
     return value, half
 
 
-def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
+def dose_response_figures(report: dict, directory: str | Path, sources: Sequence[str | Path] = ()) -> list[Path]:
     """The primary effect against the coefficient (one panel per method, coherence on a second axis) and against
-    the budgeted coherence measure (all methods)."""
+    the budgeted coherence measure (all methods). ``sources``: the report's file(s), recorded in each figure."""
     points: dict[str, Sequence[dict]] = report["points"]
     budget, metric = report["budget"], report["budget_metric"]
     cost_key, cost_label = ("kl_mean", "KL (nat/tok)") if metric == "kl" else ("dnll", "ΔNLL (nat/tok)")
@@ -103,7 +156,7 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
             ax.set_ylabel(label)
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
-        paths += save(fig, directory, "dose_response_coefficient")
+        paths += save(fig, directory, "dose_response_coefficient", sources)
 
         fig, ax = figure(height=2.4, width=COLUMN_WIDTH * 1.25)
         for name in names:
@@ -126,7 +179,7 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
         right = max([p[cost_key] for pts in points.values() for p in pts] + [budget])
         ax.set_xlim(left=min(-0.01, ax.get_xlim()[0]), right=1.25 * right)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-        paths += save(fig, directory, "dose_response_coherence")
+        paths += save(fig, directory, "dose_response_coherence", sources)
 
         rows = report.get("iso_table", {})
         if not rows:
@@ -142,5 +195,5 @@ def dose_response_figures(report: dict, directory: str | Path) -> list[Path]:
         ax.set_yticks(range(len(rows)), list(rows))
         ax.invert_yaxis()
         ax.set_xlabel(f"Δ {effect['name']} at {metric.upper()} = {budget} (95 % CI; ▲ c > 0, ▼ c < 0)")
-        paths += save(fig, directory, "effect_at_budget")
+        paths += save(fig, directory, "effect_at_budget", sources)
     return paths

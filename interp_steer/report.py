@@ -27,7 +27,7 @@ def write_outputs(report: dict, out: Path) -> list[Path]:
     report["iso_table"].update(seed_groups(report["iso_table"], primary))
     report["comparisons"] = comparisons(report)
     write_json_atomic(out / "report.json", report)
-    paths = dose_response_figures(report, out / FIGURES_DIR)
+    paths = dose_response_figures(report, out / FIGURES_DIR, sources=[out / "report.json"])
     write_text_atomic(out / "REPORT.md", markdown_report(report, [p for p in paths if p.suffix == ".png"], out))
     return [out / "report.json", out / "REPORT.md", *paths]
 

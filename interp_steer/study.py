@@ -545,13 +545,17 @@ def summary_markdown(pooled: dict) -> list[str]:
     return lines
 
 
-def study_figures(pooled: dict, cells: dict[str, dict], out: Path) -> list[Path]:
+def study_figures(pooled: dict, cells: dict[str, dict], out: Path, study: Path | None = None) -> list[Path]:
     """Per model and concept: the primary effect's Δ against KL (each seed's curve, CI band), and the Δ at the
-    budget per method and direction with its CI."""
+    budget per method and direction with its CI. With ``study`` (the study directory), each figure records the
+    SHA-256 of ``results.json`` and of the group's ``cell.json`` files it was drawn from (``plots.save``)."""
     paths = []
     for g in pooled["groups"]:
         primary = g["effects"][0]["name"]
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{g['model']}--{g['concept']}")
+        sources = [] if study is None else [study / "results.json"] + [
+            study / CELLS / k / CELL_FILE for k, c in sorted(cells.items())
+            if (c["cell"]["model"], c["cell"]["concept"]) == (g["model"], g["concept"])]
         fig, ax = figure(height=2.5)
         for c in cells.values():
             if (c["cell"]["model"], c["cell"]["concept"]) != (g["model"], g["concept"]):
@@ -574,7 +578,7 @@ def study_figures(pooled: dict, cells: dict[str, dict], out: Path) -> list[Path]
         ax.set_ylabel(f"Δ {primary} from c = 0 (● +c, ■ −c)")
         ax.set_title(f"{g['model']} · {g['concept']}")
         ax.legend(ncol=3, loc="upper left", fontsize=5.5, framealpha=0.7)
-        paths += save(fig, out, f"dose_kl--{name}")
+        paths += save(fig, out, f"dose_kl--{name}", sources)
         fig, ax = figure(height=2.3)
         rows = g["rows"]
         labels = [f"{r['method']} {'+' if r['side'] == 'plus' else '−'}" for r in rows]
@@ -588,7 +592,7 @@ def study_figures(pooled: dict, cells: dict[str, dict], out: Path) -> list[Path]
         ax.axhline(0, color="k", lw=0.5)
         ax.set_ylabel(f"Δ {primary} at KL = {budget}")
         ax.set_title(f"{g['model']} · {g['concept']}")
-        paths += save(fig, out, f"at_budget--{name}")
+        paths += save(fig, out, f"at_budget--{name}", sources)
     return paths
 
 
@@ -602,7 +606,7 @@ def write_study_report(out: Path, cfg: StudyRun) -> dict:
         if reason is not None:
             raise FileExistsError(f"{out} changed since the study wrote it ({reason}); the report is not rewritten")
         write_json_atomic(out / "results.json", pooled)
-        figs = study_figures(pooled, cells, out / FIGURES) if cells else []
+        figs = study_figures(pooled, cells, out / FIGURES, out) if cells else []
         write_text_atomic(out / "REPORT.md", study_markdown(pooled, cells, cfg, [p for p in figs
                                                                                 if p.suffix == ".png"], out))
         write_manifest(out, out.name, skip=(CELLS,), kind="study")

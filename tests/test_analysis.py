@@ -1,5 +1,6 @@
 """The analysis package (``analysis/``): invariants of dHS, subspace overlaps, gradients and the figure CLI."""
 
+import hashlib
 import json
 import math
 
@@ -16,6 +17,7 @@ from interp_steer.config import LossConfig, TrainConfig
 from interp_steer.data import pair_batches, persona_pairs
 from interp_steer.directions import dhs_svd_direction, gradient_directions, paired_diff
 from interp_steer.names import resid_post
+from interp_steer.plots import figure_sources
 
 
 def rand(*shape, seed=0):
@@ -264,6 +266,13 @@ def test_study_on_the_tiny_model_feeds_every_model_figure(tiny, tmp_path):
     for draw, name in ((F.dhs_spectra_figure, "dhs_spectra"), (F.layer_map_figure, "layer_map"),
                        (F.pca_vs_learned_figure, "pca_vs_learned")):
         assert draw(data, tmp_path) == [tmp_path / f"{name}.png", tmp_path / f"{name}.svg"]
+    # the command redraws them from the stored summary, and each records the summary's SHA-256
+    assert F.main(["all", "--from-summary", str(tmp_path / "summary.json"), "--out", str(tmp_path / "cli")]) == 0
+    digest = hashlib.sha256((tmp_path / "summary.json").read_bytes()).hexdigest()
+    for name in ("dhs_spectra", "layer_map", "pca_vs_learned"):
+        for ext in ("png", "svg"):
+            assert figure_sources(tmp_path / "cli" / f"{name}.{ext}") == [(tmp_path / "summary.json", digest)]
+    assert figure_sources(tmp_path / "cli" / "loss_geometry.png") == []  # a diagram: drawn from no file
 
 
 def test_figures_read_the_objective_from_nested_and_older_flat_train_configs():
@@ -278,20 +287,6 @@ def test_figure_cli_writes_png_and_svg_for_loss_geometry(tmp_path, capsys):
         path = tmp_path / f"loss_geometry.{ext}"
         assert path.is_file() and path.stat().st_size > 1000
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically
-
-
-def test_dose_response_needs_the_demo_report_and_replots_it(tmp_path, capsys):
-    missing = tmp_path / "none.json"
-    assert F.main(["dose_response", "--out", str(tmp_path), "--report", str(missing)]) == 2
-    assert "make demo" in capsys.readouterr().err
-    pts = [{"coeff": c, "effects": {"honesty": 0.1 * c}, "dnll": 0.05 * abs(c), "kl_mean": 0.06 * abs(c)}
-           for c in (-1.0, 0.0, 1.0)]
-    (tmp_path / "report.json").write_text(json.dumps({
-        "concept": "honesty", "budget": 0.1, "budget_metric": "kl", "effects": [{"name": "honesty", "unit": "nat"}],
-        "points": {"adapter": pts, "pca_diff": pts}}))
-    assert F.main(["dose_response", "--out", str(tmp_path), "--report", str(tmp_path / "report.json")]) == 0
-    assert (tmp_path / "dose_response_coherence.svg").is_file()
-    assert (tmp_path / "dose_response_coefficient.png").is_file()
 
 
 def _report(rows: dict, zero: float = 0.1) -> dict:

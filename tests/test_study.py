@@ -7,6 +7,7 @@ import pytest
 from interp_steer import cli, study
 from interp_steer.config import ConfigError, StudyRun
 from interp_steer.ownership import MANIFEST
+from interp_steer.plots import figure_sources, stale_sources
 
 SMALL = ["--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2", "--n-pairs",
          "8", "--kl-texts", "2", "--kl-batch", "2", "--methods", "adapter,mean_diff,random,prompting", "--n-items",
@@ -71,6 +72,11 @@ def test_study_runs_every_cell_once_then_resumes_and_pools(loads, tmp_path, caps
     assert len(summary) == 2 and f"| {up['effects']['logodds']['mean']:+.2f}" in summary[1]
     assert "](figures/dose_kl--smollm2-135m--honesty.png)" in md and "interp-steer study --config" in md
     assert (out / "figures" / "at_budget--smollm2-135m--sentiment.svg").is_file()
+    # each figure records results.json and its group's cells, as they are: none is stale
+    cells_of = sorted(out / "cells" / i / "cell.json" for i in ids if "sentiment" in i)
+    srcs = figure_sources(out / "figures" / "at_budget--smollm2-135m--sentiment.png")
+    assert [p for p, _ in srcs] == [out / "results.json", *cells_of]
+    assert all(stale_sources(p) == [] for p in (out / "figures").glob("*.*g"))
 
     before = snapshot(out / "cells")
     calls.clear(), trained.clear()

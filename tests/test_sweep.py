@@ -1,5 +1,6 @@
 """The sweep driver and the demo's outputs, end to end on the tiny model."""
 
+import hashlib
 import json
 
 import pytest
@@ -14,6 +15,7 @@ import math
 
 from interp_steer.concepts import get_concept
 from interp_steer.evaluate import coherence_reference, load_neutral_texts
+from interp_steer.plots import figure_sources
 from interp_steer.report import comparisons, paired_difference, seed_groups, write_outputs
 from interp_steer.sweep import (
     Method, MethodResult, Point, SweepData, adapter_method, at_prompting_cost, budget_bracket, dose_grid, iso_summary,
@@ -92,6 +94,9 @@ def test_run_sweep_and_outputs(setup, tmp_path):
     assert {p.name for p in paths if p.parent == tmp_path / "out" / "figures"} == {
         f"{n}.{ext}" for n in ("dose_response_coefficient", "dose_response_coherence", "effect_at_budget")
         for ext in ("png", "svg")}
+    digest = hashlib.sha256((tmp_path / "out" / "report.json").read_bytes()).hexdigest()
+    assert all(figure_sources(p) == [(tmp_path / "out" / "report.json", digest)] for p in paths
+               if p.suffix in (".png", ".svg"))  # each figure records the report it was drawn from
     write_outputs(report, tmp_path / "out")  # writing again recomputes the group rows instead of grouping them
     assert json.loads((tmp_path / "out" / "report.json").read_text())["iso_table"] == loaded["iso_table"]
 
