@@ -29,9 +29,10 @@ from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, p
 from .evaluate import coherence_reference, load_neutral_texts
 from .export import export, get_export
 from .io import (
-    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, check_run_dir, load_artifact, prepare_run_dir,
-    seal_run_dir, write_json_atomic, write_text_atomic,
+    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, check_out_name, check_run_dir, load_artifact,
+    prepare_run_dir, seal_run_dir, write_json_atomic, write_text_atomic,
 )
+from .ownership import claim
 from .models import DEFAULT_MODEL, check_model_source, load_model, model_device, resolve_device, resolve_dtype
 from .names import resid_post, site_layer
 from .prefix import reuse_prefix
@@ -336,7 +337,13 @@ def run_demo(cfg: DemoRun) -> dict:
 
 
 def run_eval(cfg: EvalRun) -> dict:
-    """Sweep a saved artifact (and baselines built from its training pairs) at equal coherence."""
+    """Sweep a saved artifact (and baselines built from its training pairs) at equal coherence, holding the claim
+    on the output directory throughout: a second eval into it is refused at once."""
+    with claim(check_out_name(cfg.out_dir)):
+        return _run_eval(cfg)
+
+
+def _run_eval(cfg: EvalRun) -> dict:
     distributed.single_process_only("eval")
     check_device(cfg)
     artifact = load_artifact(cfg.artifact)  # a bad artifact fails before the model loads; checked against it below
@@ -353,6 +360,7 @@ def run_eval(cfg: EvalRun) -> dict:
     artifact = artifact.to(model_device(bridge))
     prepare_run_dir(out, cfg.overwrite)
     write_json_atomic(out / RUN_CONFIG_FILE, run_config_doc("eval", cfg))
+    seal_run_dir(out)  # an interrupted eval leaves a run directory --overwrite may replace
     pairs = training_pairs(tok, artifact, concept, cfg.pairs, cfg.personas)
     batches = training_batches(tok, artifact, concept, device=model_device(bridge), pairs=pairs)  # baselines' too
     names = adapted_resid_names(artifact)
@@ -369,8 +377,13 @@ def run_export(cfg: ExportRun) -> Path:
 
     The artifact, the format's own checks and the output path are checked before the model loads; the model is
     then checked against the artifact's weight fingerprints, so an export never bakes an adapter into weights it
-    was not made for.
+    was not made for. The claim on ``cfg.out`` is held throughout: a second export into it is refused at once.
     """
+    with claim(check_out_name(cfg.out)):
+        return _run_export(cfg)
+
+
+def _run_export(cfg: ExportRun) -> Path:
     artifact = load_artifact(cfg.artifact)
     check_outside(cfg.out, cfg.artifact)
     check_model_source(cfg.model)
@@ -383,11 +396,11 @@ def run_export(cfg: ExportRun) -> Path:
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     if spec.needs_pairs:
-        pairs_for(artifact, None, None, where)
+        pairs_for(artifact, cfg.pairs, None, where)
     bridge, tok = load_model(model, device="cpu")  # exports are written from an exact float32 CPU copy
     artifact.check_model(bridge, where=where)
     concept = get_concept(artifact.data.get("concept") or "honesty", cfg.data_dir)
-    pairs = training_pairs(tok, artifact, concept) if spec.needs_pairs else None
+    pairs = training_pairs(tok, artifact, concept, cfg.pairs) if spec.needs_pairs else None
     manifest = {"artifact": str(cfg.artifact), "base_model": artifact.base_model,
                 "run_config": run_config_doc("export", cfg)}
     out = export(artifact, bridge, tok, spec.name, cfg.coeff, cfg.out, overwrite=cfg.overwrite, manifest=manifest,

@@ -155,10 +155,24 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} keys {[where + k for k in unknown]}; known: {sorted(names)}")
         hints = field_types(cls)
-        return cls(**{k: coerce(v, hints[k], where + k) for k, v in d.items()})
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: coerce(_under_default(fields[k], v, hints[k]), hints[k], where + k) for k, v in d.items()})
 
     def replace(self, **changes: Any) -> Any:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _under_default(f: dataclasses.Field, value: Any, tp: Any) -> Any:
+    """A nested config given in part (a JSON file, the CLI's options) over the field's own default, so a command's
+    defaults hold for whatever is not named: ``eval --n-items 2`` keeps eval's methods, not SweepConfig's."""
+    if not (isinstance(value, dict) and dataclasses.is_dataclass(tp) and f.default_factory is not dataclasses.MISSING):
+        return value
+
+    def merged(base: dict, over: dict) -> dict:
+        return {**base, **{k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+
+    return merged(f.default_factory().to_dict(), value)
 
 
 KL_PROMPTS = 32  # prompts in datasets/coherence_prompts.json: greedy KL text has one reply each (test_cli checks)
@@ -571,6 +585,8 @@ class ExportRun(Config):
     method: VectorMethod | None = field(default=None, metadata={
         "help": "additive steer of a control vector, from the artifact's pairs at its adapted blocks"})
     model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: the artifact's)"})
+    pairs: str | None = field(default=None, metadata={
+        "help": "the pairs file a control vector is built from (none: what the artifact records)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier export at OUT"})
     data_dir: str | None = field(default=None, metadata={
         "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
@@ -584,6 +600,9 @@ class ExportRun(Config):
                  f"method is only for --format control-vector (the {self.format} export is the adapter itself)")
         _require(self.format != "control-vector" or self.method is not None,
                  "give --method (pca_diff, pca_center, mean_diff or gradient) for a control vector")
+        _require(self.format == "control-vector" or self.pairs is None,
+                 f"pairs is only for --format control-vector (the {self.format} export is the adapter itself)")
+        _existing_file("pairs", self.pairs)
         _model_name(self.model)
         _existing_dir("data_dir", self.data_dir)
 
@@ -595,6 +614,9 @@ COMMANDS: dict[str, type] = {"train": TrainRun, "eval": EvalRun, "demo": DemoRun
 def load_run_config(path: str | Path) -> tuple[str, dict]:
     """``(command, fields)`` of a saved ``run_config.json`` ({"command": ..., "config": {...}})."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise ConfigError(f"cannot read config {path}: it is not a regular file (a directory, a FIFO or a device); "
+                          "give a run_config.json")
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -35,7 +35,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from .adapter import AdapterSpec, SVDAdapter, apply_adapters, linear_weight
 from .config import ConfigError, TrainConfig
 from .data import strict_json
-from .models import model_device
+from .models import DTYPES, model_device
 from .ownership import claim, follow_umask, read_manifest, remove_owned, why_not_owned, write_manifest
 
 FORMAT_VERSION = 2
@@ -322,6 +322,9 @@ class SteeringArtifact:
     fingerprints: dict[str, list[float]]
     metrics: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # where the pairs came from: {"pairs": path, "personas": [...]}
+    # the dtype of the weights it was trained on: its fingerprints are of those weights, so a model loaded in
+    # another dtype (an export's float32 copy of a bfloat16 run) is checked after casting to it
+    weights_dtype: str = "float32"
 
     @classmethod
     def build(cls, bridge: TransformerBridge, adapters: Iterable[SVDAdapter], d_steer: Tensor, loss_hook: str,
@@ -329,8 +332,10 @@ class SteeringArtifact:
         """An artifact for ``bridge``: records its name and the fingerprint of every adapted weight."""
         adapters = nn.ModuleList(adapters)
         fps = {a.site: fingerprint(linear_weight(bridge, a.site)) for a in adapters}
+        dtype = linear_weight(bridge, adapters[0].site).dtype if len(adapters) else torch.float32
+        name = next((k for k, v in DTYPES.items() if v == dtype), "float32")
         return cls(adapters, d_steer.detach().clone(), loss_hook, config, model_name(bridge), fps,
-                   dict(metrics or {}), dict(data or {}))
+                   dict(metrics or {}), dict(data or {}), name)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         return save_artifact(path, self, overwrite=overwrite)
@@ -364,7 +369,7 @@ class SteeringArtifact:
             if (W.shape[0], W.shape[1]) != (a.U.shape[0], a.V.shape[0]):
                 raise ValueError(f"{where}: {a.site} is {tuple(W.shape)} in this model, the adapter expects "
                                  f"{(a.U.shape[0], a.V.shape[0])}")
-            fp, now = self.fingerprints[a.site], fingerprint(W)
+            fp, now = self.fingerprints[a.site], fingerprint(W.to(DTYPES[self.weights_dtype]))
             if not all(abs(x - y) <= 1e-6 * max(1.0, abs(x)) for x, y in zip(fp, now)):  # NaN fails too
                 raise ValueError(f"{where}: the weights at {a.site} differ from those it was trained on "
                                  f"(fingerprint {fp} vs {now}); same model name, different weights?")
@@ -374,7 +379,7 @@ class SteeringArtifact:
             "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE, "base_model": self.base_model,
             "fingerprints": self.fingerprints, "adapters": [a.spec.to_dict() for a in self.adapters],
             "loss_hook": self.loss_hook, "train_config": self.config.to_dict(), "data": self.data,
-            "metrics": self.metrics,
+            "metrics": self.metrics, "weights_dtype": self.weights_dtype,
         }
 
     def tensors(self) -> dict[str, Tensor]:
@@ -496,6 +501,9 @@ def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> 
                          f"got {fps!r}")
     if not isinstance(config["loss_hook"], str) or not isinstance(config["base_model"], str):
         raise ValueError(f"{cfg_file}: loss_hook and base_model must be strings")
+    weights_dtype = config.get("weights_dtype", "float32")  # written before the key: checked as float32, as then
+    if weights_dtype not in DTYPES:
+        raise ValueError(f"{cfg_file}: weights_dtype must be one of {', '.join(DTYPES)}, got {weights_dtype!r}")
     tensors = read_tensors(path / WEIGHTS_FILE)
     adapters = nn.ModuleList(_adapter_from(spec, tensors, path / WEIGHTS_FILE) for spec in specs)
     d_steer = tensors.pop("d_steer", None)
@@ -506,7 +514,7 @@ def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> 
         raise ValueError(f"{path / WEIGHTS_FILE}: unexpected tensors {extra[:5]}")
     art = SteeringArtifact(adapters, d_steer, config["loss_hook"], train_config, config["base_model"],
                            {k: [float(x) for x in v] for k, v in fps.items()}, dict(config.get("metrics") or {}),
-                           dict(config.get("data") or {}))
+                           dict(config.get("data") or {}), weights_dtype)
     if bridge is not None:
         art.check_model(bridge, where=f"artifact {path}")
         art.to(model_device(bridge))

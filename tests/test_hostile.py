@@ -507,3 +507,133 @@ def test_a_study_whose_model_fails_to_load_writes_nothing(tmp_path, monkeypatch,
                      "honesty", "--seeds", "0"], capsys)
     assert code == 2 and "Could not load model" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# -------------------------------------------------------------------------- commands that do what they say
+
+ONE_NESTED_OPTION = [  # (command, positional, option, value, nested field path)
+    ("train", [], "--margin", "0.3", ("train", "loss", "margin")),
+    ("train", [], "--steps", "3", ("train", "steps")),
+    ("eval", ["a"], "--n-items", "2", ("sweep", "n_items")),
+    ("eval", ["a"], "--budget", "0.2", ("sweep", "budget")),
+    ("demo", [], "--n-items", "2", ("sweep", "n_items")),
+    ("study", [], "--n-items", "2", ("sweep", "n_items")),
+    ("study", [], "--margin", "0.3", ("train", "loss", "margin")),
+]
+
+
+def _replaced(cfg, path, value):
+    import dataclasses
+
+    head, *rest = path
+    return dataclasses.replace(cfg, **{head: _replaced(getattr(cfg, head), rest, value) if rest else value})
+
+
+@pytest.mark.parametrize("command,positional,option,value,path", ONE_NESTED_OPTION)
+def test_one_option_changes_one_field_whatever_the_command(command, positional, option, value, path):
+    """``eval --n-items 2`` keeps eval's methods (adapter), as its --help says: every command's defaults hold for
+    what is not named, on the command line and in a JSON config alike."""
+    from interp_steer.config import COMMANDS
+
+    parse = lambda *argv: cli.config_from_args(command, cli.build_parser().parse_args([command, *argv]))  # noqa: E731
+    cfg, plain = parse(*positional, option, value), parse(*positional)
+    assert cfg == _replaced(plain, path, type(_get(plain, path))(value))
+    nested = {path[0]: _nest(path[1:], type(_get(plain, path))(value))}
+    assert COMMANDS[command].from_dict({**({"artifact": "a"} if positional else {}), **nested}) == cfg
+
+
+def _get(cfg, path):
+    for p in path:
+        cfg = getattr(cfg, p)
+    return cfg
+
+
+def _nest(path, value):
+    return {path[0]: _nest(path[1:], value)} if path else value
+
+
+def test_a_fifo_as_config_is_refused_at_once(tmp_path, capsys):
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    code, err = run(["train", "--config", str(fifo)], capsys)
+    assert code == 2 and "not a regular file" in err
+    code, err = run(["train", "--pairs", str(fifo)], capsys)
+    assert code == 2 and "is not a file" in err
+
+
+@pytest.mark.parametrize("out", [".", "..", "/"])
+def test_an_out_that_names_no_directory_of_its_own_is_refused(tiny_cli, tmp_path, monkeypatch, capsys, out):
+    monkeypatch.chdir(tmp_path)
+    user_file(tmp_path / "notes.txt")
+    before = tree(tmp_path)
+    code, err = run(["train", "--out", out, *TRAIN_ARGS], capsys)
+    assert code == 2 and "names no directory of its own" in err and "Error" not in err
+    assert tree(tmp_path) == before
+
+
+def _holder(target: Path):
+    """Another process holding the claim on ``target`` until killed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from interp_steer.ownership import claim
+        with claim({str(target)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_eval_and_export_hold_a_claim_on_their_output(tiny_cli, tmp_path, capsys):
+    """A second export (or eval) into a directory another process is writing is refused at once, never lost."""
+    art = tmp_path / "art"
+    assert run(["train", "--out", str(art), *TRAIN_ARGS], capsys)[0] == 0
+    for argv, target in ((["export", str(art), "--out", str(tmp_path / "cexp"), "--format", "lora", "--overwrite"],
+                          tmp_path / "cexp"), (["eval", str(art), "--out", str(tmp_path / "ev")], tmp_path / "ev")):
+        holder = _holder(target)
+        try:
+            before = tree(tmp_path)
+            code, err = run(argv, capsys)
+            assert code == 2 and "another process is writing" in err
+            assert tree(tmp_path) == before
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_control_vector_export_takes_the_pairs_file_it_asks_for(tiny_cli, tmp_path, capsys):
+    from interp_steer.data import persona_pairs
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"chosen": p.chosen, "rejected": p.rejected} for p in persona_pairs(tiny_cli[1])]))
+    art = tmp_path / "art"
+    assert run(["train", "--out", str(art), "--pairs", str(pairs), *TRAIN_ARGS], capsys)[0] == 0
+    argv = ["export", str(art), "--out", str(tmp_path / "cv"), "--format", "control-vector", "--method", "mean_diff"]
+    code, err = run(argv, capsys)
+    assert code == 2 and "--pairs FILE" in err and not (tmp_path / "cv").exists()
+    assert run([*argv, "--pairs", str(pairs)], capsys)[0] == 0
+    assert (tmp_path / "cv" / "control_vector.gguf").is_file()
+
+
+def test_an_artifact_trained_in_bfloat16_is_exported_from_float32_weights(tmp_path, monkeypatch, capsys):
+    """Its fingerprints are of the bfloat16 weights: a float32 copy of the same weights is checked after the
+    cast, not refused as 'different weights'."""
+    from interp_steer.io import load_artifact
+    from interp_steer.models import tiny_model
+
+    bf16, f32 = tiny_model(seed=0, dtype="bfloat16"), tiny_model(seed=0)
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: bf16)
+    art = tmp_path / "art"
+    assert run(["train", "--out", str(art), *TRAIN_ARGS], capsys)[0] == 0
+    assert json.loads((art / "config.json").read_text())["weights_dtype"] == "bfloat16"
+    load_artifact(art, f32[0])  # checked against the float32 copy
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: f32)
+    code, err = run(["export", str(art), "--out", str(tmp_path / "lora"), "--format", "lora"], capsys)
+    assert code == 0, err
+    other = tiny_model(seed=1)
+    with pytest.raises(ValueError, match="differ from those it was trained on"):
+        load_artifact(art, other[0])
