@@ -292,7 +292,9 @@ def concept_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, conc
         label = "adapter" if len(seeds) == 1 else f"adapter@{seed}"
         artifacts[label] = result.artifact
         first = first or result
-        train_info[label] = {"seconds": result.timings.get("train_s"), "held_out": result.metrics["held_out"]}
+        # the loss parts of every step (a few kB): the training curve a cell report keeps
+        train_info[label] = {"seconds": result.timings.get("train_s"), "held_out": result.metrics["held_out"],
+                             "history": result.history}
     train_s = time.perf_counter() - t1
     return sweep_report(bridge, tok, sweep_cfg, concept, artifacts, first.reference_states, first.train_batches,
                         {"train": {"seconds": train_s, "loss_hook": first.loss_hook, "seeds": list(seeds),
