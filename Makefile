@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-gemma test test-fast test-slow demo bench figures notebooks clean
+.PHONY: install install-gemma test test-fast test-slow test-lowest demo bench figures notebooks clean
 
 install: $(STAMP)
 
@@ -35,6 +35,26 @@ test-fast: install       ## unit tests on the tiny random model only (seconds; n
 test-slow: install install-gemma  ## tests on the real default model, and the loaders on ../shared/data
 	$(PY) -m pytest -q -m "slow or shared" tests
 
+# The fast tests with every direct dependency at its lower bound in pyproject.toml (.ci/floors.py), in a fresh
+# $(LOWEST). torch is the local CPU 2.13.0, installed first and kept out of uv's resolution (--override): uv does
+# not look at the local disk and would fetch a multi-GB CUDA build. Before that, pip's plan for adding the
+# project to this environment with torch in it must keep that torch (.ci/keeps_torch.py).
+LOWEST ?= .venv-lowest
+UV_VERSION := 0.13.9
+test-lowest:             ## fast tests at the lowest versions pyproject.toml allows (a fresh .venv-lowest)
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST)/bin/python -m pip install --quiet torch==2.13.0 uv==$(UV_VERSION)
+	$(LOWEST)/bin/python -m pip install --quiet --dry-run --report $(LOWEST)/pip-plan.json -e ".[test,export]"
+	$(LOWEST)/bin/python .ci/keeps_torch.py $(LOWEST)/pip-plan.json
+	$(LOWEST)/bin/python .ci/floors.py test > $(LOWEST)/floors.txt
+	echo "torch==2.13.0" > $(LOWEST)/torch.txt
+	$(LOWEST)/bin/uv pip install --quiet --python $(LOWEST)/bin/python --resolution lowest-direct \
+	    --override $(LOWEST)/torch.txt --constraint $(LOWEST)/floors.txt -e ".[test]"
+	$(LOWEST)/bin/python .ci/floors.py test --check
+	$(LOWEST)/bin/python -m pytest -q -m "not slow and not shared" tests
+
 demo: install            ## per concept: train, sweep every method; runs/demo/REPORT.md (--overwrite: rerun)
 	$(PY) -m interp_steer.cli demo --overwrite
 
@@ -48,4 +68,4 @@ notebooks: install       ## execute the notebooks and store their outputs (the t
 	cd notebooks && ../$(PY) _store_outputs.py *.ipynb
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOWEST) build *.egg-info .pytest_cache
