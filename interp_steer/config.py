@@ -479,7 +479,16 @@ class _Preset:
                 changes = {k: v for k, v in preset.items() if getattr(current, k) == quick[name][k]}
                 object.__setattr__(self, name, current.replace(**changes))
 
-    def _check_lists(self) -> None:
+    def _check_run(self, models: tuple[str | None, ...]) -> None:
+        """What a demo and a study check alike, in this order: the field types, the powered preset, OUT, the
+        models (distinct), the concepts and the seeds."""
+        self._check_types()  # type: ignore[attr-defined]
+        self._apply_powered()
+        _require(bool(self.out.strip()), "out must be a directory path")  # type: ignore[attr-defined]
+        _require(len(models) > 0 and len(set(models)) == len(models),
+                 f"models must be distinct and at least one, got {models}")
+        for m in models:
+            _model_name(m)
         _require(len(self.concepts) > 0 and len(set(self.concepts)) == len(self.concepts),  # type: ignore[attr-defined]
                  f"concepts must be distinct and at least one, got {self.concepts}")  # type: ignore[attr-defined]
         _data_dir(self.concepts, self.data_dir)  # type: ignore[attr-defined]
@@ -512,11 +521,7 @@ class DemoRun(_Preset, Config):
     sweep: SweepConfig = field(default_factory=lambda: SweepConfig(**DEMO_SWEEP))
 
     def __post_init__(self):
-        self._check_types()
-        self._apply_powered()
-        _require(bool(self.out.strip()), "out must be a directory path")
-        _model_name(self.model)
-        self._check_lists()
+        self._check_run((self.model,))
 
 
 @no_type_check
@@ -544,14 +549,7 @@ class StudyRun(_Preset, Config):
     sweep: SweepConfig = field(default_factory=lambda: SweepConfig(**DEMO_SWEEP))
 
     def __post_init__(self):
-        self._check_types()
-        self._apply_powered()
-        _require(bool(self.out.strip()), "out must be a directory path")
-        _require(len(self.models) > 0 and len(set(self.models)) == len(self.models),
-                 f"models must be distinct and at least one, got {self.models}")
-        for m in self.models:
-            _model_name(m)
-        self._check_lists()
+        self._check_run(self.models)
         if self.shard is not None:
             self.shard_index()
 

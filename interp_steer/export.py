@@ -56,20 +56,6 @@ LORA_CONFIG_FILE = "adapter_config.json"       # peft's names: PeftModel.from_pr
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
 CONTROL_VECTOR_FILE = "control_vector.gguf"
 CONTROL_VECTOR_ARCH = "controlvector"           # llama.cpp's `general.architecture` of a control vector
-# What save_pretrained writes for a causal LM and its tokenizer (transformers 5), plus shards of a large model.
-_HF_FILES = frozenset({
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-})
-_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-EXPORT_FILES = frozenset({MANIFEST_FILE, LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, CONTROL_VECTOR_FILE, *_HF_FILES})
-
-
-def is_export_file(name: str) -> bool:
-    """A file name an export directory may hold. Says nothing about who wrote a file of that name: what may
-    be replaced is decided by the directory's manifest (``ownership``)."""
-    return name in EXPORT_FILES or bool(_SHARD.match(name))
 
 
 def check_coeff(c: float) -> float:

@@ -95,11 +95,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     _atomic(Path(path), lambda p: p.write_text(text))
 
 
-def save_tensors_atomic(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(Path(path), lambda p: save_file(data, str(p), metadata=metadata))
-
-
 def read_json(path: Path, what: str) -> Any:
     """JSON from ``path`` or ``ValueError`` naming the file (never a bare traceback)."""
     try:
@@ -150,18 +145,28 @@ def check_out_name(path: str | Path) -> Path:
     return path
 
 
+def check_owned_or_empty(path: Path, kind: str, what: str, where: str = "output directory") -> bool:
+    """Whether ``path`` holds something: ``False`` when it is absent or an empty directory, ``True`` when it is a
+    directory provably the project's ``what`` (its manifest says ``kind``, whatever the directory is called now: a
+    renamed or copied one stays the project's); ``FileExistsError`` for anything else (``where``: what to choose
+    instead, e.g. ``--out``)."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; choose another {where}")
+    if not (path.is_dir() and any(path.iterdir())):
+        return False
+    reason = why_not_owned(path, None, (kind,))
+    if reason is not None:
+        raise FileExistsError(f"{path} is not {what} interp-steer wrote ({reason}); it will not replace it or "
+                              f"write into it. Choose a new or empty {where}.")
+    return True
+
+
 def _check_existing(path: Path, overwrite: bool, what: str) -> None:
-    """``path`` may be written: absent, empty, or provably the project's ``what`` (of its kind, whatever the
-    directory is called now: a renamed or copied one stays the project's) and ``overwrite`` given."""
+    """``path`` may be written: absent, empty, or provably the project's ``what`` (``check_owned_or_empty``) and
+    ``overwrite`` given."""
     check_out_name(path)
     _refuse_link(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory; choose another output path")
-    if path.is_dir() and any(path.iterdir()):
-        reason = why_not_owned(path, None, (KIND_OF[what],))
-        if reason is not None:
-            raise FileExistsError(f"{path} is not {what} interp-steer wrote ({reason}); it will not replace it or "
-                                  "write into it. Choose a new or empty output directory.")
+    if check_owned_or_empty(path, KIND_OF[what], what):
         if not overwrite:
             raise FileExistsError(f"{path} already holds {what}; pass --overwrite (overwrite=True) to replace "
                                   "it, or choose another output directory")

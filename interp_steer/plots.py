@@ -30,7 +30,7 @@ STYLE = {
     "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.5,
 }
 # each method's colour is its registry entry's (methods.py); the analysis figures add their own quantities
-COLORS = {**{name: spec.color for name, spec in REGISTRY.items()}, "dhs_svd": "#8c564b"}
+COLORS = {**{name: spec.color for name, spec in REGISTRY.items()}, "dhs_svd": "#e377c2"}
 
 
 def figure(nrows: int = 1, ncols: int = 1, height: float = 2.4, width: float = COLUMN_WIDTH, **kw):

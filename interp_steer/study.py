@@ -39,7 +39,8 @@ from .commands import check_device, concept_report, merge_units, planned_units
 from .concepts import F1_THRESHOLDS, get_concept
 from .config import ConfigError, StudyRun, run_config_doc
 from .io import (
-    RUN_CONFIG_FILE, check_dir_target, read_json, write_dir_atomic, write_json_atomic, write_text_atomic,
+    RUN_CONFIG_FILE, check_dir_target, check_owned_or_empty, read_json, write_dir_atomic, write_json_atomic,
+    write_text_atomic,
 )
 from .models import DEFAULT_NAMES, GEMMA_NAMES, load_model
 from .ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
@@ -152,13 +153,7 @@ def _open_study(out: Path, cfg: StudyRun) -> None:
 def _open_claimed(out: Path, cfg: StudyRun) -> None:
     if out.is_symlink():
         raise FileExistsError(f"{out} is a symbolic link; interp-steer never writes through one. Give the real path.")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        reason = why_not_owned(out, None, ("study",))  # a renamed or copied study is still the study
-        if reason is not None:
-            raise FileExistsError(f"{out} is not a study interp-steer wrote ({reason}); it will not write into it. "
-                                  "Choose a new or empty --out.")
+    if check_owned_or_empty(out, "study", "a study", "--out"):  # a renamed or copied study is still the study
         saved = read_json(out / RUN_CONFIG_FILE, "the study's run_config.json")
         if not (isinstance(saved, dict) and saved.get("command") == "study"):
             raise FileExistsError(f"{out} holds an interp-steer run that is not a study; choose another --out")

@@ -17,7 +17,7 @@ from interp_steer.config import ConfigError, ExportRun, LossConfig, TrainConfig
 from interp_steer.directions import SteeringVector
 from interp_steer.export import (
     CONTROL_VECTOR_FILE, LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, MANIFEST_FILE, control_vector_layers, hf_module_name,
-    hf_state_dict, is_export_file, read_control_vector, read_manifest, save_control_vector, save_lora, save_merged,
+    hf_state_dict, read_control_vector, read_manifest, save_control_vector, save_lora, save_merged,
 )
 from interp_steer.io import SteeringArtifact, model_name, write_dir_atomic
 from interp_steer.models import tiny_model

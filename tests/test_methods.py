@@ -22,6 +22,7 @@ def test_every_reader_takes_the_registry():
     assert [n for n in METHODS if get_method(n).trains] == ["learned_vector"]
     assert methods.names("control") == ("random",)
     assert all(COLORS[n] == get_method(n).color for n in METHODS)
+    assert len(set(COLORS.values())) == len(COLORS), COLORS  # no two methods or quantities share a colour
     assert _color("adapter@1") == _color("adapter (3 seeds)") == get_method("adapter").color
     for name in METHODS:  # every entry's build function resolves
         assert callable(get_method(name).builder())
