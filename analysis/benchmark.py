@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     }
     start = first_block([sp.site for sp in specs] + [hook])
     base = None
-    print(f"{len(pairs)} pairs, {len(batches)} batches, {n_tokens} real tokens, torch threads {torch.get_num_threads()}")
+    print(f"{len(pairs)} pairs, {len(batches)} batches, {n_tokens} real tokens, torch threads "
+          f"{torch.get_num_threads()}")
     for name, fn in rows.items():
         s = timed(fn, args.repeats)
         base = base or s
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
     results[f"train: the same 8 steps, blocks < {start} reused"] = s_step_reused
     results["train: plain forward of the same 64 pairs"] = s_fwd
     print(f"{'8 training steps (64 pairs) / plain fwd of them':45s} {s_step:8.2f} s   x{s_step / s_fwd:5.2f}")
-    print(f"{'  ... blocks < ' + str(start) + ' reused':45s} {s_step_reused:8.2f} s   x{s_step_reused / s_fwd:5.2f}   "
+    print(f"{'  ... blocks < ' + str(start) + ' reused':45s} {s_step_reused:8.2f} s   "
+          f"x{s_step_reused / s_fwd:5.2f}   "
           f"(x{prefix['train_step']:.2f} of the full steps)")
     evaluation = {} if args.no_eval else eval_parts(bridge, tok, adapters, start, args.eval_fraction)
     if evaluation:
@@ -192,7 +194,12 @@ def eval_parts(bridge, tok, adapters, start: int, fraction: float = 1.0) -> dict
     from interp_steer.concepts import get_concept
     from interp_steer.data import tokenize
     from interp_steer.evaluate import (
-        choice_prompt, choice_token_ids, coherence, coherence_reference, load_dilemmas, load_neutral_texts,
+        choice_prompt,
+        choice_token_ids,
+        coherence,
+        coherence_reference,
+        load_dilemmas,
+        load_neutral_texts,
     )
 
     def steer(b):

@@ -43,7 +43,6 @@ from interp_steer.data import Batch
 from interp_steer.directions import mean_diff_direction, paired_diff
 from interp_steer.names import resid_names, site_layer, site_name
 
-
 # --- capture ----------------------------------------------------------------------------------------------
 
 def capture_layers(bridge: TransformerBridge, batches: Sequence[Batch], layers: Sequence[int],
@@ -91,12 +90,13 @@ def dhs_policy(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "bat
                ) -> Float[Tensor, "pairs d_model"]:
     """dHS_pi = hs_pi_cho(c) − hs_ref_rej: the steered chosen rows against the reference's rejected rows."""
     if hs_pi.shape != hs_ref.shape or hs_pi.shape[0] % 2:
-        raise ValueError(f"need two interleaved captures of one shape, got {tuple(hs_pi.shape)}, {tuple(hs_ref.shape)}")
+        raise ValueError(f"need two interleaved captures of one shape, got {tuple(hs_pi.shape)}, "
+                         f"{tuple(hs_ref.shape)}")
     return hs_pi[0::2] - hs_ref[1::2]
 
 
 def dhs_svd(dhs: Float[Tensor, "pairs d_model"], center: bool = False
-            ) -> tuple[Float[Tensor, "k"], Float[Tensor, "d_model k"]]:
+            ) -> tuple[Float[Tensor, " k"], Float[Tensor, "d_model k"]]:
     """Singular values ``S_dhs`` and d_model-side singular vectors ``U_dhs`` of dHS (centred: PCA)."""
     x = dhs.double()
     if center:

@@ -231,7 +231,8 @@ def layer_map_figure(data: dict, out: Path, sources: Sequence[Path] = ()) -> lis
     en = {"U_w mlp.out": rep["energy_out"], "V_w mlp.in L+1": rep["energy_in"], "U_w attn.o": rep["energy_attn_o"],
           "states, U_w mlp.out": rep["energy_states_out"], "random r/d": [rep["random"]] * len(rep["layers"])}
     top = max(v for col in en.values() for v in col if not math.isnan(v))
-    _heatmap(a2, en, rep["layers"], "magma", 0, top, f"(b) share of dHS energy\nin top-r subspaces, r = {rep['rank']}")
+    _heatmap(a2, en, rep["layers"], "magma", 0, top, "(b) share of dHS energy\nin top-r subspaces, r = "
+                                                     f"{rep['rank']}")
     for ax in (a1, a2):
         ax.axhline(cfg["loss_layer"], color="k", lw=0.7, ls=":")
     return save(fig, out, "layer_map", sources)
@@ -279,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.figures", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=[*FIGURES, "all"], help="figure to (re)generate")
     parser.add_argument("--out", default="figures", help="figure directory (default: figures)")
-    parser.add_argument("--pairs", type=int, default=StudyConfig.pairs, help=f"pairs (default {StudyConfig.pairs})")
-    parser.add_argument("--steps", type=int, default=StudyConfig.steps, help=f"training steps (default {StudyConfig.steps})")
+    parser.add_argument("--pairs", type=int, default=StudyConfig.pairs,
+                        help=f"pairs (default {StudyConfig.pairs})")
+    parser.add_argument("--steps", type=int, default=StudyConfig.steps, help="training steps (default "
+                                                                             f"{StudyConfig.steps})")
     parser.add_argument("--objective", choices=("shift", "separation"), default=None,
                         help="training objective of the quick adapter (default: TrainConfig's)")
     parser.add_argument("--model", default=None, help="model name or directory (default: packaged SmolLM2)")
@@ -289,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-summary", default=None, metavar="PATH",
                         help="redraw the model figures from a stored summary instead of recomputing")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch and BLAS (default: their own choice; use 1 on a shared machine)")
+                        help="CPU threads for torch and BLAS (default: their own choice; use 1 on a shared "
+                             "machine)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.pairs < 10 or args.steps < 1:

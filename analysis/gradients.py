@@ -61,7 +61,8 @@ def _unit_or_nan(v: Tensor) -> Tensor:
 
 
 def noref_gradient_directions(bridge: TransformerBridge, batches: Sequence[Batch], layers: Sequence[int],
-                              loss_hook: str, d_steer: Float[Tensor, "d_model"]) -> dict[int, Float[Tensor, "d_model"]]:
+                              loss_hook: str,
+                              d_steer: Float[Tensor, " d_model"]) -> dict[int, Float[Tensor, " d_model"]]:
     """``directions.gradient_directions`` keyed by layer; layers after the loss layer are left out."""
     loss_layer = layer_of(loss_hook)
     keep = [L for L in layers if loss_layer is None or L <= loss_layer]
@@ -70,9 +71,9 @@ def noref_gradient_directions(bridge: TransformerBridge, batches: Sequence[Batch
 
 
 def training_loss_gradients(bridge: TransformerBridge, batches: Sequence[Batch], layers: Sequence[int],
-                            loss_hook: str, d_steer: Float[Tensor, "d_model"], *,
+                            loss_hook: str, d_steer: Float[Tensor, " d_model"], *,
                             adapters: Iterable[SVDAdapter] = (), c: float = 1.0, cfg: LossConfig = LossConfig(),
-                            scale: float = 1.0) -> dict[int, Float[Tensor, "d_model"]]:
+                            scale: float = 1.0) -> dict[int, Float[Tensor, " d_model"]]:
     """g_train(L) = −mean over rows of ∂(−shift + w_coh·coherence)/∂hs_L at the last token, unit norm.
 
     The coherence term is the training loss's, with ``cfg``'s ``margin``, ``w_coherence`` and ``power``
@@ -131,7 +132,7 @@ def _reference(bridge: TransformerBridge, b: Batch, loss_hook: str
 
 
 def effective_directions(bridge: TransformerBridge, batches: Sequence[Batch], adapters: Iterable[SVDAdapter],
-                         layers: Sequence[int], c: float = 1.0) -> dict[int, Float[Tensor, "d_model"]]:
+                         layers: Sequence[int], c: float = 1.0) -> dict[int, Float[Tensor, " d_model"]]:
     """e(L) = mean over rows of hs_L(+c) − hs_L(−c): the adapter's effective direction at L (not normalised).
 
     Raises ``ValueError`` at c = 0, where e is identically zero and has no direction. Layers upstream of every
@@ -165,8 +166,9 @@ class LayerMap:
         return asdict(self)
 
 
-def layer_map(hs_ref: dict[int, Float[Tensor, "batch d_model"]], grad: dict[int, Float[Tensor, "d_model"]],
-              noref: dict[int, Float[Tensor, "d_model"]], learned: dict[int, Float[Tensor, "d_model"]]) -> LayerMap:
+def layer_map(hs_ref: dict[int, Float[Tensor, "batch d_model"]], grad: dict[int, Float[Tensor, " d_model"]],
+              noref: dict[int, Float[Tensor, " d_model"]],
+              learned: dict[int, Float[Tensor, " d_model"]]) -> LayerMap:
     """Cosines of every direction pair per layer; a layer missing from a dict gives NaN."""
     nan = torch.full((1,), math.nan)
     out: dict[str, list[float]] = {f: [] for f in LayerMap.__dataclass_fields__ if f != "layers"}

@@ -72,8 +72,8 @@ def table(first: dict, rows: dict[str, dict], reference: str | None) -> str:
     rows = {**rows, **seed_groups(rows, primary)}
     out = ["CI: paired over items; for a seeds row, a t-interval over seeds.", "",
            f"{first['concept']}: Δ at {first['budget_metric'].upper()} = {first['budget']} nat/token; "
-           f"base model: " + ", ".join(f"{k} {v:+.3f}" for k, v in next(iter(rows.values()))["at_zero"].items()), "",
-           f"| method | dir | Δ {primary} [95% CI] | " + " | ".join(f"Δ {e}" for e in effects[1:])
+           f"base model: " + ", ".join(f"{k} {v:+.3f}" for k, v in next(iter(rows.values()))["at_zero"].items()),
+           "", f"| method | dir | Δ {primary} [95% CI] | " + " | ".join(f"Δ {e}" for e in effects[1:])
            + f" | coeff | vs {reference or 'best additive'} (paired) |",
            "|---|---|---|" + "---|" * len(effects[1:]) + "---|---|"]
     for side, sign in (("plus", 1.0), ("minus", -1.0)):

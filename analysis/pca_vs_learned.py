@@ -42,10 +42,11 @@ def delta_weight(adapter: SVDAdapter, c: float = 1.0) -> Float[Tensor, "d_out d_
 
 
 def output_subspace(adapter: SVDAdapter, k: int, c: float = 1.0
-                    ) -> tuple[Float[Tensor, "d_model k"], Float[Tensor, "k"]]:
+                    ) -> tuple[Float[Tensor, "d_model k"], Float[Tensor, " k"]]:
     """Top-k left singular vectors of ΔW(c) and their singular values, for a site writing into the stream."""
     if not adapter.site.endswith(_WRITERS):
-        raise ValueError(f"{adapter.site} does not write into the residual stream; use an mlp.out or attn.o adapter")
+        raise ValueError(f"{adapter.site} does not write into the residual stream; use an mlp.out or attn.o "
+                         "adapter")
     if c == 0:
         raise ValueError("c = 0: ΔW = 0, the adapter writes nothing, so it has no output subspace")
     A, sigma, _ = torch.linalg.svd(delta_weight(adapter, c).double(), full_matrices=False)

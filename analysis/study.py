@@ -40,7 +40,8 @@ class StudyConfig:
         loss = LossConfig(kl_budget=self.kl_budget) if self.objective is None else \
             LossConfig(objective=self.objective, kl_budget=self.kl_budget)
         return TrainConfig(layers=self.layers, loss_layer=self.loss_layer, rank=self.rank, steps=self.steps,
-                           triplets=self.triplets, n_pairs=self.pairs, seed=self.seed, checkpoint_every=10**9, loss=loss)
+                           triplets=self.triplets, n_pairs=self.pairs, seed=self.seed, checkpoint_every=10**9,
+                           loss=loss)
 
 
 def _log(msg: str) -> None:
@@ -92,6 +93,7 @@ class Study:
     @cached_property
     def trained(self):
         import torch
+
         from interp_steer.adapter import make_adapters
         from interp_steer.data import pair_batches, persona_pairs
         from interp_steer.train import adapter_specs, train
@@ -135,7 +137,8 @@ class Study:
         from .dhs import capture_both_signs
 
         batches, layers, adapters = self.test_batches, self.layers, self.result.adapters
-        return self._timed("capture_test_pm", lambda: capture_both_signs(self.bridge, batches, layers, adapters, 1.0))
+        return self._timed("capture_test_pm",
+                           lambda: capture_both_signs(self.bridge, batches, layers, adapters, 1.0))
 
     @cached_property
     def dhs_report(self):
@@ -158,7 +161,8 @@ class Study:
         r, batches, hs = self.result, self.grad_batches, self.hs_train
         upto = [L for L in self.layers if L <= self.cfg.loss_layer]
         grad = self._timed("grad_train", lambda: training_loss_gradients(
-            self.bridge, batches, upto, r.loss_hook, r.d_steer, cfg=r.artifact.config.loss, scale=r.metrics["scale"]))
+            self.bridge, batches, upto, r.loss_hook, r.d_steer, cfg=r.artifact.config.loss,
+            scale=r.metrics["scale"]))
         noref = self._timed("grad_noref", lambda: noref_gradient_directions(
             self.bridge, batches, upto, r.loss_hook, r.d_steer))
         # = gradients.effective_directions, from the ±1 captures that dhs_spectra uses too (one pass, not two)

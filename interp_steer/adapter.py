@@ -26,7 +26,6 @@ bfloat16 model bit-identical too. GPT-2-style ``Conv1D`` layers store ``Wᵀ`` (
 from __future__ import annotations
 
 import math
-
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence, no_type_check
@@ -105,7 +104,8 @@ def check_sites(bridge: TransformerBridge, sites: Iterable[str]) -> None:
                              f"(blocks.0 … blocks.{bridge.cfg.n_layers - 1})")
         if _linear(bridge, site) is None or hook_in(site) not in bridge.hook_dict:
             have = available_sites(bridge)
-            raise ValueError(f"site {site!r} does not exist in this model ({type(bridge.original_model).__name__}); "
+            raise ValueError(f"site {site!r} does not exist in this model "
+                             f"({type(bridge.original_model).__name__}); "
                              f"its blocks have the sites {', '.join(have) or 'none'}")
 
 
@@ -118,7 +118,7 @@ def linear_weight(bridge: TransformerBridge, site: str) -> Float[Tensor, "d_out 
     return linear.weight.T if isinstance(linear, Conv1D) else linear.weight  # type: ignore[union-attr]
 
 
-def aligned_triplets(U: Float[Tensor, "d_out k"], d: Float[Tensor, "d"], r: int) -> Tensor:
+def aligned_triplets(U: Float[Tensor, "d_out k"], d: Float[Tensor, " d"], r: int) -> Tensor:
     """Indices of the ``r`` output singular vectors most aligned with ``d`` (largest ``|u_iᵀ d|``), in
     singular-value order.
 
@@ -139,7 +139,7 @@ def skew(p: Float[Tensor, "rank rank"]) -> Float[Tensor, "rank rank"]:
     return upper - upper.transpose(-1, -2)
 
 
-def cayley(theta: Float[Tensor, "rank rank"], c: Float[Tensor, "n"]) -> Float[Tensor, "n rank rank"]:
+def cayley(theta: Float[Tensor, "rank rank"], c: Float[Tensor, " n"]) -> Float[Tensor, "n rank rank"]:
     """R(c) = (I − cθ/2)⁻¹ (I + cθ/2), one rotation per coefficient; orthogonal for skew θ."""
     eye = torch.eye(theta.shape[-1], dtype=theta.dtype, device=theta.device)
     a = c.to(theta.dtype)[:, None, None] * theta / 2
@@ -159,7 +159,8 @@ class SVDAdapter(nn.Module):
         self.spec = spec
         r = spec.rank
         if U.shape[1] != r or V.shape[1] != r or S.shape != (r,):
-            raise ValueError(f"U, S, V must have rank {r}; got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}")
+            raise ValueError(f"U, S, V must have rank {r}; got {tuple(U.shape)}, {tuple(S.shape)}, "
+                             f"{tuple(V.shape)}")
         f32 = COMPUTE_DTYPE
         self.register_buffer("U", U.detach().to(f32).clone().contiguous())  # d_out × r
         self.register_buffer("S", S.detach().to(f32).clone().contiguous())  # r
@@ -185,7 +186,7 @@ class SVDAdapter(nn.Module):
 
     @classmethod
     def from_weight(cls, spec: AdapterSpec, W: Float[Tensor, "d_out d_in"], *,
-                    align: Float[Tensor, "d"] | None = None, **kw) -> "SVDAdapter":
+                    align: Float[Tensor, " d"] | None = None, **kw) -> "SVDAdapter":
         """Decompose ``W = U diag(S) Vᵀ + W_res`` in float64 for accuracy, keeping ``spec.rank`` triplets: the
         largest singular values, or with ``align`` the triplets whose output vectors ``u_i`` are most aligned
         with it (largest ``|u_iᵀ d|``; see ``aligned_triplets``). Either way ``W_res`` is the rest of ``W``.
@@ -209,21 +210,22 @@ class SVDAdapter(nn.Module):
     def site(self) -> str:
         return self.spec.site
 
-    def rotation(self, c: Float[Tensor, "n"], which: Literal["v", "u"] = "v") -> Float[Tensor, "n rank rank"]:
+    def rotation(self, c: Float[Tensor, " n"], which: Literal["v", "u"] = "v") -> Float[Tensor, "n rank rank"]:
         """R(c) for each coefficient in ``c``."""
         p = self.theta_v if which == "v" else self.theta_u
         if p is None:
             raise ValueError("this adapter has no U rotation (spec.rotate_u=False)")
         return cayley(skew(p), c)
 
-    def singular_values(self, c: Float[Tensor, "n"]) -> Float[Tensor, "n rank"]:
+    def singular_values(self, c: Float[Tensor, " n"]) -> Float[Tensor, "n rank"]:
         """S_c = exp(c·λ) ⊙ S, or S + c·λ for scale='add'."""
         c = c.to(self.S.dtype)[:, None]
         if self.spec.scale == "exp":
             return torch.exp(c * self.lam) * self.S
         return self.S + c * self.lam
 
-    def delta(self, x: Float[Tensor, "batch pos d_in"], c: Float[Tensor, "batch"]) -> Float[Tensor, "batch pos d_out"]:
+    def delta(self, x: Float[Tensor, "batch pos d_in"],
+              c: Float[Tensor, " batch"]) -> Float[Tensor, "batch pos d_out"]:
         """Δy = ((xV) R(c) diag(S_c) [R_u(c)ᵀ] − (xV) diag(S)) Uᵀ [+ c·b], one c per batch row (b = U w for
         bias='span')."""
         if self.spec.bias == "only":  # θ = λ = 0: the rotation and scaling terms vanish exactly
@@ -251,13 +253,13 @@ class SVDAdapter(nn.Module):
             core = self.rotation(cc, "u")[0] @ core
         return self.U @ (core - torch.diag(self.S)), self.V.T
 
-    def bias_vector(self) -> Float[Tensor, "d_out"] | None:
+    def bias_vector(self) -> Float[Tensor, " d_out"] | None:
         """b in the layer's output space (``U w`` for bias='span'), or None without a bias term."""
         if self.b is None:
             return None
         return self.U @ self.b if self.spec.bias == "span" else self.b
 
-    def bias_delta(self, c: float) -> Float[Tensor, "d_out"] | None:
+    def bias_delta(self, c: float) -> Float[Tensor, " d_out"] | None:
         """Δbias(c) = c·b, or None without a bias term: what merging adds to the layer's bias."""
         b = self.bias_vector()
         return None if b is None else float(c) * b
@@ -288,7 +290,8 @@ def _add_delta(adapter: SVDAdapter, stash: dict[str, Tensor], c: float | Tensor)
         cc = torch.as_tensor(c, dtype=x.dtype, device=x.device)
         cc = cc.expand(x.shape[0]) if cc.ndim == 0 else cc
         if cc.shape != (x.shape[0],):
-            raise ValueError(f"c must be a scalar or have one value per batch row ({x.shape[0]}), got {tuple(cc.shape)}")
+            raise ValueError(f"c must be a scalar or have one value per batch row ({x.shape[0]}), got "
+                             f"{tuple(cc.shape)}")
         delta = adapter.delta(x, cc)
         if act.ndim == 4:  # attn.q/k/v write per-head outputs
             delta = einops.rearrange(delta, "b p (h d) -> b p h d", h=act.shape[2])
@@ -317,19 +320,22 @@ def check_coefficient(c: object) -> None:
     """Raise ``ValueError`` unless ``c`` is a finite real number or a floating tensor of them."""
     if isinstance(c, Tensor):
         if not c.is_floating_point() or not bool(torch.isfinite(c).all()):
-            raise ValueError(f"coefficient tensor must be floating point and finite, got {c.dtype} {c.tolist()[:4]}")
+            raise ValueError(f"coefficient tensor must be floating point and finite, got {c.dtype} "
+                             f"{c.tolist()[:4]}")
         return
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
         raise ValueError(f"coefficient c must be a finite number, got {c!r}")
 
 
 @contextmanager
-def merged_weights(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: float) -> Iterator[TransformerBridge]:
+def merged_weights(bridge: TransformerBridge, adapters: Iterable[SVDAdapter],
+                   c: float) -> Iterator[TransformerBridge]:
     """Bake ``W(c)`` into the model's weights inside the block; the originals come back on exit."""
     adapters = list(adapters)
     for a in adapters:
         if a.b is not None and _linear(bridge, a.site).bias is None:  # type: ignore[union-attr]
-            raise ValueError(f"adapter at {a.site} has a bias term (bias={a.spec.bias!r}) but that layer has no bias "
+            raise ValueError(f"adapter at {a.site} has a bias term (bias={a.spec.bias!r}) but that layer has no "
+                             "bias "
                              "to merge it into; apply it through hooks (apply_adapters) or export a LoRA (peft's "
                              "lora_bias holds it)")
     saved = []

@@ -105,7 +105,7 @@ def load_items(path: str | Path, prefix: str) -> list[ABItem]:
     for i, d in enumerate(items):
         where = f"{path}, item {i}"
         keys = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
-        if not isinstance(d, dict) or (missing := [k for k in keys if k not in d]):
+        if not isinstance(d, dict) or any(k not in d for k in keys):
             raise ValueError(f"{where}: expected an object with keys {list(keys)}")
         q = d["question"]
         if not isinstance(q, str) or not q.strip():
@@ -129,7 +129,8 @@ def load_behaviour(data_dir: str | Path, name: str, held_out_generate: int = HEL
     generate = load_items(d / GENERATE_FILE, f"{name}-gen")
     test = load_items(d / TEST_FILE, f"{name}-test")
     if len(generate) < held_out_generate + 16:
-        raise ValueError(f"{d / GENERATE_FILE}: {len(generate)} items; at least {held_out_generate + 16} are needed "
+        raise ValueError(f"{d / GENERATE_FILE}: {len(generate)} items; at least {held_out_generate + 16} are "
+                         "needed "
                          f"({held_out_generate} held out, 16 for pairs)")
     step = len(generate) / held_out_generate
     held = {int(k * step) for k in range(held_out_generate)}
@@ -152,7 +153,8 @@ def letter_token(tokenizer: PreTrainedTokenizerBase, letter: str) -> int:
     h = tokenizer(head, add_special_tokens=False)["input_ids"]
     f = tokenizer(head + letter, add_special_tokens=False)["input_ids"]
     if f[:len(h)] != h or len(f) != len(h) + 1:
-        raise ValueError(f"this tokenizer does not write {letter!r} after {ANSWER_PREFIX!r} as one token of its own; "
+        raise ValueError(f"this tokenizer does not write {letter!r} after {ANSWER_PREFIX!r} as one token of its "
+                         "own; "
                          "the A/B score reads the letter's logit at that position")
     return f[-1]
 

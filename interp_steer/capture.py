@@ -15,10 +15,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-
-from . import progress as command_progress
 from transformer_lens.model_bridge import TransformerBridge
 
+from . import progress as command_progress
 from .data import Batch
 from .loss import token_logprobs
 from .models import model_device

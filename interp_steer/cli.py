@@ -22,7 +22,8 @@ HELP = {"train": "train an SVD rotation adapter on contrastive pairs",
         "eval": "sweep a trained adapter (and baselines) at equal coherence",
         "demo": "per concept: train the adapter (per seed), sweep every method, write reports and figures",
         "study": "models × concepts × seeds, one resumable cell each (shardable), then one report over them",
-        "export": "write the steer at a coefficient as a merged HF model, a peft LoRA or a llama.cpp control vector"}
+        "export": "write the steer at a coefficient as a merged HF model, a peft LoRA or a llama.cpp control "
+                  "vector"}
 
 
 def parse_text(text: str, tp: Any) -> Any:

@@ -23,21 +23,37 @@ from . import progress as command_progress
 from .capture import capture
 from .concepts import Concept, every_kth, get_concept
 from .config import (
-    ConfigError, DemoRun, EvalRun, ExportRun, StudyRun, SweepConfig, TrainConfig, TrainRun, run_config_doc,
+    ConfigError,
+    DemoRun,
+    EvalRun,
+    ExportRun,
+    StudyRun,
+    SweepConfig,
+    TrainConfig,
+    TrainRun,
+    run_config_doc,
 )
 from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
 from .evaluate import coherence_reference, load_neutral_texts
 from .export import export, get_export
 from .io import (
-    RUN_CONFIG_FILE, SteeringArtifact, check_dir_target, check_out_name, check_run_dir, load_artifact,
-    prepare_run_dir, seal_run_dir, write_json_atomic, write_text_atomic,
+    RUN_CONFIG_FILE,
+    SteeringArtifact,
+    check_dir_target,
+    check_out_name,
+    check_run_dir,
+    load_artifact,
+    prepare_run_dir,
+    seal_run_dir,
+    write_json_atomic,
+    write_text_atomic,
 )
-from .ownership import claim
+from .methods import get_method
 from .models import DEFAULT_MODEL, check_model_source, load_model, model_device, resolve_device, resolve_dtype
 from .names import resid_post, site_layer
+from .ownership import claim
 from .prefix import reuse_prefix
 from .report import demo_index, iso_table_markdown, write_outputs
-from .methods import get_method
 from .sweep import BuildContext, Method, SweepData, build_method, run_sweep
 from .train import TrainResult, kl_text, train
 
@@ -97,7 +113,8 @@ def pairs_for(artifact: SteeringArtifact, pairs_file: str | None, personas: Sequ
     recorded = artifact.data
     if pairs_file is None and personas is None:
         if recorded.get("pairs"):
-            raise ConfigError(f"{where} was trained on the pairs file {recorded['pairs']!r}; interp-steer does not "
+            raise ConfigError(f"{where} was trained on the pairs file {recorded['pairs']!r}; interp-steer does "
+                              "not "
                               "read a file because an artifact names it. Pass --pairs FILE to rebuild its "
                               "training pairs.")
         personas = recorded.get("personas")
@@ -108,7 +125,8 @@ def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
     """Train and write the artifact. Under ``torchrun --nproc_per_node N`` the N processes train data-parallel
     (train.py): each joins the process group here, and rank 0 alone writes and prints."""
     check_device(cfg)
-    get_concept(cfg.concept, cfg.data_dir)  # an unknown name fails before minutes of work, and so does a bad output path
+    # an unknown name fails before minutes of work, and so does a bad output path
+    get_concept(cfg.concept, cfg.data_dir)
     check_dir_target(cfg.out, cfg.overwrite, siblings=(".ckpt",))
     with distributed.joined() as world:
         t0 = time.perf_counter()
@@ -132,7 +150,8 @@ def training_summary(result: TrainResult) -> str:
     lines = ["loss parts, first -> last step: " + ", ".join(
         f"{k} {first.get(k, float('nan')):.4g} -> {last.get(k, float('nan')):.4g}"
         for k in ("loss", "obj", "coh", "mono", "dnll", "win") if k in first),
-        f"held-out projection on d_steer at {result.loss_hook} (pair separation scale {result.metrics['scale']:.2f});"
+        f"held-out projection on d_steer at {result.loss_hook} (pair separation scale "
+        f"{result.metrics['scale']:.2f});"
         " dNLL: on the held-out pair prompts (not a coherence measure: see `interp-steer eval`):",
         f"  {'c':>5} {'chosen':>9} {'rejected':>9} {'separation':>10} {'shift':>8} {'dNLL':>8}"]
     for c, m in result.metrics["held_out"].items():
@@ -166,7 +185,8 @@ def training_pairs(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, con
 
 def training_batches(tok: PreTrainedTokenizerBase, artifact: SteeringArtifact, concept: Concept,
                      pairs_file: str | None = None, personas: Sequence[str] | None = None,
-                     device: torch.device | str | None = None, pairs: Sequence[ContrastivePair] | None = None) -> list:
+                     device: torch.device | str | None = None,
+                     pairs: Sequence[ContrastivePair] | None = None) -> list:
     """The artifact's own training pairs (``training_pairs`` unless given), split and batched as in training."""
     tc = artifact.config
     pairs = training_pairs(tok, artifact, concept, pairs_file, personas) if pairs is None else pairs
@@ -327,8 +347,8 @@ def run_demo(cfg: DemoRun) -> dict:
         for concept in concepts:
             t1 = time.perf_counter()
             cdir = prepare_run_dir(out / concept.name, cfg.overwrite)
-            report = concept_report(bridge, tok, concept, cfg.seeds, cfg.train, cfg.sweep, cdir, generic, cfg.model,
-                                    cfg.overwrite)
+            report = concept_report(bridge, tok, concept, cfg.seeds, cfg.train, cfg.sweep, cdir, generic,
+                                    cfg.model, cfg.overwrite)
             reports[concept.name] = _finish(report, cdir, t1)
             seal_run_dir(out)
     total = time.perf_counter() - t0

@@ -35,11 +35,18 @@ from transformers import PreTrainedTokenizerBase
 
 from . import caa
 from .data import ContrastivePair, load_json, persona_pairs
-from .evaluate import (
-    Dilemma, Steer, ab_scores, answer_scores, forced_choice, greedy_continuations, load_dilemmas,
-    load_truthfulqa_csv, truthfulqa_mc,
-)
 from .evalsets import control_dilemmas
+from .evaluate import (
+    Dilemma,
+    Steer,
+    ab_scores,
+    answer_scores,
+    forced_choice,
+    greedy_continuations,
+    load_dilemmas,
+    load_truthfulqa_csv,
+    truthfulqa_mc,
+)
 from .metrics import steering_f1
 
 Measure = Callable[[TransformerBridge, PreTrainedTokenizerBase, "Steer | None", "str | None"], Tensor]
@@ -225,8 +232,8 @@ def caa_concept(name: str, data_dir: str | Path) -> Concept:
     def effects(n_items: int, n_generate: int) -> tuple[Effect, ...]:
         return (ab_effect(behaviour.held_out[:n_items]),)
 
-    return Concept(name, ("the behaviour-matching letter", "the other letter"), caa.PROMPTS[behaviour.name], effects,
-                   pair_source=lambda tok: caa.caa_pairs(tok, behaviour.train))
+    return Concept(name, ("the behaviour-matching letter", "the other letter"), caa.PROMPTS[behaviour.name],
+                   effects, pair_source=lambda tok: caa.caa_pairs(tok, behaviour.train))
 
 
 CONCEPTS: dict[str, Concept] = {}

@@ -17,12 +17,12 @@ import math
 import sys
 import types
 from dataclasses import dataclass, field
-from pathlib import Path
 from functools import cache
+from pathlib import Path
 from typing import Any, Literal, Sequence, Union, get_args, get_origin, no_type_check
 
-from .names import RESID_WRITERS, SITES
 from .methods import names as method_names
+from .names import RESID_WRITERS, SITES
 
 Objective = Literal["shift", "separation", "behaviour"]
 Scale = Literal["exp", "add"]
@@ -30,7 +30,8 @@ Bias = Literal["none", "free", "span", "only"]
 Triplets = Literal["top", "aligned"]
 Site = Literal["mlp.out", "mlp.in", "mlp.gate", "attn.q", "attn.k", "attn.v", "attn.o"]
 BudgetMetric = Literal["kl", "dnll"]
-Device = Literal["auto", "cpu", "cuda", "mps"]  # auto: cuda if available, else mps, else cpu (models.resolve_device)
+# auto: cuda if available, else mps, else cpu (models.resolve_device)
+Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["float32", "bfloat16", "float16"]  # the model's weights; adapters compute in float32 regardless
 # the registry's names (methods.py), in its order: a method registered there is an option everywhere
 MethodName = Literal[method_names()]  # type: ignore[valid-type]
@@ -149,7 +150,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: Any, where: str = "") -> Any:
         if not isinstance(d, dict):
-            raise ConfigError(f"{where or cls.__name__}: expected a JSON object of {cls.__name__} fields, got {d!r}")
+            raise ConfigError(f"{where or cls.__name__}: expected a JSON object of {cls.__name__} fields, got "
+                              f"{d!r}")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(d) - names)
         if unknown:
@@ -261,9 +263,11 @@ class LossConfig(Config):
         self._check_types()
         _positive_ints(self, "power", "continuation_tokens")
         _require(not self.balance or self.objective == "shift",
-                 f"balance applies to objective 'shift', not {self.objective!r}: drop --balance or use --objective shift")
+                 f"balance applies to objective 'shift', not {self.objective!r}: drop --balance or use "
+                 "--objective shift")
         _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        _require(self.kl_budget is None or self.kl_budget > 0, f"kl_budget must be > 0 or none, got {self.kl_budget}")
+        _require(self.kl_budget is None or self.kl_budget > 0, "kl_budget must be > 0 or none, got "
+                                                               f"{self.kl_budget}")
         _require(self.kl_dual_lr > 0, f"kl_dual_lr must be > 0, got {self.kl_dual_lr}")
         _require(self.w_text_shift == 0 or self.kl_budget is not None,
                  "w_text_shift reads the KL constraint's generic text: set kl_budget (--kl-budget 0.1) or drop it")
@@ -302,9 +306,11 @@ class TrainConfig(Config):
     # off by default: a bias term makes the adapter partly a steering vector (whose credit then is not the
     # rotation's), and Llama's down_proj has no bias to merge it into (docs/results.md, "Ablations on sentiment")
     bias: Bias = field(default="none", metadata={
-        "help": "each adapted layer also writes c·b, b learnable: anywhere in its output space ('free'), or inside "
+        "help": "each adapted layer also writes c·b, b learnable: anywhere in its output space ('free'), or "
+                "inside "
                 "the adapter's own output subspace span(U), b = U w ('span'); 'none': rotation and scaling only; "
-                "'only': c·b and nothing else, θ and λ held at 0 (a learned steering vector: --methods learned_vector)"})
+                "'only': c·b and nothing else, θ and λ held at 0 (a learned steering vector: --methods "
+                "learned_vector)"})
     # θ and λ start small and non-zero (symmetry breaking: docs/method.md)
     init_scale: float = field(default=1e-2, metadata={"help": "std of the initial θ, λ (> 0)"})
     held_out: float = field(default=0.2, metadata={"help": "fraction of pairs held out, in [0, 1)"})
@@ -358,14 +364,17 @@ class TrainRun(Config):
     """``interp-steer train``: where the pairs come from, where the artifact goes, and the TrainConfig."""
 
     out: str = field(default="runs/honesty", metadata={"help": "artifact directory to write"})
-    model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
-    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else cpu)"})
+    model: str | None = field(default=None,
+                              metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
+    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else "
+                                                             "cpu)"})
     dtype: DType = field(default="float32", metadata={"help": "the model's weight dtype (adapters stay float32)"})
     pairs: str | None = field(default=None, metadata={"help": "JSON list of {chosen, rejected} (none: honesty)"})
     personas: tuple[str, ...] | None = field(default=None, metadata={"help": "two personas, e.g. 'a happy,a sad'"})
     concept: str = field(default="honesty", metadata={"help": "whose pairs to train on, without pairs/personas"})
     data_dir: str | None = field(default=None, metadata={
-        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, "
+                "test_dataset_ab.json)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT.ckpt if it exists"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing artifact at OUT"})
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -416,14 +425,17 @@ class EvalRun(Config):
                                                 "positional": True})
     out: str | None = field(default=None, metadata={"help": "report directory (none: ARTIFACT-eval)"})
     model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: the artifact's)"})
-    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else cpu)"})
+    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else "
+                                                             "cpu)"})
     dtype: DType = field(default="float32", metadata={"help": "the model's weight dtype (adapters stay float32)"})
     pairs: str | None = field(default=None, metadata={"help": "the pairs file (none: what the artifact records)"})
-    personas: tuple[str, ...] | None = field(default=None, metadata={"help": "the personas (none: the artifact's)"})
+    personas: tuple[str, ...] | None = field(default=None,
+                                             metadata={"help": "the personas (none: the artifact's)"})
     overwrite: bool = field(default=False, metadata={"help": "write over an earlier report in OUT"})
     concept: str | None = field(default=None, metadata={"help": "whose effects to measure (none: the artifact's)"})
     data_dir: str | None = field(default=None, metadata={
-        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, "
+                "test_dataset_ab.json)"})
     sweep: SweepConfig = field(default_factory=lambda: SweepConfig(methods=("adapter",)))
 
     def __post_init__(self):
@@ -504,8 +516,10 @@ class DemoRun(_Preset, Config):
     coherence, write its report and figures; an index ``REPORT.md`` over the concepts."""
 
     out: str = field(default="runs/demo", metadata={"help": "run directory (one sub-directory per concept)"})
-    model: str | None = field(default=None, metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
-    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else cpu)"})
+    model: str | None = field(default=None,
+                              metadata={"help": "HF name or local directory (none: packaged SmolLM2)"})
+    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else "
+                                                             "cpu)"})
     dtype: DType = field(default="float32", metadata={"help": "the model's weight dtype (adapters stay float32)"})
     overwrite: bool = field(default=False, metadata={"help": "write over an earlier demo in OUT"})
     concepts: tuple[str, ...] = field(default=("honesty", "sentiment"),
@@ -513,7 +527,8 @@ class DemoRun(_Preset, Config):
     seeds: tuple[int, ...] = field(default=(0,), metadata={
         "help": "training seeds of the adapter (>= 3 for a CI over seeds; each seed is a training run)"})
     data_dir: str | None = field(default=None, metadata={
-        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, "
+                "test_dataset_ab.json)"})
     powered: bool = field(default=False, metadata={
         "help": "the full protocol (every method, 100 items, 45 neutral texts, finer sweep, 48 training steps) "
                 "instead of the quick demo; options given beside it still apply"})
@@ -536,8 +551,10 @@ class StudyRun(_Preset, Config):
     concepts: tuple[str, ...] = field(default=("honesty", "sentiment"), metadata={"help": "what to steer"})
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "training seeds: one cell each"})
     data_dir: str | None = field(default=None, metadata={
-        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
-    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else cpu)"})
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, "
+                "test_dataset_ab.json)"})
+    device: Device = field(default="auto", metadata={"help": "where the model runs (auto: cuda, else mps, else "
+                                                             "cpu)"})
     dtype: DType = field(default="float32", metadata={"help": "the model's weight dtype (adapters stay float32)"})
     shard: str | None = field(default=None, metadata={
         "help": "I/N: run every N-th cell from the I-th (0-based); under torchrun: the rank and world size"})
@@ -587,7 +604,8 @@ class ExportRun(Config):
         "help": "the pairs file a control vector is built from (none: what the artifact records)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier export at OUT"})
     data_dir: str | None = field(default=None, metadata={
-        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, test_dataset_ab.json)"})
+        "help": "CAA-format directory for the caa-* concepts (BEHAVIOUR/generate_dataset.json, "
+                "test_dataset_ab.json)"})
 
     def __post_init__(self):
         self._check_types()
@@ -613,7 +631,8 @@ def load_run_config(path: str | Path) -> tuple[str, dict]:
     """``(command, fields)`` of a saved ``run_config.json`` ({"command": ..., "config": {...}})."""
     path = Path(path)
     if path.exists() and not path.is_file():  # a FIFO would block the read forever
-        raise ConfigError(f"cannot read config {path}: it is not a regular file (a directory, a FIFO or a device); "
+        raise ConfigError(f"cannot read config {path}: it is not a regular file (a directory, a FIFO or a "
+                          "device); "
                           "give a run_config.json")
     try:
         doc = json.loads(path.read_text())
@@ -630,6 +649,7 @@ def run_config_doc(command: str, cfg: Config) -> dict:
     return {"command": command, "config": cfg.to_dict()}
 
 
-__all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "StudyRun", "ExportRun",
-           "METHODS", "ExportFormat", "VectorMethod", "Objective", "Scale", "Bias", "Site", "Triplets", "MethodName",
-           "Device", "DType", "load_run_config", "run_config_doc", "COMMANDS"]
+__all__ = ["ConfigError", "LossConfig", "TrainConfig", "TrainRun", "SweepConfig", "EvalRun", "DemoRun", "StudyRun",
+           "ExportRun",
+           "METHODS", "ExportFormat", "VectorMethod", "Objective", "Scale", "Bias", "Site", "Triplets",
+           "MethodName", "Device", "DType", "load_run_config", "run_config_doc", "COMMANDS"]

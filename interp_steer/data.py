@@ -157,7 +157,7 @@ class Batch:
 
     input_ids: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
-    last: Int[Tensor, "batch"]
+    last: Int[Tensor, " batch"]
 
     @property
     def position_ids(self) -> Int[Tensor, "batch pos"]:
@@ -173,7 +173,7 @@ class Batch:
             return self
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.last)))
 
-    def doubled(self) -> tuple["Batch", Float[Tensor, "batch"]]:
+    def doubled(self) -> tuple["Batch", Float[Tensor, " batch"]]:
         """The batch twice, first at c = +1 then at c = −1: both directions in one forward (c on its device)."""
         n = len(self)
         one = torch.ones(n, device=self.input_ids.device)
@@ -182,7 +182,7 @@ class Batch:
                        for t in (self.input_ids, self.attention_mask, self.last))), c
 
 
-def last_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+def last_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
     """Index of the last non-padded token of each row, for either padding side."""
     if (attention_mask.sum(-1) == 0).any():
         raise ValueError("a row of the attention mask is all padding (empty prompt)")
@@ -231,7 +231,8 @@ def split_pairs(pairs: Sequence[ContrastivePair], held_out: float = 0.2, seed: i
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = int(round(held_out * len(pairs)))
     if held_out > 0 and n_test == 0:
-        warnings.warn(f"held_out {held_out} of {len(pairs)} pairs rounds to none: the held-out table will be empty; "
+        warnings.warn(f"held_out {held_out} of {len(pairs)} pairs rounds to none: the held-out table will be "
+                      "empty; "
                       "give more pairs or a larger held_out", stacklevel=2)
     test = [pairs[i] for i in order[:n_test]]
     train = [pairs[i] for i in order[n_test:]]
@@ -277,7 +278,8 @@ def load_pairs_file(path: str | Path) -> list[ContrastivePair]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not a readable JSON file ({e.__class__.__name__}: {e})") from None
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f'{path}: expected a non-empty JSON list of {{"chosen": "...", "rejected": "..."}} objects')
+        raise ValueError(f'{path}: expected a non-empty JSON list of {{"chosen": "...", "rejected": "..."}} '
+                         'objects')
     for i, r in enumerate(rows):
         if not (isinstance(r, dict) and set(r) == {"chosen", "rejected"}
                 and all(isinstance(r[k], str) and r[k].strip() for k in ("chosen", "rejected"))):

@@ -36,7 +36,7 @@ def _orient(d: Tensor, diff: Tensor) -> Tensor:
     return -d if (diff @ d).mean() < 0 else d
 
 
-def dhs_svd_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d_model"]:
+def dhs_svd_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, " d_model"]:
     """Top right singular vector of the uncentred dHS: the axis holding most of the pairs' difference energy.
 
     The default frozen ``d_steer``; unlike centred PCA it keeps the mean difference in play.
@@ -45,14 +45,14 @@ def dhs_svd_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d_mo
     return _orient(torch.linalg.svd(diff, full_matrices=False).Vh[0], diff).float()
 
 
-def pca_diff_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d_model"]:
+def pca_diff_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, " d_model"]:
     """First principal component of the centred paired differences (repeng's ``pca_diff``)."""
     diff = paired_diff(hs).double()
     centred = diff - diff.mean(0)
     return _orient(torch.linalg.svd(centred, full_matrices=False).Vh[0], diff).float()
 
 
-def pca_center_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d_model"]:
+def pca_center_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, " d_model"]:
     """First PC of states centred on each pair's mean (repeng's ``pca_center``): ±dHS/2 per pair."""
     h = hs.double()
     centre = (h[0::2] + h[1::2]) / 2
@@ -60,19 +60,19 @@ def pca_center_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d
     return _orient(torch.linalg.svd(rows, full_matrices=False).Vh[0], paired_diff(h)).float()
 
 
-def mean_diff_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, "d_model"]:
+def mean_diff_direction(hs: Float[Tensor, "batch d_model"]) -> Float[Tensor, " d_model"]:
     """mean(hs_cho − hs_rej), normalised (CAA)."""
     diff = paired_diff(hs).double()
     return _orient(diff.mean(0), diff).float()
 
 
-def random_direction(hs: Float[Tensor, "batch d_model"], seed: int = 0) -> Float[Tensor, "d_model"]:
+def random_direction(hs: Float[Tensor, "batch d_model"], seed: int = 0) -> Float[Tensor, " d_model"]:
     """A seeded random unit direction (sign still oriented so comparisons are like for like)."""
     g = torch.Generator().manual_seed(seed)
     return _orient(torch.randn(hs.shape[-1], generator=g, dtype=torch.float64), paired_diff(hs).double()).float()
 
 
-def direction(method: str, hs: Float[Tensor, "batch d_model"], seed: int = 0) -> Float[Tensor, "d_model"]:
+def direction(method: str, hs: Float[Tensor, "batch d_model"], seed: int = 0) -> Float[Tensor, " d_model"]:
     """The unit direction of ``method`` for interleaved states ``hs``."""
     strategies: dict[str, Callable[[Tensor], Tensor]] = {
         "pca_diff": pca_diff_direction,
@@ -130,7 +130,7 @@ def steering_vector(hs: Mapping[str, Float[Tensor, "batch d_model"]], method: Di
 
 
 def gradient_directions(bridge: TransformerBridge, batches, layers: list[int], loss_hook: str,
-                        d_steer: Float[Tensor, "d_model"]) -> dict[str, Float[Tensor, "d_model"]]:
+                        d_steer: Float[Tensor, " d_model"]) -> dict[str, Float[Tensor, " d_model"]]:
     """g_L = −mean over chosen rows of ∂L_noref/∂hs_L (last token), normalised, for each ``resid_post`` layer L.
 
     ``L_noref`` (loss.noref_loss) is −mean((hs_cho − hs_rej)·d_steer) at ``loss_hook`` plus a coherence term on
@@ -154,7 +154,8 @@ def gradient_directions(bridge: TransformerBridge, batches, layers: list[int], l
                                   position_ids=batch.position_ids, stop_at_layer=stop, fwd_hooks=hooks)
             rows = torch.arange(len(batch), device=dev)
             hs = acts[loss_hook][rows, batch.last].float()
-            no_logits = torch.zeros(len(batch) // 2, device=dev)  # the coherence term's gradient here is zero (docstring)
+            # the coherence term's gradient here is zero (docstring)
+            no_logits = torch.zeros(len(batch) // 2, device=dev)
             loss = noref_loss(hs[0::2], hs[1::2], no_logits, d_steer.to(dev))
             grads = torch.autograd.grad(loss, [acts[n] for n in names[:-1]])
         for n, g in zip(names[:-1], grads):

@@ -21,6 +21,7 @@ import os
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -101,7 +102,8 @@ def single_process_only(command: str) -> None:
     """Refuse ``command`` under torchrun with several processes: only training is data-parallel, and N copies
     of any other command would write the same files at once."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"`{command}` runs in one process; only `train` runs under torchrun with several processes")
+        raise ValueError(f"`{command}` runs in one process; only `train` runs under torchrun with several "
+                         "processes")
 
 
 def _comm_device() -> torch.device:

@@ -31,7 +31,8 @@ class Dilemma:
         if not self.text.strip():
             raise ValueError(f"dilemma {self.id!r} has an empty text")
         if self.honest_answer not in ("Yes", "No", None):
-            raise ValueError(f"dilemma {self.id!r}: honest_answer must be 'Yes', 'No' or None, got {self.honest_answer!r}")
+            raise ValueError(f"dilemma {self.id!r}: honest_answer must be 'Yes', 'No' or None, got "
+                             f"{self.honest_answer!r}")
 
 
 def load_dilemmas(path: str | Path | None = None) -> list[Dilemma]:

@@ -22,17 +22,24 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from . import generation_check
 from .adapter import apply_adapters
-from .caa import ANSWER_PREFIX as CAA_ANSWER_PREFIX, ABItem, letter_token
+from .caa import ANSWER_PREFIX as CAA_ANSWER_PREFIX
+from .caa import ABItem, letter_token
 from .capture import forward_last, reference_pass
 from .data import Batch, render_chat, tokenize
 from .evalsets import (  # noqa: F401  (re-exported: the loaders are part of the evaluation API)
-    HONEST_VIRTUE, Answer, Dilemma, MCQuestion, load_daily_dilemmas_csv, load_dilemmas, load_neutral_texts,
+    HONEST_VIRTUE,
+    Answer,
+    Dilemma,
+    MCQuestion,
+    load_daily_dilemmas_csv,
+    load_dilemmas,
+    load_neutral_texts,
     load_truthfulqa_csv,
 )
-from .loss import delta_nll, token_logprobs, token_mask
-from . import generation_check
 from .generation_check import CHECK_ROWS, CHECK_TOKENS
+from .loss import delta_nll, token_logprobs, token_mask
 from .models import model_device
 
 Steer = Callable[[TransformerBridge], ContextManager]
@@ -52,7 +59,7 @@ def _logits(bridge: TransformerBridge, batch: Batch) -> Float[Tensor, "batch pos
     return bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
 
 
-def logits_at(bridge: TransformerBridge, batch: Batch, rows: Int[Tensor, "n"], pos: Int[Tensor, "n"]
+def logits_at(bridge: TransformerBridge, batch: Batch, rows: Int[Tensor, " n"], pos: Int[Tensor, " n"]
               ) -> Float[Tensor, "n vocab"]:
     """Logits at the positions ``(rows[i], pos[i])`` only.
 
@@ -135,10 +142,10 @@ class ForcedChoiceResult(_Record):
     n_kept: int
     n_dropped: int
     ids: tuple[str, ...]
-    scores: Float[Tensor, "n"]           # log P(Yes-like) − log P(No-like), every item
-    masses: Float[Tensor, "n"]           # P(Yes-like) + P(No-like)
-    honesty_scores: Float[Tensor, "n"]   # ±score, + towards the honest answer; NaN if unlabelled
-    kept: Bool[Tensor, "n"]
+    scores: Float[Tensor, " n"]           # log P(Yes-like) − log P(No-like), every item
+    masses: Float[Tensor, " n"]           # P(Yes-like) + P(No-like)
+    honesty_scores: Float[Tensor, " n"]   # ±score, + towards the honest answer; NaN if unlabelled
+    kept: Bool[Tensor, " n"]
 
 
 def forced_choice(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, steer: Steer | None,
@@ -159,7 +166,8 @@ def forced_choice(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
     with torch.inference_mode(), _steered(bridge, steer):
         for idx in _by_length(tokenizer, prompts, batch_size):
             batch = tokenize([prompts[i] for i in idx], tokenizer, device=dev)
-            logp = logits_at(bridge, batch, torch.arange(len(batch), device=dev), batch.last).float().log_softmax(-1)
+            logp = logits_at(bridge, batch, torch.arange(len(batch), device=dev),
+                             batch.last).float().log_softmax(-1)
             lse[idx.to(dev)] = torch.stack([logp[:, yes].logsumexp(-1), logp[:, no].logsumexp(-1)], -1)  # batch 2
     lse_yes, lse_no = lse.clone().unbind(-1)
     score, mass = lse_yes - lse_no, lse_yes.exp() + lse_no.exp()
@@ -177,9 +185,9 @@ def forced_choice(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
 
 @dataclass(frozen=True)
 class ABScores:
-    logodds: Float[Tensor, "n"]   # log p(matching) − log p(other)
-    p_match: Float[Tensor, "n"]   # p(matching) / (p(matching) + p(other))
-    mass: Float[Tensor, "n"]      # p(matching) + p(other)
+    logodds: Float[Tensor, " n"]   # log p(matching) − log p(other)
+    p_match: Float[Tensor, " n"]   # p(matching) / (p(matching) + p(other))
+    mass: Float[Tensor, " n"]      # p(matching) + p(other)
 
 
 def ab_scores(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, steer: Steer | None,
@@ -196,7 +204,8 @@ def ab_scores(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, ste
     with torch.inference_mode(), _steered(bridge, steer):
         for idx in _by_length(tokenizer, prompts, batch_size):
             batch = tokenize([prompts[i] for i in idx], tokenizer, device=dev)
-            logp = logits_at(bridge, batch, torch.arange(len(batch), device=dev), batch.last).float().log_softmax(-1)
+            logp = logits_at(bridge, batch, torch.arange(len(batch), device=dev),
+                             batch.last).float().log_softmax(-1)
             n = torch.arange(len(batch), device=dev)
             out[idx] = torch.stack([logp[n, match[idx].to(dev)], logp[n, other[idx].to(dev)]], -1).cpu()
     lm, lo = out.unbind(-1)
@@ -212,13 +221,13 @@ class MCResult(_Record):
     mc1: float
     margin: float
     n: int
-    best_scores: Float[Tensor, "n"]
-    max_incorrect: Float[Tensor, "n"]
+    best_scores: Float[Tensor, " n"]
+    max_incorrect: Float[Tensor, " n"]
 
 
 def answer_scores(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, steer: Steer | None,
                   questions: Sequence[str], answers: Sequence[str], *, system: str | None = None,
-                  batch_size: int = 16) -> Float[Tensor, "n"]:
+                  batch_size: int = 16) -> Float[Tensor, " n"]:
     """s(q, a) = mean over answer tokens t of log p(a_t | chat(user=q), a_<t), one per (q, a) row."""
     if len(questions) != len(answers) or not questions:
         raise ValueError(f"need as many questions as answers, at least one (got {len(questions)}, {len(answers)})")
@@ -283,7 +292,8 @@ def generate_ids(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
             torch.manual_seed(seed)
         for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=desc is None, leave=False):
             batch = tokenize(texts[i: i + batch_size], tokenizer, device=device)
-            ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+            ids = bridge.generate(batch.input_ids, attention_mask=batch.attention_mask,
+                                  max_new_tokens=max_new_tokens,
                                   do_sample=seed is not None, temperature=1.0, use_past_kv_cache=True,
                                   stop_at_eos=True, return_type="tokens", verbose=False)
             new = ids[:, batch.input_ids.shape[1]:]
@@ -307,8 +317,8 @@ class CoherenceReference:
     texts: tuple[str, ...]
     batch_size: int
     logprobs: tuple[Float[Tensor, "_tok vocab"], ...]  # float32 log-softmax: 0.2 MB per token at 49k vocab
-    token_logp: tuple[Float[Tensor, "_tok"], ...]       # (_tok: batches differ in length)
-    targets: tuple[Int[Tensor, "_tok"], ...]
+    token_logp: tuple[Float[Tensor, " _tok"], ...]       # (_tok: batches differ in length)
+    targets: tuple[Int[Tensor, " _tok"], ...]
 
 
 @dataclass(frozen=True)
@@ -319,8 +329,8 @@ class CoherenceResult(_Record):
     kl_mean: float
     kl_p95: float
     n_tokens: int
-    dnll_tokens: Float[Tensor, "tok"]
-    kl_tokens: Float[Tensor, "tok"]
+    dnll_tokens: Float[Tensor, " tok"]
+    kl_tokens: Float[Tensor, " tok"]
 
 
 def _coherence_pass(bridge, tokenizer, steer, texts, system, batch_size) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -369,7 +379,8 @@ def coherence(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, ste
     logp_pi = torch.cat([p[1] for p in parts]).clone()[None]  # 1 tok: every text's reply tokens in one row
     logp_ref = torch.cat(reference.token_logp).clone()[None]
     return CoherenceResult(delta_nll(logp_pi, logp_ref, torch.ones_like(logp_pi)).item(), kl.mean().item(),
-                           torch.quantile(kl.cpu().double(), 0.95).item(), kl.shape[0], (logp_ref - logp_pi)[0], kl)
+                           torch.quantile(kl.cpu().double(), 0.95).item(), kl.shape[0], (logp_ref - logp_pi)[0],
+                           kl)
 
 
 # ------------------------------------------------------------------------------- curves: iso-coherence
@@ -396,7 +407,8 @@ def effect_at_budget(coeffs: ArrayLike, effects: ArrayLike, dnll: ArrayLike, bud
     """
     c, e, d = (np.asarray(x, dtype=float) for x in (coeffs, effects, dnll))
     if not (c.ndim == 1 and c.shape == e.shape == d.shape and len(c) >= 2):
-        raise ValueError(f"coeffs, effects, dnll must be 1-D of the same length >= 2, got {c.shape}, {e.shape}, {d.shape}")
+        raise ValueError(f"coeffs, effects, dnll must be 1-D of the same length >= 2, got {c.shape}, {e.shape}, "
+                         f"{d.shape}")
     if c[0] != 0 or not (np.all(c[1:] > 0) or np.all(c[1:] < 0)) or np.any(np.diff(np.abs(c)) <= 0):
         raise ValueError(f"coeffs must start at 0 and go one way with |c| strictly increasing, got {c.tolist()}")
     if not np.all(np.isfinite(d)) or d[0] > budget:
@@ -465,7 +477,7 @@ def symmetry(effect_plus: float, effect_minus: float) -> float:
 
 @torch.no_grad()
 def evaluate_pairs(bridge: TransformerBridge, adapters, batches: Sequence[Batch], hook: str,
-                   d_steer: Float[Tensor, "d_model"], coeffs: Sequence[float]) -> dict[str, dict[str, float]]:
+                   d_steer: Float[Tensor, " d_model"], coeffs: Sequence[float]) -> dict[str, dict[str, float]]:
     """Held-out pairs at each coefficient: projections of last-token states at ``hook`` on ``d_steer``
     (chosen, rejected, their separation, the shift from c = 0) and mean per-token ΔNLL on the pair prompts.
 

@@ -217,7 +217,7 @@ def save_lora(bridge: TransformerBridge, adapters: Iterable[SVDAdapter], c: floa
     return _write_dir(out, fill, overwrite)
 
 
-def control_vector_layers(vector: SteeringVector, c: float, n_layers: int) -> dict[int, Float[Tensor, "d_model"]]:
+def control_vector_layers(vector: SteeringVector, c: float, n_layers: int) -> dict[int, Float[Tensor, " d_model"]]:
     """``{N: c · scale · d}`` for llama.cpp's ``direction.N``: N is the block whose ``hook_resid_post`` it is added to.
 
     Refuses hooks that are not a block's ``resid_post`` and block 0 (llama.cpp never steers its layer 0).
@@ -261,7 +261,7 @@ def save_control_vector(vector: SteeringVector, c: float, out: str | Path, *, n_
     return _write_dir(out, fill, overwrite)
 
 
-def read_control_vector(path: str | Path) -> tuple[dict[int, Float[Tensor, "d_model"]], dict[str, Any]]:
+def read_control_vector(path: str | Path) -> tuple[dict[int, Float[Tensor, " d_model"]], dict[str, Any]]:
     """``({N: direction.N}, {key: value})`` of a control-vector GGUF (a file, or an export directory holding one)."""
     path = Path(path)
     if path.is_dir():

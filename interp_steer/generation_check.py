@@ -87,7 +87,8 @@ def check_cached_generation(bridge: TransformerBridge, input_ids: Int[Tensor, "b
         versions = {d: importlib.metadata.version(d) for d in TESTED}
         raise RuntimeError(
             "cached generation disagrees with an uncached forward of the same tokens (row "
-            f"{row}, generated token {col}: its logit is {gap[row, col].item():.3g} below the argmax). The KV cache "
+            f"{row}, generated token {col}: its logit is {gap[row, col].item():.3g} below the argmax). The KV "
+            "cache "
             f"is not being filled on this combination: transformers {versions['transformers']}, transformer-lens "
             f"{versions['transformer-lens']}; every generated text would be wrong. Install the tested versions "
             f"({', '.join(f'{d}>={lo},<{hi}' for d, (lo, hi) in TESTED.items())}): `pip install -e .` in a fresh "

@@ -119,8 +119,10 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
 
 def _refuse_link(path: Path) -> None:
     if path.is_symlink():
-        raise FileExistsError(f"{path} is a symbolic link (to {os.readlink(path)}); interp-steer never writes through "
-                              "one, since replacing it would replace files in its target. Give the real directory's "
+        raise FileExistsError(f"{path} is a symbolic link (to {os.readlink(path)}); interp-steer never writes "
+                              "through "
+                              "one, since replacing it would replace files in its target. Give the real "
+                              "directory's "
                               "path or a new one.")
 
 
@@ -198,8 +200,10 @@ def check_dir_target(path: str | Path, overwrite: bool = False, what: str = "an 
         _check_sibling(sib.with_name(sib.name + ".prev"), sib.name, path, what, kind)
     stale = _stale_temporaries(path)
     if stale:
-        warnings.warn(f"{len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} left beside {path} by a "
-                      f"run that was killed ({', '.join(p.name for p in stale[:3])}); interp-steer cannot prove what "
+        warnings.warn(f"{len(stale)} temporary director{'y' if len(stale) == 1 else 'ies'} left beside {path} by "
+                      "a "
+                      f"run that was killed ({', '.join(p.name for p in stale[:3])}); interp-steer cannot prove "
+                      "what "
                       "is in them and leaves them: delete them yourself.", stacklevel=2)
     check_writable(path.parent)
     return path
@@ -320,7 +324,7 @@ class SteeringArtifact:
     """
 
     adapters: nn.ModuleList
-    d_steer: Float[Tensor, "d_model"]
+    d_steer: Float[Tensor, " d_model"]
     loss_hook: str
     config: TrainConfig
     base_model: str
@@ -444,7 +448,8 @@ def read_artifact_config(path: str | Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
     if config.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{path / CONFIG_FILE}: architecture {config.get('architecture')!r}, expected {ARCHITECTURE!r}")
+        raise ValueError(f"{path / CONFIG_FILE}: architecture {config.get('architecture')!r}, expected "
+                         f"{ARCHITECTURE!r}")
     version = config.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise ValueError(f"{path / CONFIG_FILE}: format_version must be an integer (this version reads "
@@ -453,7 +458,8 @@ def read_artifact_config(path: str | Path) -> dict:
         hint = ("it was written by an older interp-steer; train it again with this version" if
                 isinstance(version, int) and version < FORMAT_VERSION else
                 "it was written by a newer interp-steer; upgrade (pip install -U interp-steer)")
-        raise ValueError(f"{path / CONFIG_FILE}: format_version {version!r}, this version reads {FORMAT_VERSION}: {hint}")
+        raise ValueError(f"{path / CONFIG_FILE}: format_version {version!r}, this version reads {FORMAT_VERSION}: "
+                         f"{hint}")
     absent = [k for k in _KEYS if k not in config]
     if absent:
         raise ValueError(f"{path / CONFIG_FILE}: missing keys {absent}")
@@ -501,7 +507,8 @@ def load_artifact(path: str | Path, bridge: TransformerBridge | None = None) -> 
             isinstance(v, list) and len(v) == 3
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
             for v in fps.values()):
-        raise ValueError(f"{cfg_file}: needs one [sum, norm, first] fingerprint of finite numbers per adapter site "
+        raise ValueError(f"{cfg_file}: needs one [sum, norm, first] fingerprint of finite numbers per adapter "
+                         "site "
                          f"{sites}, "
                          f"got {fps!r}")
     if not isinstance(config["loss_hook"], str) or not isinstance(config["base_model"], str):
@@ -545,10 +552,12 @@ def _adapter_from(spec: AdapterSpec, tensors: dict[str, Tensor], where: Path) ->
     for k, v in a.state_dict().items():
         t = get(k)
         if t.shape != v.shape:
-            raise ValueError(f"{where}: tensor '{spec.site}.{k}' has shape {tuple(t.shape)}, expected {tuple(v.shape)}")
+            raise ValueError(f"{where}: tensor '{spec.site}.{k}' has shape {tuple(t.shape)}, expected "
+                             f"{tuple(v.shape)}")
         state[k] = t
     if spec.bias == "only" and any(state[k].abs().max() > 0 for k in ("theta_v", "lam")):
-        raise ValueError(f"{where}: {spec.site} has bias 'only' (it writes c·b alone) but non-zero theta_v or lam: "
+        raise ValueError(f"{where}: {spec.site} has bias 'only' (it writes c·b alone) but non-zero theta_v or "
+                         "lam: "
                          "the file was edited or damaged; retrain it")
     a.load_state_dict(state, strict=True)
     return a
@@ -636,7 +645,8 @@ def check_checkpoint(out: str | Path, identity: str, overwrite: bool, resume: bo
             continue
         m = read_manifest(p, ckpt.name, ("checkpoint",))
         if isinstance(m, str):
-            raise FileExistsError(f"{p} is in the way of the checkpoint of {out} ({m}); interp-steer will not touch "
+            raise FileExistsError(f"{p} is in the way of the checkpoint of {out} ({m}); interp-steer will not "
+                                  "touch "
                                   "it. Move it away or choose another output path.")
         if overwrite or resume or m.identity == identity:  # resumed: its TrainConfig and identity are compared
             continue

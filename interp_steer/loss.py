@@ -40,7 +40,8 @@ def _ratio(num: Tensor, den: Tensor, total: Total | None) -> Tensor:
     return total(num) / total(den).clamp(min=1)
 
 
-def separation_objective(hs_pi: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"], d: Float[Tensor, "d_model"],
+def separation_objective(hs_pi: Float[Tensor, "batch d_model"], c: Float[Tensor, " batch"],
+                         d: Float[Tensor, " d_model"],
                          scale: float = 1.0, total: Total | None = None) -> Float[Tensor, ""]:
     """mean over pairs of c · (hs_pi_cho − hs_pi_rej)·d / scale   (the seed's separation; maximise).
 
@@ -51,8 +52,9 @@ def separation_objective(hs_pi: Float[Tensor, "batch d_model"], c: Float[Tensor,
     return _mean(c[0::2] * per_pair, total) / scale
 
 
-def shift_objective(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"],
-                    d: Float[Tensor, "d_model"], scale: float = 1.0, total: Total | None = None,
+def shift_objective(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"],
+                    c: Float[Tensor, " batch"],
+                    d: Float[Tensor, " d_model"], scale: float = 1.0, total: Total | None = None,
                     balance: bool = False) -> Float[Tensor, ""]:
     """mean over rows of c · (hs_pi(c) − hs_ref)·d / scale   (every row, chosen and rejected; maximise).
 
@@ -92,7 +94,7 @@ def coherence_penalty(logp_pi: Float[Tensor, "batch pos_1"], logp_ref: Float[Ten
     return _ratio((excess * mask).sum(), mask.sum(), total)
 
 
-def token_kl(logp_ref: Float[Tensor, "tok vocab"], logp_pi: Float[Tensor, "tok vocab"]) -> Float[Tensor, "tok"]:
+def token_kl(logp_ref: Float[Tensor, "tok vocab"], logp_pi: Float[Tensor, "tok vocab"]) -> Float[Tensor, " tok"]:
     """KL_t(ref ‖ π) = Σ_v p_ref(v) (log p_ref(v) − log p_π(v)), one value per token (nat)."""
     return (logp_ref.exp() * (logp_ref - logp_pi)).sum(-1)
 
@@ -125,8 +127,10 @@ def monotonic_hinge(score_neg: Float[Tensor, ""], score_zero: Float[Tensor, ""],
     return F.relu(score_neg - score_zero + margin) + F.relu(score_zero - score_pos + margin)
 
 
-def projection_scores(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"], c: Float[Tensor, "batch"],
-                      d: Float[Tensor, "d_model"], objective: Objective, scale: float = 1.0, total: Total | None = None
+def projection_scores(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"],
+                      c: Float[Tensor, " batch"],
+                      d: Float[Tensor, " d_model"], objective: Objective, scale: float = 1.0,
+                      total: Total | None = None
                       ) -> tuple[Float[Tensor, ""], Float[Tensor, ""], Float[Tensor, ""]]:
     """The behaviour score s(c) at c = −1, 0, +1 that the hinge orders (rows with c = ±1 present).
 
@@ -142,7 +146,7 @@ def projection_scores(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tenso
 
 
 def steering_loss(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "batch d_model"],
-                  c: Float[Tensor, "batch"], d: Float[Tensor, "d_model"], logp_pi: Float[Tensor, "batch pos_1"],
+                  c: Float[Tensor, " batch"], d: Float[Tensor, " d_model"], logp_pi: Float[Tensor, "batch pos_1"],
                   logp_ref: Float[Tensor, "batch pos_1"], mask: Float[Tensor, "batch pos_1"],
                   cfg: LossConfig = LossConfig(), scale: float = 1.0, total: Total | None = None
                   ) -> tuple[Tensor, dict[str, float]]:
@@ -160,7 +164,8 @@ def steering_loss(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "
         raise ValueError(f"steering_loss reads hidden states: objective must be 'shift' or 'separation', got "
                          f"{cfg.objective!r} (objective 'behaviour' is behaviour_loss)")
     coh = coherence_penalty(logp_pi, logp_ref, mask, cfg.margin, cfg.power, total)
-    mono = monotonic_hinge(*projection_scores(hs_pi, hs_ref, c, d, cfg.objective, scale, total), margin=cfg.mono_margin)
+    mono = monotonic_hinge(*projection_scores(hs_pi, hs_ref, c, d, cfg.objective, scale, total),
+                           margin=cfg.mono_margin)
     loss = -obj + cfg.w_coherence * coh + cfg.w_mono * mono
     parts = {"loss": loss.item(), "obj": obj.item(), "coh": coh.item(), "mono": mono.item(),
              "dnll": delta_nll(logp_pi.detach(), logp_ref, mask, total).item()}
@@ -168,12 +173,12 @@ def steering_loss(hs_pi: Float[Tensor, "batch d_model"], hs_ref: Float[Tensor, "
 
 
 def continuation_logratio(logp_pi: Float[Tensor, "rows pos_1"], logp_ref: Float[Tensor, "rows pos_1"],
-                          reply: Float[Tensor, "rows pos_1"]) -> Float[Tensor, "rows"]:
+                          reply: Float[Tensor, "rows pos_1"]) -> Float[Tensor, " rows"]:
     """Δ = Σ_t (log π_c(y_t | x, y_<t) − log π_0(y_t | x, y_<t)) over each row's continuation tokens y."""
     return ((logp_pi - logp_ref) * reply).sum(-1)
 
 
-def behaviour_objective(delta: Float[Tensor, "rows"], c: Float[Tensor, "rows"], beta: float,
+def behaviour_objective(delta: Float[Tensor, " rows"], c: Float[Tensor, " rows"], beta: float,
                         total: Total | None = None) -> Float[Tensor, ""]:
     """mean over prompts of log σ(β · c · (Δ_w − Δ_l))   (maximise; BiPO's objective, Cao et al. 2024).
 
@@ -186,7 +191,7 @@ def behaviour_objective(delta: Float[Tensor, "rows"], c: Float[Tensor, "rows"], 
 
 
 def behaviour_loss(logp_pi: Float[Tensor, "rows pos_1"], logp_ref: Float[Tensor, "rows pos_1"],
-                   reply: Float[Tensor, "rows pos_1"], mask: Float[Tensor, "rows pos_1"], c: Float[Tensor, "rows"],
+                   reply: Float[Tensor, "rows pos_1"], mask: Float[Tensor, "rows pos_1"], c: Float[Tensor, " rows"],
                    cfg: LossConfig = LossConfig(), total: Total | None = None) -> tuple[Tensor, dict[str, float]]:
     """loss = −behaviour_objective + w_coh · coherence_penalty on the prompt tokens; returns (loss, parts).
 
@@ -208,8 +213,9 @@ def behaviour_loss(logp_pi: Float[Tensor, "rows pos_1"], logp_ref: Float[Tensor,
     return loss, parts
 
 
-def noref_loss(hs_pos: Float[Tensor, "n d_model"], hs_neg: Float[Tensor, "n d_model"], logp_avg_pos: Float[Tensor, "n"],
-               d: Float[Tensor, "d_model"] | None = None, boundary: float = 0.99, weight: float = 1e4
+def noref_loss(hs_pos: Float[Tensor, "n d_model"], hs_neg: Float[Tensor, "n d_model"],
+               logp_avg_pos: Float[Tensor, " n"],
+               d: Float[Tensor, " d_model"] | None = None, boundary: float = 0.99, weight: float = 1e4
                ) -> Float[Tensor, ""]:
     """The seed's ``contrastive_steering_loss_noref``, for gradient extraction only (never training).
 

@@ -36,7 +36,8 @@ class MethodSpec:
     build: str | Callable          # "module:function" or the function itself: (spec, ctx) -> list[sweep.Method]
     control_vector: bool = False   # a llama.cpp control vector can hold it (an additive steer from the pairs)
     description: str = ""
-    trains: bool = False           # built by a training run like the adapter's (its steps count in the progress plan)
+    # built by a training run like the adapter's (its steps count in the progress plan)
+    trains: bool = False
 
     def builder(self) -> Callable:
         if callable(self.build):
@@ -87,7 +88,8 @@ def color(label: str) -> str:
 _RMS = "one RMS norm of the residual stream at each adapted block per unit of c"
 _ADDITIVE = "interp_steer.sweep:build_additive"
 
-register(MethodSpec("adapter", "adapter", "#d62728", "the trained coefficient: ±1 are the directions it was trained for",
+register(MethodSpec("adapter", "adapter", "#d62728", "the trained coefficient: ±1 are the directions it was "
+                                                     "trained for",
                     "interp_steer.sweep:build_adapter", description="the SVD rotation adapter (one per artifact)"))
 register(MethodSpec("pca_diff", "additive", "#1f77b4", _RMS, _ADDITIVE, True,
                     "first principal component of the pair differences (repeng's pca_diff)"))
@@ -97,7 +99,8 @@ register(MethodSpec("mean_diff", "additive", "#2ca02c", _RMS, _ADDITIVE, True,
                     "mean of the pair differences (DiffMean, CAA)"))
 register(MethodSpec("gradient", "additive", "#9467bd", _RMS, _ADDITIVE, True,
                     "mean gradient of the objective with respect to each block's output"))
-register(MethodSpec("learned_vector", "additive", "#8c564b", "the trained coefficient: ±1 are the directions it was "
+register(MethodSpec("learned_vector", "additive", "#8c564b", "the trained coefficient: ±1 are the directions it "
+                                                             "was "
                     "trained for", "interp_steer.sweep:build_learned_vector", trains=True,
                     description="a vector per adapted block trained by the adapter's objective and KL constraint "
                                 "(bias='only'; of the kind of BiPO and ReFT-r1)"))

@@ -108,7 +108,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16 or "
+        raise ValueError(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16 "
+                         "or "
                          "float32")
     try:
         _probe(device, dtype)
@@ -215,7 +216,8 @@ def check_model_source(name: str | None) -> None:
     if not (name.startswith(("/", ".", "~")) or path.exists()):
         return
     if not path.exists():
-        raise ValueError(f"model {name!r}: no such directory. Give a directory holding config.json, the weights and "
+        raise ValueError(f"model {name!r}: no such directory. Give a directory holding config.json, the weights "
+                         "and "
                          "the tokenizer, a hub id (online), or leave --model out for the packaged default.")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ValueError(f"model {name!r} is not a model directory (no config.json in it)")
@@ -272,8 +274,8 @@ def boot(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) 
     param = next(model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=param.device,
-                                                     dtype=param.dtype)
+        bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer,
+                                                     device=param.device, dtype=param.dtype)
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)  # adapters train their own parameters; the base model stays frozen

@@ -151,7 +151,8 @@ def _parse(raw: bytes, where: str) -> Manifest:
             raise _Refused(f"its manifest lists {key!r}, which {why}: a manifest names files inside its "
                            "directory only")
         if key.split("/", 1)[0] in skip:
-            raise _Refused(f"its manifest lists {key!r} inside {key.split('/', 1)[0]!r}, which it says it does not "
+            raise _Refused(f"its manifest lists {key!r} inside {key.split('/', 1)[0]!r}, which it says it does "
+                           "not "
                            "govern")
         size, digest = (rec.get("size"), rec.get("sha256")) if isinstance(rec, dict) else (None, None)
         if (isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str)
@@ -339,13 +340,15 @@ def write_manifest(directory: Path, name: str | None = None, skip: Sequence[str]
                 if stat.S_ISDIR(st.st_mode):
                     continue
                 if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                    raise ValueError(f"{directory / rel} is not a plain file of its own (a link, a device or a file "
+                    raise ValueError(f"{directory / rel} is not a plain file of its own (a link, a device or a "
+                                     "file "
                                      "with other hard links); interp-steer writes only plain files")
                 files[rel] = {"size": st.st_size, "sha256": digest}
             doc = {"written_by": "interp-steer", "format": FORMAT, "kind": kind, "name": name or dname,
                    "identity": identity, "files": files, "skip": list(skip), "local": list(local)}
             tmp = f".interp-steer-manifest.{secrets.token_hex(8)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dfd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                         dir_fd=dfd)
             try:
                 with os.fdopen(fd, "w") as f:
                     f.write(json.dumps(doc, indent=1) + "\n")
@@ -412,8 +415,10 @@ def lock_path(path: Path) -> Path:
 
 
 def _in_the_way(lock: Path, path: Path, what: str) -> FileExistsError:
-    return FileExistsError(f"{lock} is in the way: interp-steer uses that name as the lock for writing {path}, and "
-                           f"it is {what}, not a lock interp-steer made; it will not open, move or delete it. Move "
+    return FileExistsError(f"{lock} is in the way: interp-steer uses that name as the lock for writing {path}, "
+                           "and "
+                           f"it is {what}, not a lock interp-steer made; it will not open, move or delete it. "
+                           "Move "
                            "it away or choose another output path.")
 
 

@@ -20,7 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .methods import REGISTRY, color as method_color  # noqa: E402
+from .methods import REGISTRY  # noqa: E402
+from .methods import color as method_color
 
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
 STYLE = {

@@ -80,7 +80,8 @@ def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
             items = [mean(v) for v in zip(*(e.get("item_deltas") or [] for e in effects))]
             others = {x: {"delta": mean([rows[lb][side]["effects"][x]["delta"] for lb in labels])}
                       for x in rows[labels[0]][side]["effects"] if x != primary}
-            row[side] = {"coeff": math.nan, "budget_reached": all(rows[lb][side]["budget_reached"] for lb in labels),
+            row[side] = {"coeff": math.nan,
+                         "budget_reached": all(rows[lb][side]["budget_reached"] for lb in labels),
                          "kl_mean": mean([rows[lb][side].get("kl_mean") for lb in labels]),
                          "dnll": mean([rows[lb][side].get("dnll") for lb in labels]),
                          "effects": {primary: {"delta": m, "ci95": [m - half, m + half], "item_deltas": items,
@@ -208,7 +209,8 @@ def markdown_report(report: dict, figures: Sequence[Path], out: Path) -> str:
         f"Primary effect: `{e0['name']}` ({e0['unit']}; mean over items), relative to the base model (c = 0), "
         f"interpolated at the coefficient where the mean per-token {report['budget_metric'].upper()} on "
         f"{report['data']['neutral_texts']} neutral texts reaches the budget of {report['budget']} nat/token "
-        f"(items: {report['data']['items']}). '+' should raise the concept, '−' lower it. CI: paired 95 % interval "
+        f"(items: {report['data']['items']}). '+' should raise the concept, '−' lower it. CI: paired 95 % "
+        "interval "
         "over items (each item's own Δ, interpolated the same way). 'vs random' / 'vs best additive': how much "
         "further this method steers that way than the random direction / the best additive baseline "
         "(PCA, mean-difference, gradient), paired over items; * marks a 95 % CI excluding zero. 'budget reached: "
@@ -229,7 +231,8 @@ def markdown_report(report: dict, figures: Sequence[Path], out: Path) -> str:
         t = report["train"]
         parts += ["## Training", "", f"{t.get('seconds', 0):.0f} s; held-out pairs' projection on d_steer at "
                   f"{t.get('loss_hook')} (ΔNLL: on the held-out pair prompts, not a coherence measure):", "",
-                  "| adapter | c | chosen | rejected | separation | shift | ΔNLL |", "|---|---|---|---|---|---|---|"]
+                  "| adapter | c | chosen | rejected | separation | shift | ΔNLL |",
+                  "|---|---|---|---|---|---|---|"]
         for label, run in t.get("runs", {}).items():
             for c, m in run.get("held_out", {}).items():
                 parts.append(f"| {label} | {c} | {m['proj_chosen']:.2f} | {m['proj_rejected']:.2f} | "

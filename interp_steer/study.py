@@ -36,15 +36,21 @@ import torch
 
 from . import progress as command_progress
 from .commands import check_device, concept_report, merge_units, planned_units
-from .concepts import F1_THRESHOLDS, get_concept
+from .concepts import F1_HEADLINE, F1_THRESHOLDS, get_concept
 from .config import ConfigError, StudyRun, run_config_doc
 from .io import (
-    RUN_CONFIG_FILE, check_dir_target, check_owned_or_empty, read_json, write_dir_atomic, write_json_atomic,
+    RUN_CONFIG_FILE,
+    check_dir_target,
+    check_owned_or_empty,
+    read_json,
+    write_dir_atomic,
+    write_json_atomic,
     write_text_atomic,
 )
+from .methods import color as color_of
+from .methods import names as method_names
 from .models import DEFAULT_NAMES, GEMMA_NAMES, load_model
 from .ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
-from .methods import color as color_of, names as method_names
 from .plots import figure, save
 from .report import mean_ci, paired_difference, write_outputs
 from .train import kl_text
@@ -94,7 +100,8 @@ def check_models(models: Sequence[str]) -> None:
             raise ConfigError(f"--models names one model twice: {seen[key]!r} and {m!r} are both {key}; give each "
                               "model once")
         if slug in slugs:
-            raise ConfigError(f"--models {slugs[slug]!r} and {m!r} would share the cell ids {slug}--…; give one of "
+            raise ConfigError(f"--models {slugs[slug]!r} and {m!r} would share the cell ids {slug}--…; give one "
+                              "of "
                               "them by another path (e.g. its absolute path)")
         seen[key], slugs[slug] = m, m
 
@@ -116,7 +123,8 @@ def shard(cfg: StudyRun) -> tuple[int, int]:
         i = n = -1
     if not 0 <= i < n:
         raise ConfigError(f"RANK={rank!r} and WORLD_SIZE={size!r} (torchrun's environment) must be integers with "
-                          "0 <= RANK < WORLD_SIZE; unset them to run every cell in one process, or give --shard I/N")
+                          "0 <= RANK < WORLD_SIZE; unset them to run every cell in one process, or give --shard "
+                          "I/N")
     return i, n
 
 
@@ -152,7 +160,8 @@ def _open_study(out: Path, cfg: StudyRun) -> None:
 
 def _open_claimed(out: Path, cfg: StudyRun) -> None:
     if out.is_symlink():
-        raise FileExistsError(f"{out} is a symbolic link; interp-steer never writes through one. Give the real path.")
+        raise FileExistsError(f"{out} is a symbolic link; interp-steer never writes through one. Give the real "
+                              "path.")
     if check_owned_or_empty(out, "study", "a study", "--out"):  # a renamed or copied study is still the study
         saved = read_json(out / RUN_CONFIG_FILE, "the study's run_config.json")
         if not (isinstance(saved, dict) and saved.get("command") == "study"):
@@ -238,7 +247,8 @@ def run_study(cfg: StudyRun) -> dict:
     i, n = shard(cfg)
     mine = cells[i::n]
     if (out / CELLS).is_symlink() or (out / CELLS).exists() and not (out / CELLS).is_dir():
-        raise FileExistsError(f"{out / CELLS} is a symbolic link or not a directory; interp-steer writes its cells "
+        raise FileExistsError(f"{out / CELLS} is a symbolic link or not a directory; interp-steer writes its "
+                              "cells "
                               "only into a real directory of the study. Move it away or choose another --out.")
     for cell in mine:  # a cell name holding what the study did not write: refused before any work
         d = out / CELLS / cell.id
@@ -316,6 +326,16 @@ def _over_seeds(values: list[float], fallback_ci: list | None) -> dict:
     return {"mean": m, "ci95": ci, "ci_kind": kind, "n_seeds": len(v), "per_seed": values}
 
 
+def f1_at(ends: dict, min_mass: float) -> float:
+    """Steering F1 at the choice-mass threshold ``min_mass`` from a cell's ends: F1 is its raw value times the
+    mass factor where the smaller of the masses at ±c reaches the threshold, else NaN (``metrics.steering_f1``),
+    so cells that recorded one threshold give every other exactly."""
+    mass, raw, ratio = ends.get("mass"), _num(ends.get("f1_raw")), _num(ends.get("mass_ratio"))
+    if not mass or not math.isfinite(raw) or not math.isfinite(ratio):
+        return math.nan
+    return raw * ratio if min(_num(mass["minus"]), _num(mass["plus"])) >= min_mass else math.nan
+
+
 def _num(x) -> float:
     return math.nan if x is None else float(x)
 
@@ -349,11 +369,10 @@ def pool(cells: dict[str, dict]) -> dict:
                                "turns_back": [bool(p.get("turns_back")) for p in peaks]}
                 ends = [c["iso_table"][m].get("ends") for c in cs if m in c["iso_table"]]
                 if side == "plus" and all(ends) and ends:
-                    row["steering_f1"] = _over_seeds([_num(x.get("steering_f1")) for x in ends], None)
-                    row["steering_f1_raw"] = _over_seeds([_num(x.get("f1_raw")) for x in ends], None)
                     row["steering_f1_by_threshold"] = {
-                        label: _over_seeds([_num(x.get("by_threshold", {}).get(label, {}).get("steering_f1"))
-                                            for x in ends], None) for label in F1_THRESHOLDS}
+                        label: _over_seeds([f1_at(x, m) for x in ends], None) for label, m in F1_THRESHOLDS.items()}
+                    row["steering_f1"] = row["steering_f1_by_threshold"][F1_HEADLINE]
+                    row["steering_f1_raw"] = _over_seeds([_num(x.get("f1_raw")) for x in ends], None)
                     row["focus"] = [_num(x.get("focus")) for x in ends]
                     row["mass"] = [x.get("mass") for x in ends]
                 rows.append(row)
@@ -464,11 +483,13 @@ def group_markdown(g: dict, budget: float) -> list[str]:
         if c["label"] == PROMPTING_KL:
             continue
         name = c["against"] if c["label"] != "best additive" else f"{c['against']} (best additive)"
-        lines.append(f"| {sign_of[c['side']]} | {c['effect']} | {name} | {_ci(c)}{' *' if c['significant'] else ''}"
+        lines.append(f"| {sign_of[c['side']]} | {c['effect']} | {name} | "
+                     f"{_ci(c)}{' *' if c['significant'] else ''}"
                      f" | {seeds(c)} |")
     at_prompt = [c for c in g["comparisons"] if c["label"] == PROMPTING_KL]
     if at_prompt:
-        lines += ["", "Every steering method against prompting at the KL prompting itself spends that way (> 0: the "
+        lines += ["", "Every steering method against prompting at the KL prompting itself spends that way (> 0: "
+                      "the "
                   "method steers further than the prompt at equal cost):", "",
                   "| dir | effect | method − prompting | prompting's KL | diff [95% CI] | CI over |",
                   "|---|---|---|---|---|---|"]
@@ -519,7 +540,8 @@ def summary_markdown(pooled: dict) -> list[str]:
 
         def at(m: str, side: str) -> str:
             r = by.get(m, {}).get(side)
-            return "–" if r is None else _f(r["effects"][p]["mean"], "+.2f") + ("" if all(r["budget_reached"]) else "†")
+            return "–" if r is None else _f(r["effects"][p]["mean"],
+                                            "+.2f") + ("" if all(r["budget_reached"]) else "†")
 
         best = {c["side"]: c for c in g["comparisons"] if c["effect"] == p and c["label"] == "best additive"}
         names = "/".join(dict.fromkeys(c["against"] for c in best.values())) or "–"
@@ -620,10 +642,12 @@ def study_markdown(pooled: dict, cells: dict[str, dict], cfg: StudyRun, figures:
              + (f", {len(pooled['missing'])} missing: {', '.join(pooled['missing'])}" if pooled["missing"] else "")
              + ".", "",
              f"Every method is compared at the coefficient where its mean per-token KL(reference ‖ steered) on "
-             f"neutral text reaches {budget} nat/token, at the same blocks (prompting acts on the tokens). Δ: change "
+             f"neutral text reaches {budget} nat/token, at the same blocks (prompting acts on the tokens). Δ: "
+             "change "
              "from c = 0, mean over items. With several seeds the interval is a t-interval over seeds (each seed "
              "trains the adapter and rebuilds the baselines from its own training split); with one seed it is the "
-             "paired 95 % interval over items. 'peak Δ within budget': the largest effect that way at any measured "
+             "paired 95 % interval over items. 'peak Δ within budget': the largest effect that way at any "
+             "measured "
              "coefficient whose KL is within the budget (↩: a seed's curve turns back, its effect at the budget "
              "is significantly below its peak). Steering F1: AntiPaSTO's metric (arXiv 2601.07473) at the budget "
              "coefficients, NaN where the Yes/No mass at ±c is below the threshold; shown at 0.5 (the threshold "
@@ -638,7 +662,8 @@ def study_markdown(pooled: dict, cells: dict[str, dict], cfg: StudyRun, figures:
         parts += ["## Verdict", "", "Per model, the (concept, direction) pairs where the adapter's effect at the "
                   "budget is ahead of, level with or behind the best additive baseline's (paired 95 % CI):", "",
                   *verdict_markdown(pooled), ""]
-        parts += ["## Summary", "", f"Δ of each concept's primary effect at KL = {budget} (↑: toward the concept, ↓: "
+        parts += ["## Summary", "", f"Δ of each concept's primary effect at KL = {budget} (↑: toward the concept, "
+                                    "↓: "
                   "away; mean over seeds; † the budget was not reached, the last point is shown); * marks an "
                   "interval excluding 0.", "", *summary_markdown(pooled), ""]
     for g in pooled["groups"]:

@@ -20,17 +20,16 @@ from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
-
-from . import progress as command_progress
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from . import progress as command_progress
 from .adapter import apply_adapters
-from .config import BudgetMetric, SweepConfig
 from .concepts import Effect, Ends
+from .config import BudgetMetric, SweepConfig
 from .directions import SteeringVector, additive_vector
-from .methods import MethodSpec
 from .evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
+from .methods import MethodSpec
 from .report import mean_ci, paired_difference
 from .train import train
 
@@ -77,7 +76,8 @@ class BuildContext:
     concept: object  # concepts.Concept
     tokenizer: PreTrainedTokenizerBase | None = None
     pairs: list | None = None  # the pairs the artifacts were trained from, before their split (a trained method's)
-    generic: object = None     # train.GenericText: the KL text, computed once per model (None: computed when needed)
+    # train.GenericText: the KL text, computed once per model (None: computed when needed)
+    generic: object = None
 
     @property
     def artifact(self):
@@ -102,7 +102,8 @@ def build_learned_vector(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
     """One steering vector per adapted block, trained like the first artifact's adapter (its pairs, split, steps,
     objective and KL constraint: ``bias="only"``, so each block writes ``c·b`` and b is all that is learned)."""
     if ctx.artifact is None or ctx.pairs is None or ctx.tokenizer is None:
-        raise ValueError(f"method {spec.name!r} is trained with an adapter's settings and pairs: sweep it beside a "
+        raise ValueError(f"method {spec.name!r} is trained with an adapter's settings and pairs: sweep it beside "
+                         "a "
                          "trained adapter (demo, study, or eval of an artifact)")
     cfg = dataclasses.replace(ctx.artifact.config, bias="only", rank=1, rotate_u=False)
     result = train(ctx.bridge, ctx.tokenizer, ctx.pairs, cfg, progress=False, generic=ctx.generic)  # type: ignore[arg-type]

@@ -34,27 +34,52 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-
-from . import progress as command_progress
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from . import distributed
+from . import progress as command_progress
 from .adapter import AdapterSpec, apply_adapters, check_sites, make_adapters
 from .capture import Reference, forward_last, reference_pass
 from .config import TrainConfig
 from .data import (
-    Batch, ContrastivePair, check_lengths, interleave, last_index, load_json, pair_batches, render_chat, select_pairs,
+    Batch,
+    ContrastivePair,
+    check_lengths,
+    interleave,
+    last_index,
+    load_json,
+    pair_batches,
+    render_chat,
+    select_pairs,
 )
 from .directions import dhs_svd_direction, mean_diff_direction, paired_diff
 from .distributed import World
 from .evaluate import evaluate_pairs, generate_ids, greedy_continuations, reply_batch
 from .io import (
-    CHECKPOINT_FILES, Checkpoint, SteeringArtifact, check_checkpoint, check_dir_target, checkpoint_identity,
-    load_checkpoint, model_name, remove_checkpoint, resolve_dir, save_artifact, save_checkpoint,
+    CHECKPOINT_FILES,
+    Checkpoint,
+    SteeringArtifact,
+    check_checkpoint,
+    check_dir_target,
+    checkpoint_identity,
+    load_checkpoint,
+    model_name,
+    remove_checkpoint,
+    resolve_dir,
+    save_artifact,
+    save_checkpoint,
 )
 from .loss import (
-    Total, behaviour_loss, dual_step, kl_lagrangian, shift_objective, steering_loss, token_kl, token_logprobs, token_mask,
+    Total,
+    behaviour_loss,
+    dual_step,
+    kl_lagrangian,
+    shift_objective,
+    steering_loss,
+    token_kl,
+    token_logprobs,
+    token_mask,
 )
 from .models import model_device
 from .names import resid_post, site_layer, site_name
@@ -124,7 +149,8 @@ class GenericText:
     masks: list[Float[Tensor, "_batch _pos_1"]]
     ref_logp: list[Float[Tensor, "_tok vocab"]]
     sample_seed: int | None = None  # None: greedy replies
-    hook: str | None = None  # with LossConfig.w_text_shift: where the text's shift is read, and the reference there
+    # with LossConfig.w_text_shift: where the text's shift is read, and the reference there
+    hook: str | None = None
     ref_hs: list[Float[Tensor, "_tok d_model"]] = field(default_factory=list)
 
 
@@ -159,7 +185,8 @@ def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, 
         raise ValueError("no usable generic text for the KL constraint (every base-model reply was empty)")
     out = GenericText([], [], [], sample_seed, hook)
     for i in range(0, len(texts), batch_size):
-        batch, mask = reply_batch(tokenizer, heads[i: i + batch_size], texts[i: i + batch_size], model_device(bridge))
+        batch, mask = reply_batch(tokenizer, heads[i: i + batch_size], texts[i: i + batch_size],
+                                  model_device(bridge))
         if world.parallel:
             lo, hi = world.bounds(len(batch))
             if lo == hi:  # fewer texts than processes: this one adds nothing to this batch's KL sums
@@ -221,8 +248,8 @@ def kl_both_ways(bridge: TransformerBridge, adapters, text: GenericText, j: int,
     return total(plus) / count, total(minus) / count, None
 
 
-def text_shift(hs: Float[Tensor, "tok2 d_model"], ref_hs: Float[Tensor, "tok d_model"], d: Float[Tensor, "d_model"],
-               scale: float, balance: bool = False) -> Float[Tensor, ""]:
+def text_shift(hs: Float[Tensor, "tok2 d_model"], ref_hs: Float[Tensor, "tok d_model"],
+               d: Float[Tensor, " d_model"], scale: float, balance: bool = False) -> Float[Tensor, ""]:
     """The shift objective on the generic text's n reply positions (``hs``: the n at c = +1, then the n at c = −1):
     mean over positions of c · (hs(c) − hs_ref)·d / scale (``loss.shift_objective``), i.e. steering text that
     carries no persona, like the evaluation's, rather than only the pair prompts."""
@@ -232,7 +259,7 @@ def text_shift(hs: Float[Tensor, "tok2 d_model"], ref_hs: Float[Tensor, "tok d_m
 
 
 def _kl_rows(bridge: TransformerBridge, adapters, text: GenericText, j: int
-             ) -> tuple[Float[Tensor, "tok"], int, Float[Tensor, "tok d_model"] | None]:
+             ) -> tuple[Float[Tensor, " tok"], int, Float[Tensor, "tok d_model"] | None]:
     """Per-token KL of generic batch ``j``: the n tokens at c = +1, then the n at c = −1 (and the states)."""
     batch, c = text.batches[j].doubled()
     with apply_adapters(bridge, adapters, c):
@@ -256,7 +283,7 @@ class Continuations:
     per-token log-prob (c = 0), computed once."""
 
     batches: list[Batch]
-    c: list[Float[Tensor, "_rows"]]
+    c: list[Float[Tensor, " _rows"]]
     reply: list[Float[Tensor, "_rows _pos_1"]]
     mask: list[Float[Tensor, "_rows _pos_1"]]
     ref_logp: list[Float[Tensor, "_rows _pos_1"]]
@@ -294,8 +321,10 @@ def continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase,
                                      desc="continuations" if progress else None)]
     keep = [k for k in range(len(pairs)) if conts[2 * k] and conts[2 * k + 1] and conts[2 * k] != conts[2 * k + 1]]
     if not keep:
-        raise ValueError("no pair has two different non-empty continuations: the behaviour objective has nothing to "
-                         "learn from; use objective 'shift', or pairs whose prompts the model continues differently")
+        raise ValueError("no pair has two different non-empty continuations: the behaviour objective has nothing "
+                         "to "
+                         "learn from; use objective 'shift', or pairs whose prompts the model continues "
+                         "differently")
     out = Continuations([], [], [], [], [], dropped=len(pairs) - len(keep))
     for i in range(0, len(keep), batch_pairs):
         rows_h, rows_y = [], []
@@ -356,8 +385,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
     training into the same path fails at once (``ownership.claim``)."""
     mine = out_dir is not None and distributed.current().main
     with claim(Path(out_dir)) if mine else nullcontext():  # type: ignore[arg-type]
-        return _train(bridge, tokenizer, pairs, cfg, out_dir, resume=resume, overwrite=overwrite, progress=progress,
-                      data=data, run_config=run_config, callback=callback, generic=generic)
+        return _train(bridge, tokenizer, pairs, cfg, out_dir, resume=resume, overwrite=overwrite,
+                      progress=progress, data=data, run_config=run_config, callback=callback, generic=generic)
 
 
 # ------------------------------------------------------------------------------------------- objectives
@@ -366,7 +395,8 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
 
 
 class Objective(Protocol):
-    def loss(self, step: int, bridge: TransformerBridge, adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, step: int, bridge: TransformerBridge,
+             adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
         ...
 
 
@@ -383,7 +413,8 @@ class PairObjective:
     cfg: TrainConfig
     total: Total | None = None
 
-    def loss(self, step: int, bridge: TransformerBridge, adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, step: int, bridge: TransformerBridge,
+             adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
         j = batch_order(step, len(self.batches), self.cfg.seed)
         batch, c = self.batches[j].doubled()
         with apply_adapters(bridge, adapters, c):
@@ -403,7 +434,8 @@ class BehaviourObjective:
     cont: Continuations
     cfg: TrainConfig
 
-    def loss(self, step: int, bridge: TransformerBridge, adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, step: int, bridge: TransformerBridge,
+             adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
         cont = self.cont
         k = batch_order(step, len(cont.batches), self.cfg.seed)
         batch = cont.batches[k]
@@ -433,7 +465,8 @@ class KLConstraint:
         kl_plus, kl_minus, text_hs = kl_both_ways(bridge, adapters, self.text, g, self.total)
         budget = self.cfg.loss.kl_budget
         loss = loss + kl_lagrangian(kl_plus, budget, self.duals[0]) + kl_lagrangian(kl_minus, budget, self.duals[1])
-        parts.update(kl_plus=kl_plus.item(), kl_minus=kl_minus.item(), lam_plus=self.duals[0], lam_minus=self.duals[1])
+        parts.update(kl_plus=kl_plus.item(), kl_minus=kl_minus.item(), lam_plus=self.duals[0],
+                     lam_minus=self.duals[1])
         if text_hs is not None:
             tshift = text_shift(text_hs, self.text.ref_hs[g], self.d_steer, self.scale, self.cfg.loss.balance)
             loss = loss - self.cfg.loss.w_text_shift * tshift
@@ -487,7 +520,8 @@ class _Checkpoints:
         every = self.cfg.checkpoint_every
         return self.path is not None and ((done % every == 0 and done < self.cfg.steps) or stop)
 
-    def save(self, step: int, adapters, d_steer: Tensor, hook: str, opt, scale: float, duals: Sequence[float]) -> None:
+    def save(self, step: int, adapters, d_steer: Tensor, hook: str, opt, scale: float,
+             duals: Sequence[float]) -> None:
         if self.world.main:
             art = SteeringArtifact.build(self.bridge, adapters, d_steer, hook, self.cfg, {"step": step}, self.data)
             save_checkpoint(self.path, Checkpoint(art, opt.state_dict(), step, scale, list(duals)),  # type: ignore[arg-type]
@@ -581,8 +615,8 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
         timings.update(policy_forward_s_per_step=fwd_s / n_steps, backward_s_per_step=bwd_s / n_steps,
                        train_s=fwd_s + bwd_s, prefix_reused=float(prefix.reused),
                        prefix_full=float(prefix.full + prefix.filled))
-        result = _finish(bridge, cfg, run, adapters, d_steer, scale, history, out, overwrite, data, run_config, world,
-                         identity, resumed=resume and start > 0)
+        result = _finish(bridge, cfg, run, adapters, d_steer, scale, history, out, overwrite, data, run_config,
+                         world, identity, resumed=resume and start > 0)
         if interrupt.requested:  # the signal came after the last step: the artifact is whole, then it stops
             tqdm.write(f"stopped after the last step; the artifact is written at {out}")
             interrupt.stop()
@@ -602,7 +636,8 @@ def _prepare(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pair
     check_sites(bridge, [s.site for s in specs])  # a site this architecture lacks fails before any pass
     hook = loss_hook(cfg, n_layers)
     if world.parallel and cfg.loss.objective == "behaviour":
-        raise ValueError("objective 'behaviour' runs in one process only (its continuation batches are not sharded "
+        raise ValueError("objective 'behaviour' runs in one process only (its continuation batches are not "
+                         "sharded "
                          "yet); run it without torchrun, or use objective 'shift'")
     if world.parallel and cfg.loss.w_text_shift > 0:
         raise ValueError("w_text_shift runs in one process only (the generic text's states are not sharded yet); "
@@ -622,7 +657,8 @@ def _prepare(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pair
     # the residual stream at each adapted layer comes free with the reference pass: baselines reuse it
     resid = [resid_post(site_layer(s.site)) for s in specs]
     ref = reference_pass(bridge, local, hook, progress and not command_progress.active(), extra=resid)
-    whole = distributed.whole_reference(ref, local, [len(b) // 2 for b in batches], world) if world.parallel else ref
+    whole = distributed.whole_reference(ref, local, [len(b) // 2 for b in batches],
+                                        world) if world.parallel else ref
     timings["reference_s"] = time.perf_counter() - t0
     # the direction's float64 SVD on the CPU (MPS has no float64), then d_steer lives on the model's device
     d_steer = dhs_svd_direction(torch.cat(whole.hs).cpu()).to(dev)
@@ -659,7 +695,8 @@ def _aligned(specs: Sequence[AdapterSpec], whole: Reference) -> dict[str, Tensor
         states = whole.extra[resid_post(site_layer(s.site))]
         if paired_diff(states).abs().max() == 0:
             raise ValueError(
-                f"the pairs' last-token states do not differ at {resid_post(site_layer(s.site))} (is the difference "
+                f"the pairs' last-token states do not differ at {resid_post(site_layer(s.site))} (is the "
+                "difference "
                 f"outside a sliding attention window there?): aligned triplets have nothing to align {s.site} "
                 "with; adapt later blocks, or pass triplets='top' (--triplets top)")
         align[s.site] = mean_diff_direction(states)
@@ -674,7 +711,8 @@ def _check_generic(generic: GenericText, cfg: TrainConfig, text_hook: str | None
         raise ValueError(f"the precomputed generic text does not fit kl_batch={cfg.kl_batch}: compute it with "
                          "kl_text(bridge, tokenizer, cfg)")
     if (generic.sample_seed is not None) != cfg.kl_sample:
-        raise ValueError(f"the precomputed generic text is {'sampled' if generic.sample_seed is not None else 'greedy'}"
+        raise ValueError("the precomputed generic text is "
+                         f"{'sampled' if generic.sample_seed is not None else 'greedy'}"
                          f" but cfg.kl_sample is {cfg.kl_sample}: compute it with kl_text(bridge, tokenizer, cfg)")
     if generic.hook != text_hook:
         raise ValueError(f"the precomputed generic text keeps states at {generic.hook} but this run's text shift "

@@ -5,6 +5,7 @@ what it calls, and commit the result. What goes to stderr (progress bars, librar
 paths) is not stored: it says nothing about the results and differs on every machine."""
 import sys
 from pathlib import Path
+
 import nbformat
 from nbclient import NotebookClient
 

@@ -13,6 +13,9 @@ from jaxtyping import install_import_hook
 
 # Runtime checking of every annotation (jaxtyping shapes with one dimension vocabulary, and plain types) over the
 # whole package and analysis/, for the whole test run (runtime type checks). It must be installed before anything imports
+
+
+
 # them. Classes that validate their own options with clearer messages opt out with `@no_type_check`.
 CHECKED = ("interp_steer", "analysis")
 install_import_hook(CHECKED, "beartype.beartype")
@@ -20,7 +23,13 @@ install_import_hook(CHECKED, "beartype.beartype")
 from interp_steer.models import load_model, tiny_model  # noqa: E402
 
 # --- ../shared: data beside the checkout. CI has it; a clone from the project's public home does not. -------------
+
+
+
 # A test that reads it is marked `@pytest.mark.shared("data/NAME", ...)` (the paths it needs, relative to ../shared)
+
+
+
 # and takes the `shared_dir` fixture. Without them it skips, with one line naming the missing path; under CI
 # (`.ci/run` sets INTERP_STEER_REQUIRE_SHARED=1; CI=true does the same) it fails, so CI never skips it silently.
 SHARED_ENV, REQUIRE_ENV = "INTERP_STEER_SHARED", "INTERP_STEER_REQUIRE_SHARED"
@@ -106,7 +115,8 @@ def real():
 def _logits_at_c(bridge, adapters, batch, coeffs=(0.0, 1.0)) -> list[torch.Tensor]:
     """Float logits of ``batch`` without the adapters, then with them at each coefficient (no grad)."""
     def run():
-        return bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).float()
+        return bridge(batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids).float()
 
     from interp_steer.adapter import apply_adapters
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from interp_steer.adapter import (
-    AdapterSpec, SVDAdapter, apply_adapters, cayley, linear_weight, make_adapters, merged_weights, skew,
+    AdapterSpec,
+    SVDAdapter,
+    apply_adapters,
+    cayley,
+    linear_weight,
+    make_adapters,
+    merged_weights,
+    skew,
 )
 
 SITES = ["blocks.0.mlp.out", "blocks.1.attn.o", "blocks.1.attn.q", "blocks.2.mlp.in", "blocks.2.attn.k"]

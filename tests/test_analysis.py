@@ -80,7 +80,8 @@ def test_weight_subspaces_are_the_singular_vectors_and_fold_the_mlp_norm(tiny):
     bridge, _ = tiny
     W = linear_weight(bridge, "blocks.0.mlp.out").double()
     U = torch.linalg.svd(W, full_matrices=False).U[:, :8]
-    assert np.allclose(D.principal_angles_deg(D.weight_subspace(bridge, "blocks.0.mlp.out", 8, "left"), U), 0, atol=1e-3)
+    assert np.allclose(D.principal_angles_deg(D.weight_subspace(bridge, "blocks.0.mlp.out", 8, "left"), U), 0,
+                       atol=1e-3)
     gamma = D.norm_weight(bridge, 1)
     with torch.no_grad():
         gamma.copy_(torch.linspace(0.2, 3.0, gamma.numel()))  # a non-trivial γ, so folding matters

@@ -10,7 +10,7 @@ import torch
 from interp_steer import caa
 from interp_steer.concepts import CAA_NAMES, get_concept
 from interp_steer.config import ConfigError, StudyRun, TrainRun
-from interp_steer.data import check_pairs, tokenize, token_difference
+from interp_steer.data import check_pairs, token_difference, tokenize
 from interp_steer.directions import SteeringVector
 from interp_steer.evaluate import ab_scores
 
@@ -139,7 +139,8 @@ def test_caa_concepts_need_a_data_dir_and_read_it(tiny, tmp_path):
 
 @pytest.mark.shared(CAA)
 def test_the_seven_public_behaviours_load_with_their_counts(shared_dir):
-    counts = {"coordinate-other-ais": 360, "corrigible-neutral-HHH": 290, "hallucination": 1000, "myopic-reward": 950,
+    counts = {"coordinate-other-ais": 360, "corrigible-neutral-HHH": 290, "hallucination": 1000,
+              "myopic-reward": 950,
               "survival-instinct": 903, "sycophancy": 1000, "refusal": 408}  # ../shared/data/caa/README.md
     for name, n in counts.items():
         b = caa.load_behaviour(shared_dir / CAA, name)

@@ -5,11 +5,10 @@ import json
 
 import pytest
 
-from interp_steer.ownership import MANIFEST
-
 from interp_steer import cli, commands
 from interp_steer.config import DemoRun, EvalRun, LossConfig, SweepConfig, TrainConfig, TrainRun
 from interp_steer.io import SteeringArtifact
+from interp_steer.ownership import MANIFEST
 
 
 def parse(command, *argv):
@@ -198,7 +197,8 @@ def test_train_then_eval_end_to_end_through_the_commands(tiny, tmp_path, monkeyp
     report = json.loads((out / "report.json").read_text())
     assert set(report["iso_table"]) == {"adapter", "mean_diff"}
     blocks = sorted({int(a.site.split(".")[1]) for a in SteeringArtifact.load(art).adapters})
-    assert report["blocks"] == {"adapter": blocks, "mean_diff": blocks}  # the baseline acts at the adapter's blocks
+    # the baseline acts at the adapter's blocks
+    assert report["blocks"] == {"adapter": blocks, "mean_diff": blocks}
     assert report["concept"] == "sentiment"  # recorded by train (--personas given: the concept's name still is)
     assert report["effects"] == [{"name": "logodds", "unit": "nat/token"}]
     assert cli.main(["eval", str(art), "--methods", "adapter", "--n-items", "2", "--n-neutral", "2"]) == 2
@@ -210,15 +210,16 @@ def test_demo_end_to_end_two_concepts_two_seeds(tiny, tmp_path, monkeypatch):
     """One model load; per concept one artifact per seed, a report whose adapter rows are per seed plus their
     mean row; an index REPORT.md over both concepts; nothing else written."""
     loads = []
-    monkeypatch.setattr(commands, "load_model", lambda name=None, device="auto", dtype=None: loads.append(1) or tiny)
+    monkeypatch.setattr(commands, "load_model", lambda name=None, device="auto",
+                        dtype=None: loads.append(1) or tiny)
     texts = []  # the KL constraint's text: made once for both concepts and both seeds
     real_kl_text = commands.kl_text
     monkeypatch.setattr(commands, "kl_text", lambda *a, **k: texts.append(1) or real_kl_text(*a, **k))
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--concepts", "honesty,sentiment", "--seeds", "0,1",
                      "--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2",
-                     "--n-pairs", "8", "--kl-texts", "2", "--kl-batch", "2", "--methods", "adapter,mean_diff", "--n-items", "2",
-                     "--n-neutral", "2", "--n-secondary", "0", "--bisect", "0", "--grid", "0.5",
+                     "--n-pairs", "8", "--kl-texts", "2", "--kl-batch", "2", "--methods", "adapter,mean_diff",
+                     "--n-items", "2", "--n-neutral", "2", "--n-secondary", "0", "--bisect", "0", "--grid", "0.5",
                      "--budget-metric", "dnll"]) == 0
     assert loads == [1] and texts == [1]
     assert {p.name for p in out.iterdir()} == {"honesty", "sentiment", "REPORT.md", "run_config.json", MANIFEST}

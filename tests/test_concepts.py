@@ -5,7 +5,12 @@ import torch
 
 from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
 from interp_steer.concepts import (
-    CONCEPTS, Concept, get_concept, greedy_continuations, register, reply_options_effect,
+    CONCEPTS,
+    Concept,
+    get_concept,
+    greedy_continuations,
+    register,
+    reply_options_effect,
 )
 from interp_steer.data import render_chat
 from interp_steer.evaluate import answer_scores
@@ -26,7 +31,8 @@ def test_builtin_concepts_build_their_pairs_and_effects(tiny):
 
 def test_reply_log_odds_match_a_hand_computation(tiny):
     bridge, tok = tiny
-    effect = reply_options_effect("e", ["How was it?", "How did it go?"], [("Great.", "Awful."), ("Fine.", "Bad.")])
+    effect = reply_options_effect("e", ["How was it?", "How did it go?"],
+                                  [("Great.", "Awful."), ("Fine.", "Bad.")])
     scores = effect.measure(bridge, tok, None, None)
     assert scores.shape == (4,)
     s = answer_scores(bridge, tok, None, ["How was it?"] * 2, ["Great.", "Awful."])

@@ -67,7 +67,8 @@ def test_configs_name_the_allowed_devices_and_dtypes():
     for cls in (TrainRun, DemoRun):
         with pytest.raises(ConfigError, match=re.escape("device must be one of auto, cpu, cuda, mps, got 'tpu'")):
             cls(device="tpu")
-        with pytest.raises(ConfigError, match=re.escape("dtype must be one of float32, bfloat16, float16, got 'fp8'")):
+        with pytest.raises(ConfigError, match=re.escape("dtype must be one of float32, bfloat16, float16, got "
+                                                        "'fp8'")):
             cls(dtype="fp8")
     with pytest.raises(ConfigError, match="dtype must be"):
         EvalRun(artifact="a", dtype="float64")

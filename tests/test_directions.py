@@ -4,11 +4,15 @@ import pytest
 import torch
 
 from interp_steer.capture import capture
-from interp_steer.names import resid_names
 from interp_steer.data import pair_batches, persona_pairs
 from interp_steer.directions import (
-    SteeringVector, direction, gradient_directions, paired_diff, steering_vector,
+    SteeringVector,
+    direction,
+    gradient_directions,
+    paired_diff,
+    steering_vector,
 )
+from interp_steer.names import resid_names
 
 
 @pytest.fixture
@@ -71,7 +75,8 @@ def test_steering_vector_zero_is_identity_and_scaled_is_a_new_value(tiny):
     assert (got - plain - 0.5 * vec.scales[n] * vec.directions[n]).abs().max() <= 1e-5
     assert vec.coeff == 1.0 and vec.scaled(2.0).coeff == 2.0
     with pytest.raises(ValueError, match="unknown hook names"):
-        with SteeringVector({"blocks.9.hook_resid_post": torch.zeros(64)}, {"blocks.9.hook_resid_post": 1.0}).apply(bridge):
+        with SteeringVector({"blocks.9.hook_resid_post": torch.zeros(64)},
+                            {"blocks.9.hook_resid_post": 1.0}).apply(bridge):
             pass
 
 

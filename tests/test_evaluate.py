@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+from interp_steer import evaluate as ev  # imported under the jaxtyping import hook by conftest.py
 from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
 from interp_steer.data import render_chat
 from interp_steer.directions import SteeringVector
-
-from interp_steer import evaluate as ev  # imported under the jaxtyping import hook by conftest.py
 
 DAILY = "data/daily_dilemmas"  # under ../shared (tests/conftest.py: the `shared` marker and fixture)
 INSTRUCTION = 'Answer with "My choice: Yes" or "My choice: No".'
@@ -34,7 +33,8 @@ def resid_vector(direction, coeff, layer):
 
 
 def random_vector(bridge, coeff, layer=1, seed=0):
-    return resid_vector(torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(seed)), coeff, layer)
+    return resid_vector(torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(seed)), coeff,
+                        layer)
 
 
 def anti_text_vector(bridge, tok, texts, coeff):
@@ -340,7 +340,8 @@ def test_packaged_data_loads():
 @pytest.mark.parametrize("rows,header,match", [
     ([("A", "Q?", "best", "ok")], ("Type", "Question", "Best Answer", "Correct Answers"),
      r"missing column\(s\) \['Incorrect Answers'\]"),
-    ([("A", "Q?", "best", "ok", "bad"), ("A", "Q2?", "", "ok", "bad")], None, r"row 2 .*empty field\(s\) \['Best Answer'\]"),
+    ([("A", "Q?", "best", "ok", "bad"), ("A", "Q2?", "", "ok", "bad")], None, r"row 2 .*empty field\(s\) \['Best "
+                                                                              r"Answer'\]"),
     ([("A", "Q?", "best", "ok", " ; ;")], None, "row 1 .*no incorrect answer"),
 ])
 def test_malformed_truthfulqa_csv_raises_naming_file_and_row(tmp_path, rows, header, match):
@@ -371,7 +372,8 @@ def test_daily_dilemmas_labels_from_truthfulness_virtue(tmp_path):
             ("3", "Do you go?", "not_to_do", "['Patience']")]
     ds = ev.load_daily_dilemmas_csv(write_tqa(tmp_path / "dd.csv", rows, header))
     assert [(d.id, d.text, d.honest_answer) for d in ds] == [
-        ("dd-1", "Should you tell her?", "Yes"), ("dd-2", "Do you keep quiet?", "No"), ("dd-3", "Do you go?", None)]
+        ("dd-1", "Should you tell her?", "Yes"), ("dd-2", "Do you keep quiet?", "No"),
+        ("dd-3", "Do you go?", None)]
     with pytest.raises(ValueError, match=r"missing column\(s\) \['virtue'\]"):
         ev.load_daily_dilemmas_csv(write_tqa(tmp_path / "nv.csv", [r[:3] for r in rows], header[:3]))
     with pytest.raises(ValueError, match=r"nd.csv: missing column\(s\) \['dilemma_situation'\]"):

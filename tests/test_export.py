@@ -6,8 +6,6 @@ import json
 import numpy as np
 import peft  # the test extra has it (pyproject): a missing peft fails here, it is not skipped
 import pytest
-
-from interp_steer.ownership import MANIFEST, why_not_owned
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -16,12 +14,23 @@ from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
 from interp_steer.config import ConfigError, ExportRun, LossConfig, TrainConfig
 from interp_steer.directions import SteeringVector
 from interp_steer.export import (
-    CONTROL_VECTOR_FILE, LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, MANIFEST_FILE, control_vector_layers, hf_module_name,
-    hf_state_dict, read_control_vector, read_manifest, save_control_vector, save_lora, save_merged,
+    CONTROL_VECTOR_FILE,
+    LORA_CONFIG_FILE,
+    LORA_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    control_vector_layers,
+    hf_module_name,
+    hf_state_dict,
+    read_control_vector,
+    read_manifest,
+    save_control_vector,
+    save_lora,
+    save_merged,
 )
 from interp_steer.io import SteeringArtifact, model_name, write_dir_atomic
 from interp_steer.models import tiny_model
 from interp_steer.names import resid_post
+from interp_steer.ownership import MANIFEST, why_not_owned
 
 SITES = ["blocks.0.mlp.out", "blocks.1.attn.q", "blocks.1.attn.o", "blocks.2.mlp.in"]
 TOL = 1e-4  # float32
@@ -101,7 +110,8 @@ def test_lora_export_is_exact_in_peft(tiny, adapters, tmp_path, c):
 def test_an_adapter_bias_term_exports_as_peft_lora_bias_and_is_refused_as_merged(tiny, tmp_path):
     bridge, tok = tiny
     specs = [AdapterSpec("blocks.0.mlp.out", rank=4, bias="free"), AdapterSpec("blocks.1.attn.q", rank=4),
-             AdapterSpec("blocks.2.mlp.out", rank=4, bias="span"), AdapterSpec("blocks.1.mlp.out", rank=1, bias="only")]
+             AdapterSpec("blocks.2.mlp.out", rank=4, bias="span"),
+             AdapterSpec("blocks.1.mlp.out", rank=1, bias="only")]
     ads = make_adapters(bridge, specs, init_scale=0.3)
     with torch.no_grad():
         for k, seed in ((0, 6), (2, 7), (3, 8)):
@@ -203,7 +213,8 @@ def test_control_vectors_llama_cpp_cannot_hold_are_refused(tiny, tmp_path):
     bridge, _ = tiny
     with pytest.raises(ValueError, match="direction.0 is refused"):
         save_control_vector(vector(bridge, [0, 1]), 1.0, tmp_path / "cv", n_layers=3, model_hint="llama")
-    bad = SteeringVector({"blocks.1.hook_resid_mid": torch.ones(bridge.cfg.d_model)}, {"blocks.1.hook_resid_mid": 1.0})
+    bad = SteeringVector({"blocks.1.hook_resid_mid": torch.ones(bridge.cfg.d_model)},
+                         {"blocks.1.hook_resid_mid": 1.0})
     with pytest.raises(ValueError, match="not a blocks.N.hook_resid_post"):
         save_control_vector(bad, 1.0, tmp_path / "cv", n_layers=3, model_hint="llama")
     with pytest.raises(ValueError, match="finite"):
@@ -256,7 +267,8 @@ def test_every_file_a_directory_writer_writes_is_in_its_manifest_and_only_those_
 @pytest.fixture
 def artifact(tiny, adapters, tmp_path):
     bridge, _ = tiny
-    d = torch.nn.functional.normalize(torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(0)), dim=0)
+    d = torch.nn.functional.normalize(torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(0)),
+                                      dim=0)
     cfg = TrainConfig(layers=(1, 2), loss_layer=2, rank=4, n_pairs=8, batch_pairs=2,
                       loss=LossConfig(kl_budget=None))
     art = SteeringArtifact.build(bridge, adapters, d, "blocks.2.hook_resid_post", cfg,
@@ -351,6 +363,7 @@ def test_every_format_is_one_registered_writer_behind_one_signature(tiny, adapte
         export(art, bridge, tok, "control-vector", 1.0, tmp_path / "x")
     with pytest.raises(ValueError, match="training pairs: pass pairs="):
         export(art, bridge, tok, "control-vector", 1.0, tmp_path / "x", method="mean_diff")
-    cv = export(art, bridge, tok, "control-vector", 0.5, tmp_path / "cv", method="mean_diff", pairs=persona_pairs(tok))
+    cv = export(art, bridge, tok, "control-vector", 0.5, tmp_path / "cv", method="mean_diff",
+                pairs=persona_pairs(tok))
     assert list(read_control_vector(cv)[0]) == [1, 2]
     assert not (tmp_path / "x").exists()

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from interp_steer.adapter import (
-    AdapterSpec, apply_adapters, available_sites, check_sites, linear_weight, make_adapters, merged_weights,
+    AdapterSpec,
+    apply_adapters,
+    available_sites,
+    check_sites,
+    linear_weight,
+    make_adapters,
+    merged_weights,
 )
 from interp_steer.capture import capture
 from interp_steer.config import LossConfig, TrainConfig

@@ -6,12 +6,21 @@ import pytest
 import torch
 
 from interp_steer.capture import capture, check_hook_names, forward_last, stop_layer
-from interp_steer.names import resid_names
 from interp_steer.data import (
-    ContrastivePair, check_pairs, interleave, last_index, minimal_pairs, pair_batches, persona_pairs,
-    render_chat, split_pairs, token_difference, tokenize,
+    ContrastivePair,
+    check_pairs,
+    interleave,
+    last_index,
+    minimal_pairs,
+    pair_batches,
+    persona_pairs,
+    render_chat,
+    split_pairs,
+    token_difference,
+    tokenize,
 )
 from interp_steer.models import cache_dir, load_model
+from interp_steer.names import resid_names
 
 
 def hf_last_states(bridge, batch):
@@ -125,7 +134,8 @@ def test_token_difference_counts_the_changed_tokens_and_is_linear_on_long_pairs(
         assert token_difference(tok, text(a), text(a)) == 0
     long = "I love" + " the" * 20000
     assert token_difference(tok, long, long.replace("love", "hate", 1)) == 1  # one change, ends stripped
-    assert token_difference(tok, "x" + long, "y" + long + " z") > 256  # changes 20k tokens apart: not a minimal pair
+    # changes 20k tokens apart: not a minimal pair
+    assert token_difference(tok, "x" + long, "y" + long + " z") > 256
 
 
 def test_minimal_pairs(tiny):
@@ -243,6 +253,7 @@ def test_kl_texts_cannot_ask_for_more_greedy_replies_than_there_are_prompts():
     from interp_steer.data import load_json
 
     assert KL_PROMPTS == len(load_json("coherence_prompts.json")["prompts"])
-    with pytest.raises(ConfigError, match=f"kl_texts 100000 but greedy KL text has one reply to each of {KL_PROMPTS}"):
+    with pytest.raises(ConfigError, match="kl_texts 100000 but greedy KL text has one reply to each of "
+                                          f"{KL_PROMPTS}"):
         TrainConfig(kl_texts=100000)
     assert TrainConfig(kl_texts=100, kl_sample=True).kl_texts == 100  # sampled: each prompt answered again

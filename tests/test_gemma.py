@@ -29,7 +29,8 @@ def test_gemma_loads_by_name_offline_with_a_chat_template(gemma):
     assert bridge.cfg.n_layers == 18 and bridge.cfg.model_name in (GEMMA_MODEL, "gemma-3-270m")
     head = render_chat(tok, "Hi?", system="You are a happy person.")
     assert head == f"{tok.bos_token}<start_of_turn>user\nYou are a happy person.\n\nHi?<end_of_turn>\n<start_of_turn>model\n"
-    assert render_chat(tok, None, system="P").endswith("<start_of_turn>user\nP<end_of_turn>\n<start_of_turn>model\n")
+    assert render_chat(tok, None,
+                       system="P").endswith("<start_of_turn>user\nP<end_of_turn>\n<start_of_turn>model\n")
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = bridge.original_model.generate(ids, max_new_tokens=10, do_sample=False)

@@ -593,7 +593,8 @@ def test_eval_and_export_hold_a_claim_on_their_output(tiny_cli, tmp_path, capsys
     art = tmp_path / "art"
     assert run(["train", "--out", str(art), *TRAIN_ARGS], capsys)[0] == 0
     for argv, target in ((["export", str(art), "--out", str(tmp_path / "cexp"), "--format", "lora", "--overwrite"],
-                          tmp_path / "cexp"), (["eval", str(art), "--out", str(tmp_path / "ev")], tmp_path / "ev")):
+                          tmp_path / "cexp"), (["eval", str(art), "--out", str(tmp_path / "ev")],
+                                               tmp_path / "ev")):
         holder = _holder(target)
         try:
             before = tree(tmp_path)
@@ -612,7 +613,8 @@ def test_a_control_vector_export_takes_the_pairs_file_it_asks_for(tiny_cli, tmp_
     pairs.write_text(json.dumps([{"chosen": p.chosen, "rejected": p.rejected} for p in persona_pairs(tiny_cli[1])]))
     art = tmp_path / "art"
     assert run(["train", "--out", str(art), "--pairs", str(pairs), *TRAIN_ARGS], capsys)[0] == 0
-    argv = ["export", str(art), "--out", str(tmp_path / "cv"), "--format", "control-vector", "--method", "mean_diff"]
+    argv = ["export", str(art), "--out", str(tmp_path / "cv"), "--format", "control-vector", "--method",
+            "mean_diff"]
     code, err = run(argv, capsys)
     assert code == 2 and "--pairs FILE" in err and not (tmp_path / "cv").exists()
     assert run([*argv, "--pairs", str(pairs)], capsys)[0] == 0

@@ -5,17 +5,23 @@ import json
 import re
 
 import pytest
-
-from interp_steer.ownership import MANIFEST
 import torch
 from safetensors.torch import load_file, save_file
 
 from interp_steer.adapter import AdapterSpec, apply_adapters, linear_weight, make_adapters
 from interp_steer.config import LossConfig, TrainConfig
 from interp_steer.io import (
-    CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Checkpoint, SteeringArtifact, load_artifact, load_checkpoint,
-    save_checkpoint, write_dir_atomic,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    Checkpoint,
+    SteeringArtifact,
+    load_artifact,
+    load_checkpoint,
+    save_checkpoint,
+    write_dir_atomic,
 )
+from interp_steer.ownership import MANIFEST
 
 SITES = ["blocks.0.mlp.out", "blocks.1.attn.o", "blocks.2.mlp.in"]
 
@@ -33,7 +39,8 @@ def art(tiny):
     cfg = TrainConfig(layers=(0, 1), loss_layer=2, rank=4, loss=LossConfig(objective="shift", margin=0.25))
     d = torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(0))
     return SteeringArtifact.build(bridge, adapters, d / d.norm(), "blocks.2.hook_resid_post", cfg,
-                                  {"held_out": {"1": {"shift": 0.5}}, "scale": 2.0}, {"pairs": None, "personas": ["a", "b"]})
+                                  {"held_out": {"1": {"shift": 0.5}}, "scale": 2.0},
+                                  {"pairs": None, "personas": ["a", "b"]})
 
 
 def ids(n=3):
@@ -138,7 +145,8 @@ def test_garbage_and_truncated_files_are_refused_naming_the_file(art, tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (lambda t: {**t, "blocks.0.mlp.out.lam": torch.full_like(t["blocks.0.mlp.out.lam"], float("nan"))}, "NaN or inf"),
-    (lambda t: {k: v for k, v in t.items() if k != "blocks.1.attn.o.theta_u"}, "'blocks.1.attn.o.theta_u' is missing"),
+    (lambda t: {k: v for k, v in t.items() if k != "blocks.1.attn.o.theta_u"}, "'blocks.1.attn.o.theta_u' is "
+                                                                               "missing"),
     (lambda t: {**t, "blocks.0.mlp.out.theta_v": torch.zeros(3, 3)}, "has shape"),
     (lambda t: {k: v for k, v in t.items() if k != "d_steer"}, "d_steer"),
     (lambda t: {**t, "extra": torch.zeros(1)}, "unexpected tensors"),

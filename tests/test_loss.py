@@ -6,10 +6,23 @@ import pytest
 import torch
 
 from interp_steer.config import LossConfig
-
 from interp_steer.loss import (
-    behaviour_loss, behaviour_objective, coherence_penalty, continuation_logratio, delta_nll, monotonic_hinge, noref_loss, projection_scores, separation_objective,
-    dual_step, kl_lagrangian, shift_objective, steering_loss, token_kl, token_logprobs, token_mask,
+    behaviour_loss,
+    behaviour_objective,
+    coherence_penalty,
+    continuation_logratio,
+    delta_nll,
+    dual_step,
+    kl_lagrangian,
+    monotonic_hinge,
+    noref_loss,
+    projection_scores,
+    separation_objective,
+    shift_objective,
+    steering_loss,
+    token_kl,
+    token_logprobs,
+    token_mask,
 )
 
 
@@ -120,7 +133,8 @@ def test_projection_scores_match_loop(states):
     assert neg.item() == pytest.approx(sum(dot(hs_pi[i] - hs_ref[i], d) for i in range(4, 8)) / 4, rel=1e-5)
     neg, zero, pos = projection_scores(hs_pi, hs_ref, c, d, "separation")
     assert pos.item() == pytest.approx(sum(dot(hs_pi[2 * p] - hs_pi[2 * p + 1], d) for p in (0, 1)) / 2, rel=1e-5)
-    assert zero.item() == pytest.approx(sum(dot(hs_ref[2 * p] - hs_ref[2 * p + 1], d) for p in range(4)) / 4, rel=1e-5)
+    assert zero.item() == pytest.approx(sum(dot(hs_ref[2 * p] - hs_ref[2 * p + 1], d) for p in range(4)) / 4,
+                                        rel=1e-5)
 
 
 def test_steering_loss_combines_parts(states):
@@ -162,7 +176,8 @@ def test_token_kl_matches_a_loop_and_the_lagrangian_holds_the_budget():
     assert kl_lagrangian(torch.tensor(0.2), 0.1, 3.0).item() == pytest.approx(3.0)  # λ (KL/budget − 1)
     assert dual_step(1.0, 0.2, 0.1, 0.5) == pytest.approx(1.5)    # over budget: λ rises
     assert dual_step(0.2, 0.0, 0.1, 0.5) == 0.0                   # under budget: falls, never below 0
-    assert dual_step(0.2, 0.0, 0.1, 0.5, equality=True) == pytest.approx(-0.3)  # KL = budget: below 0 rewards drift
+    # KL = budget: below 0 rewards drift
+    assert dual_step(0.2, 0.0, 0.1, 0.5, equality=True) == pytest.approx(-0.3)
     assert dual_step(-0.3, 0.2, 0.1, 0.5, equality=True) == pytest.approx(0.2)
     assert kl_lagrangian(torch.tensor(0.05), 0.1, -0.3).item() == pytest.approx(0.15)  # lowered by raising KL
 

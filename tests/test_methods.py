@@ -106,13 +106,14 @@ def test_learned_vector_is_trained_like_the_adapter_and_swept_like_the_others(ti
     adapter = train(bridge, tok, pairs, cfg, progress=False)
     concept = get_concept("sentiment")
     with pytest.raises(ValueError, match="sweep it beside a trained adapter"):
-        build_methods(bridge, ["learned_vector"], {"adapter": adapter.artifact}, {}, adapter.train_batches, concept)
+        build_methods(bridge, ["learned_vector"], {"adapter": adapter.artifact}, {}, adapter.train_batches,
+                      concept)
     (lv,) = build_methods(bridge, ["learned_vector"], {"adapter": adapter.artifact}, {}, adapter.train_batches,
                           concept, tok, pairs)
     assert lv.name == "learned_vector"
     # the same training, only the parametrisation differs: the vector alone, by hand
-    alone = train(bridge, tok, pairs, TrainConfig(**{**cfg.to_dict(), "loss": cfg.loss, "bias": "only", "rank": 1}),
-                  progress=False)
+    alone = train(bridge, tok, pairs,
+                  TrainConfig(**{**cfg.to_dict(), "loss": cfg.loss, "bias": "only", "rank": 1}), progress=False)
     ids = tok(["The weather today is"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         base = bridge(ids)

@@ -48,9 +48,27 @@ def test_honesty_f1_reads_the_forced_choice_series():
            "choice_mass": [m] * 7} for k, m in enumerate((0.97, 0.99, 0.98))]
     r = honesty_f1(*at)
     assert r["steering_f1"] == pytest.approx(20.0 * (0.97 / 0.99) ** 2) and r["f1_raw"] == pytest.approx(20.0)
-    assert (r["n_target"], r["n_control"]) == (4, 2) and r["mass"] == pytest.approx({"minus": 0.97, "zero": 0.99, "plus": 0.98})
+    assert (r["n_target"], r["n_control"]) == (4,
+                                               2) and r["mass"] == pytest.approx({"minus": 0.97, "zero": 0.99, "plus": 0.98})
     empty = honesty_f1(*({**a, "f1_target": [math.nan] * 5} for a in at))
     assert math.isnan(empty["steering_f1"]) and empty["n_target"] == 0
+
+
+def test_steering_f1_is_given_at_each_labelled_threshold_and_derivable_from_any_cell():
+    """Masses 0.6 / 0.9 / 0.7 at −c / 0 / +c: F1 exists at the seed code's 0.5 and 0.05, is NaN at the caption's
+    0.95; ``study.f1_at`` gives each threshold's F1 again from the raw value, the masses and their factor alone."""
+    from interp_steer.concepts import F1_HEADLINE, F1_THRESHOLDS, honesty_f1
+    from interp_steer.study import f1_at
+
+    at = [{"f1_target": [TARGET[k][i] for i in range(4)], "f1_control": list(ARBITRARY[k]), "choice_mass": [m] * 6}
+          for k, m in enumerate((0.6, 0.9, 0.7))]
+    r = honesty_f1(*at)
+    by = {k: v["steering_f1"] for k, v in r["by_threshold"].items()}
+    assert F1_THRESHOLDS[F1_HEADLINE] == 0.5 and r["min_mass"] == 0.5
+    assert r["steering_f1"] == pytest.approx(20.0 * (0.6 / 0.9) ** 2) == pytest.approx(by["seed_code_at_publication"])
+    assert math.isnan(by["paper_caption"]) and by["seed_code_current"] == pytest.approx(r["steering_f1"])
+    for label, m in F1_THRESHOLDS.items():
+        assert f1_at(r, m) == pytest.approx(by[label], nan_ok=True)
 
 
 def test_control_cluster_is_deterministic_and_its_sums_are_right():

@@ -18,7 +18,7 @@ from interp_steer import cli, commands
 from interp_steer.config import LossConfig, TrainConfig
 from interp_steer.data import persona_pairs
 from interp_steer.io import load_checkpoint, seal_run_dir, write_dir_atomic
-from interp_steer.ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
+from interp_steer.ownership import claim, remove_owned, why_not_owned, write_manifest
 from interp_steer.signals import Terminated
 from interp_steer.train import train
 

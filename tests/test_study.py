@@ -11,14 +11,15 @@ from interp_steer.plots import figure_sources, stale_sources
 
 SMALL = ["--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2", "--n-pairs",
          "8", "--kl-texts", "2", "--kl-batch", "2", "--methods", "adapter,mean_diff,random,prompting", "--n-items",
-         "2", "--n-neutral", "2", "--n-secondary", "0", "--bisect", "0", "--grid", "0.5", "--budget-metric", "dnll",
-         "--budget", "0.05"]
+         "2", "--n-neutral", "2", "--n-secondary", "0", "--bisect", "0", "--grid", "0.5", "--budget-metric",
+         "dnll", "--budget", "0.05"]
 
 
 @pytest.fixture
 def loads(tiny, monkeypatch):
     calls = []
-    monkeypatch.setattr(study, "load_model", lambda name=None, device="auto", dtype=None: calls.append(name) or tiny)
+    monkeypatch.setattr(study, "load_model", lambda name=None, device="auto",
+                        dtype=None: calls.append(name) or tiny)
     trained = []
     real = study.concept_report
     monkeypatch.setattr(study, "concept_report", lambda *a, **k: trained.append(a[2].name) or real(*a, **k))
@@ -87,13 +88,15 @@ def test_study_runs_every_cell_once_then_resumes_and_pools(loads, tmp_path, caps
     grown = ["study", "--out", str(out), "--models", "smollm2-135m", "--concepts", "honesty,sentiment",
              "--seeds", "0,1,2", *SMALL]
     assert cli.main(grown) == 0  # a seed more: only its cells run
-    assert trained == ["honesty", "sentiment"] and {k: v for k, v in snapshot(out / "cells").items() if k in before} == before
+    assert trained == ["honesty",
+                       "sentiment"] and {k: v for k, v in snapshot(out / "cells").items() if k in before} == before
 
 
 def test_a_killed_cell_leaves_no_cell_and_the_study_resumes_there(loads, tmp_path, monkeypatch):
     calls, trained = loads
     out = tmp_path / "s"
-    argv = ["study", "--out", str(out), "--models", "smollm2-135m", "--concepts", "honesty", "--seeds", "0,1", *SMALL]
+    argv = ["study", "--out", str(out), "--models", "smollm2-135m", "--concepts", "honesty", "--seeds", "0,1",
+            *SMALL]
     real = study.write_outputs
 
     def dies_in_second_cell(report, where):

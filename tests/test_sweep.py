@@ -2,24 +2,34 @@
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
 
 from interp_steer.adapter import AdapterSpec, make_adapters
 from interp_steer.capture import capture
-from interp_steer.names import resid_names
+from interp_steer.concepts import get_concept
 from interp_steer.data import pair_batches, persona_pairs
 from interp_steer.directions import steering_vector
-import math
-
-from interp_steer.concepts import get_concept
 from interp_steer.evaluate import coherence_reference, load_neutral_texts
+from interp_steer.names import resid_names
 from interp_steer.plots import figure_sources
 from interp_steer.report import comparisons, paired_difference, seed_groups, write_outputs
 from interp_steer.sweep import (
-    Method, MethodResult, Point, SweepData, adapter_method, at_prompting_cost, budget_bracket, dose_grid, iso_summary,
-    paired_delta, prompting_method, run_sweep, vector_method,
+    Method,
+    MethodResult,
+    Point,
+    SweepData,
+    adapter_method,
+    at_prompting_cost,
+    budget_bracket,
+    dose_grid,
+    iso_summary,
+    paired_delta,
+    prompting_method,
+    run_sweep,
+    vector_method,
 )
 
 
@@ -27,8 +37,10 @@ from interp_steer.sweep import (
 def setup(tiny):
     bridge, tok = tiny
     # small on purpose: the tiny model's 49k-vocab unembedding dominates its cost
-    data = SweepData(get_concept("honesty").effects(2, 1), coherence_reference(bridge, tok, load_neutral_texts()[:2]),
-                     budget=0.05, budget_metric="dnll", bisect_iters=1, grid=(0.5,), ends=get_concept("honesty").ends)
+    data = SweepData(get_concept("honesty").effects(2, 1),
+                     coherence_reference(bridge, tok, load_neutral_texts()[:2]),
+                     budget=0.05, budget_metric="dnll", bisect_iters=1, grid=(0.5,),
+                     ends=get_concept("honesty").ends)
     return bridge, tok, data
 
 
@@ -119,7 +131,8 @@ def test_peak_within_budget_and_a_curve_that_turns_back():
     """Up: the effect peaks at c = 0.5 and falls by c = 1 (the budget's c): the peak is reported with its CI and
     the turn back is significant. Down: monotone, the peak is the last point within the budget."""
     up = {0.25: [1.0, 1.1, 0.9], 0.5: [2.0, 2.2, 1.9], 1.0: [0.5, 0.7, 0.6], 1.5: [0.0, 0.1, 0.2]}
-    items = {0.0: [0.0, 0.1, -0.1], **up, **{-c: [-2 * c, -2 * c + 0.1, -2 * c - 0.1] for c in (0.25, 0.5, 1.0, 1.5)}}
+    items = {0.0: [0.0, 0.1, -0.1], **up,
+             **{-c: [-2 * c, -2 * c + 0.1, -2 * c - 0.1] for c in (0.25, 0.5, 1.0, 1.5)}}
     pts = synthetic(items)  # cost c²: within the budget 1.0 up to |c| = 1
     iso = iso_summary(pts, 1.0, "kl", "e")
     peak = iso["plus"]["peak"]
@@ -183,7 +196,8 @@ def test_seed_rows_get_a_mean_row_with_a_t_interval_over_seeds_and_item_means():
     means = [2.0, 2.0, 3.0]  # per seed
     sd = math.sqrt(sum((m - 7 / 3) ** 2 for m in means) / 2)
     assert g["effects"]["e"]["delta"] == pytest.approx(7 / 3) and g["effects"]["e"]["seed_deltas"] == means
-    assert g["effects"]["e"]["ci95"][1] == pytest.approx(7 / 3 + 4.302652729911275 * sd / math.sqrt(3))  # t(.975, 2)
+    # t(.975, 2)
+    assert g["effects"]["e"]["ci95"][1] == pytest.approx(7 / 3 + 4.302652729911275 * sd / math.sqrt(3))
     assert g["effects"]["e"]["item_deltas"] == pytest.approx([1.0, 7 / 3, 11 / 3])
     assert g["effects"]["f"]["delta"] == 0.5 and g["kl_mean"] == pytest.approx(0.1) and math.isnan(g["coeff"])
     comp = comparisons({"iso_table": {**{k: row(v) for k, v in seeds.items()}, "mean_diff": row([1.0, 1.0, 1.0]),

@@ -1,5 +1,6 @@
 """The training loop: config validation, checkpoints, resume, NaN handling, and a real short run."""
 
+import importlib
 import math
 import os
 import signal
@@ -7,17 +8,16 @@ import signal
 import pytest
 import torch
 
-import importlib
-
-train_mod = importlib.import_module("interp_steer.train")  # (ist.train is the function)
 from interp_steer.adapter import apply_adapters, linear_weight
 from interp_steer.config import LossConfig, TrainConfig
 from interp_steer.data import ContrastivePair, persona_pairs, select_pairs
 from interp_steer.directions import mean_diff_direction
-from interp_steer.loss import continuation_logratio, token_logprobs
 from interp_steer.io import SteeringArtifact, load_checkpoint
+from interp_steer.loss import continuation_logratio, token_logprobs
 from interp_steer.names import resid_post, site_layer
 from interp_steer.train import adapter_specs, train
+
+train_mod = importlib.import_module("interp_steer.train")  # (ist.train is the function)
 
 # the KL constraint (on by default) has its own test; elsewhere it would only cost time on the tiny model
 TINY = dict(layers=(0, 1), loss_layer=2, rank=4, steps=4, batch_pairs=2, n_pairs=12, checkpoint_every=2,
@@ -67,7 +67,8 @@ def test_train_writes_a_loadable_adapter(tiny, tmp_path):
     assert art.metrics["held_out"] == result.metrics["held_out"]
     with pytest.raises(FileExistsError, match="--overwrite"):  # refused before any work
         train(bridge, tok, pairs, TrainConfig(**TINY), tmp_path / "run", progress=False)
-    train(bridge, tok, pairs, TrainConfig(**{**TINY, "steps": 2}), tmp_path / "run", overwrite=True, progress=False)
+    train(bridge, tok, pairs, TrainConfig(**{**TINY, "steps": 2}), tmp_path / "run", overwrite=True,
+          progress=False)
     assert SteeringArtifact.load(tmp_path / "run").config.steps == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary or .prev directory left
 
@@ -199,7 +200,8 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_a_swap_was_cut(tiny, 
 def test_real_short_training_steers_with_the_sign_of_c(real):
     """Shift objective: every held-out state moves along d_steer with the sign of c."""
     bridge, tok = real
-    cfg = TrainConfig(loss=LossConfig(objective="shift", kl_budget=None), steps=10, n_pairs=96, held_out=0.25, eval_coeffs=(-1.0, 0.0, 1.0))
+    cfg = TrainConfig(loss=LossConfig(objective="shift", kl_budget=None), steps=10, n_pairs=96, held_out=0.25,
+                      eval_coeffs=(-1.0, 0.0, 1.0))
     result = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
     held = result.metrics["held_out"]
     scale = result.metrics["scale"]
@@ -297,9 +299,11 @@ def test_sampled_kl_text_is_one_fixed_draw_that_cycles_the_prompts_and_leaves_th
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    a = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6, sample_seed=train_mod.KL_SAMPLE_SEED)
+    a = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6,
+                               sample_seed=train_mod.KL_SAMPLE_SEED)
     assert torch.equal(torch.rand(3), before)
-    b = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6, sample_seed=train_mod.KL_SAMPLE_SEED)
+    b = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6,
+                               sample_seed=train_mod.KL_SAMPLE_SEED)
     greedy = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6)
     rows = lambda t: [r for bt in t.batches for r in bt.input_ids.tolist()]  # noqa: E731
     assert a.sample_seed == 0 and greedy.sample_seed is None
@@ -406,5 +410,6 @@ def test_an_equality_kl_constraint_lowers_its_multipliers_below_zero_under_the_b
     assert h[0]["lam_plus"] == 0.0
     assert h[1]["lam_plus"] == pytest.approx(0.5 * (h[0]["kl_plus"] / 10.0 - 1))
     assert h[2]["lam_minus"] < h[1]["lam_minus"] < 0
-    h = train(bridge, tok, persona_pairs(tok), cfg.replace(loss=loss.replace(kl_equality=False)), progress=False).history
+    h = train(bridge, tok, persona_pairs(tok), cfg.replace(loss=loss.replace(kl_equality=False)),
+              progress=False).history
     assert all(x["lam_plus"] == 0.0 and x["lam_minus"] == 0.0 for x in h)
