@@ -387,7 +387,7 @@ def coherence(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, ste
 
 @dataclass(frozen=True)
 class IsoPoint:
-    """Where one direction's walk spends the ΔNLL budget; ``crossed=False``: never spent (last point)."""
+    """Where one direction's walk spends the cost budget; ``crossed=False``: never spent (last point)."""
 
     coeff: float
     effect: float
@@ -396,23 +396,25 @@ class IsoPoint:
     peak_effect: float
 
 
-def effect_at_budget(coeffs: ArrayLike, effects: ArrayLike, dnll: ArrayLike, budget: float = 0.1) -> IsoPoint:
-    """c* = where ΔNLL(c) first crosses ``budget`` (linear interpolation), and effect(c*) likewise.
+def effect_at_budget(coeffs: ArrayLike, effects: ArrayLike, cost: ArrayLike, budget: float = 0.1) -> IsoPoint:
+    """c* = where cost(c) first crosses ``budget`` (linear interpolation), and effect(c*) likewise.
 
     ``coeffs`` start at 0 and go one way with |c| strictly increasing. Walk outward; at the first point with
-    ΔNLL > budget, interpolate between it and the previous point; later points are ignored even if ΔNLL falls
-    back. "Reached" is that interpolated point, or the last point if ΔNLL never exceeds the budget
+    cost > budget, interpolate between it and the previous point; later points are ignored even if the cost
+    falls back. "Reached" is that interpolated point, or the last point if the cost never exceeds the budget
     (``crossed=False``: the effect is a lower bound, sweep further). ``peak_*`` is the sampled point or the
     crossing point with the largest sign(c)·effect: it differs from ``effect`` on non-monotone curves.
+    ``cost`` is the coherence cost at each c in the budget's unit: what the sweep's ``budget_metric`` names,
+    KL(reference ‖ steered) by default or ΔNLL (``sweep.Point.cost``).
     """
-    c, e, d = (np.asarray(x, dtype=float) for x in (coeffs, effects, dnll))
+    c, e, d = (np.asarray(x, dtype=float) for x in (coeffs, effects, cost))
     if not (c.ndim == 1 and c.shape == e.shape == d.shape and len(c) >= 2):
-        raise ValueError(f"coeffs, effects, dnll must be 1-D of the same length >= 2, got {c.shape}, {e.shape}, "
+        raise ValueError(f"coeffs, effects, cost must be 1-D of the same length >= 2, got {c.shape}, {e.shape}, "
                          f"{d.shape}")
     if c[0] != 0 or not (np.all(c[1:] > 0) or np.all(c[1:] < 0)) or np.any(np.diff(np.abs(c)) <= 0):
         raise ValueError(f"coeffs must start at 0 and go one way with |c| strictly increasing, got {c.tolist()}")
     if not np.all(np.isfinite(d)) or d[0] > budget:
-        raise ValueError(f"dnll must be finite and within budget at c = 0, got {d.tolist()}")
+        raise ValueError(f"cost must be finite and within budget at c = 0, got {d.tolist()}")
     over = np.nonzero(d > budget)[0]
     if len(over):
         i = over[0]
@@ -427,7 +429,7 @@ def effect_at_budget(coeffs: ArrayLike, effects: ArrayLike, dnll: ArrayLike, bud
 
 @dataclass(frozen=True)
 class IsoCoherence(_Record):
-    """Both directions of one sweep at one ΔNLL budget; symmetry of their effects relative to c = 0."""
+    """Both directions of one sweep at one cost budget; symmetry of their effects relative to c = 0."""
 
     budget: float
     effect_zero: float
@@ -436,11 +438,11 @@ class IsoCoherence(_Record):
     symmetry: float
 
 
-def iso_coherence(coeffs: ArrayLike, effects: ArrayLike, dnll: ArrayLike, budget: float = 0.1) -> IsoCoherence:
+def iso_coherence(coeffs: ArrayLike, effects: ArrayLike, cost: ArrayLike, budget: float = 0.1) -> IsoCoherence:
     """``effect_at_budget`` on c ≥ 0 and on c ≤ 0 of one sweep (in any order; c = 0 exactly once)."""
-    c, e, d = (np.asarray(x, dtype=float) for x in (coeffs, effects, dnll))
+    c, e, d = (np.asarray(x, dtype=float) for x in (coeffs, effects, cost))
     if not c.shape == e.shape == d.shape or c.ndim != 1:
-        raise ValueError(f"coeffs, effects, dnll must be 1-D of one length, got {c.shape}, {e.shape}, {d.shape}")
+        raise ValueError(f"coeffs, effects, cost must be 1-D of one length, got {c.shape}, {e.shape}, {d.shape}")
     zero = np.nonzero(c == 0)[0]
     if len(zero) != 1 or not (c > 0).any() or not (c < 0).any():
         raise ValueError(f"the sweep needs c = 0 exactly once and coefficients of both signs, got {c.tolist()}")
