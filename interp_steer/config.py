@@ -201,9 +201,10 @@ def _existing_dir(name: str, path: str | None) -> None:
         raise ConfigError(f"{name} {path!r} is not a directory")
 
 
-def _data_dir(concepts: Sequence[str], data_dir: str | None) -> None:
+def _data_dir(concepts: Sequence[str], data_dir: str | None, must_exist: bool = True) -> None:
     """A ``caa-*`` concept needs ``data_dir`` (a CAA-format directory); checked before any model loads."""
-    _existing_dir("data_dir", data_dir)
+    if must_exist:
+        _existing_dir("data_dir", data_dir)
     caa = [c for c in concepts if c.startswith("caa-")]
     _require(not caa or data_dir is not None,
              f"concept(s) {', '.join(caa)} read CAA's A/B files: give --data-dir DIR, a directory holding "
@@ -503,7 +504,9 @@ class _Preset:
             _model_name(m)
         _require(len(self.concepts) > 0 and len(set(self.concepts)) == len(self.concepts),  # type: ignore[attr-defined]
                  f"concepts must be distinct and at least one, got {self.concepts}")  # type: ignore[attr-defined]
-        _data_dir(self.concepts, self.data_dir)  # type: ignore[attr-defined]
+        # the directory is read (and checked) when cells run: a report from finished cells reads no data, so a
+        # committed study reports on a machine without it
+        _data_dir(self.concepts, self.data_dir, must_exist=False)  # type: ignore[attr-defined]
         seeds = self.seeds  # type: ignore[attr-defined]
         _require(len(seeds) > 0 and len(set(seeds)) == len(seeds) and min(seeds) >= 0,
                  f"seeds must be distinct integers >= 0, at least one, got {seeds}")

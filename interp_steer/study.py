@@ -239,7 +239,7 @@ def run_study(cfg: StudyRun) -> dict:
     """Run this process's unfinished cells (resumable, shardable), then write the report over every finished
     cell. Returns the pooled results."""
     check_device(cfg)
-    for c in cfg.concepts:
+    for c in cfg.concepts if not cfg.report_only else ():
         get_concept(c, cfg.data_dir)  # an unknown name (or unreadable CAA data) fails before any work
     out = Path(cfg.out)
     check_models(cfg.models)
@@ -258,8 +258,11 @@ def run_study(cfg: StudyRun) -> dict:
     try:
         _open_study(out, cfg)
         todo = [c for c in mine if cfg.overwrite or not finished(out, c)] if not cfg.report_only else []
-        print(f"study {out}: {len(cells)} cells, shard {i}/{n}: {len(mine)}, {len(mine) - len(todo)} already "
-              f"finished, {len(todo)} to run")
+        if cfg.report_only:
+            print(f"study {out}: {len(cells)} cells; the report from the finished ones (--report-only)")
+        else:
+            print(f"study {out}: {len(cells)} cells, shard {i}/{n}: {len(mine)}, {len(mine) - len(todo)} already "
+                  f"finished, {len(todo)} to run")
         if todo:
             run_cells(todo, cfg, out)
     except BaseException:

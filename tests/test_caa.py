@@ -135,6 +135,8 @@ def test_caa_concepts_need_a_data_dir_and_read_it(tiny, tmp_path):
     (effect,) = concept.effects(10, 5)
     assert effect.name == "logodds" and effect.extra == ("p_match", "ab_mass")
     assert StudyRun(concepts=("caa-sycophancy", "honesty"), data_dir=str(tmp_path)).data_dir == str(tmp_path)
+    # a study's data is read when its cells run: a report from committed cells needs none
+    assert StudyRun(concepts=("caa-sycophancy",), data_dir=str(tmp_path / "absent"), report_only=True).report_only
 
 
 @pytest.mark.shared(CAA)
