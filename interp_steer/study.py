@@ -57,6 +57,9 @@ from .train import kl_text
 
 CELLS = "cells"
 PROMPTING_KL = "at prompting's KL"  # the comparisons read at prompting's own cost
+# series an effect measures in the same pass, shown beside it at the budget (not compared as effects): CAA's
+# matching-letter probability and the A/B mass, the forced choice's Yes/No mass
+SHOWN_SERIES = ("p_match", "ab_mass", "choice_mass")
 CELL_FILE = "cell.json"
 FIGURES = "figures"
 
@@ -354,6 +357,8 @@ def pool(cells: dict[str, dict]) -> dict:
         effects = [e["name"] for e in cs[0]["effects"]]
         primary = effects[0]
         methods = list(cs[0]["iso_table"])
+        first = next(iter(cs[0]["iso_table"].values()))["plus"]["effects"]
+        series = [x for x in SHOWN_SERIES if x in first and x not in effects]  # measured beside an effect
         rows = []
         for m in methods:
             for side in ("plus", "minus"):
@@ -361,7 +366,7 @@ def pool(cells: dict[str, dict]) -> dict:
                 row = {"method": m, "side": side, "coeff": [_num(s["coeff"]) for s in sides],
                        "kl_mean": [_num(s["kl_mean"]) for s in sides],
                        "budget_reached": [bool(s["budget_reached"]) for s in sides], "effects": {}}
-                for e in effects:
+                for e in [*effects, *series]:
                     es = [s["effects"][e] for s in sides]
                     row["effects"][e] = _over_seeds([_num(x.get("delta_paired", x["delta"])) for x in es],
                                                     es[0].get("ci95") if len(es) == 1 else None)
@@ -380,7 +385,7 @@ def pool(cells: dict[str, dict]) -> dict:
                     row["mass"] = [x.get("mass") for x in ends]
                 rows.append(row)
         out.append({"model": model, "concept": concept, "seeds": [c["cell"]["seed"] for c in cs],
-                    "effects": cs[0]["effects"], "rows": rows,
+                    "effects": cs[0]["effects"], "series": series, "rows": rows,
                     "comparisons": compare(cs, effects, primary), "seconds": sum(c["seconds"] for c in cs)})
     return {"groups": out}
 
@@ -461,7 +466,8 @@ def group_markdown(g: dict, budget: float) -> list[str]:
     primary = effects[0]
     sign_of = {"plus": "+", "minus": "−"}
     f1 = any("steering_f1" in r for r in g["rows"])
-    head = (f"| method | dir | Δ {primary} [95% CI] | " + "".join(f"Δ {e} | " for e in effects[1:])
+    shown = [*effects[1:], *g.get("series", [])]
+    head = (f"| method | dir | Δ {primary} [95% CI] | " + "".join(f"Δ {e} | " for e in shown)
             + "KL at c* | peak Δ within budget [95% CI] | "
             + ("Steering F1 @0.5 / @0.95 / @0.05 (raw) | " if f1 else ""))
     lines = [f"### {g['model']} · {g['concept']} (seeds {', '.join(map(str, g['seeds']))})", "", head.rstrip(),
@@ -471,7 +477,7 @@ def group_markdown(g: dict, budget: float) -> list[str]:
         reached = "" if all(r["budget_reached"]) else " (budget not reached)"
         back = " ↩" if any(r["peak"]["turns_back"]) else ""
         cells = [r["method"], sign_of[r["side"]], _ci(r["effects"][primary]) + reached,
-                 *(_ci(r["effects"][e]) for e in effects[1:]), _f(sum(kl) / len(kl) if kl else math.nan, ".3f"),
+                 *(_ci(r["effects"][e]) for e in shown), _f(sum(kl) / len(kl) if kl else math.nan, ".3f"),
                  _ci(r["peak"]["delta"]) + back]
         if f1:
             by = r.get("steering_f1_by_threshold", {})
