@@ -417,12 +417,17 @@ def compare(cs: list[dict], effects: Sequence[str], primary: str) -> list[dict]:
                     per.append(paired_difference([sign * _num(x) for x in a], [sign * _num(x) for x in b]))
                 if not per:
                     continue
-                pooled = _over_seeds([p["diff"] for p in per], per[0]["ci95"] if len(per) == 1 else None)
-                lo, hi = pooled["ci95"]
-                out.append({"side": side, "effect": e, "against": other, "label": label, **pooled,
-                            "significant": bool(lo > 0 or hi < 0)})
+                out.append({"side": side, "effect": e, "against": other, "label": label, **_pooled(per)})
         out += _at_prompting_cost(cs, effects, side, sign)
     return out
+
+
+def _pooled(per: list[dict]) -> dict:
+    """Per-seed paired differences pooled over seeds (one seed: its interval over items), and whether the
+    95 % interval excludes 0."""
+    pooled = _over_seeds([p["diff"] for p in per], per[0]["ci95"] if len(per) == 1 else None)
+    lo, hi = pooled["ci95"]
+    return {**pooled, "significant": bool(lo > 0 or hi < 0)}
 
 
 def _at_prompting_cost(cs: list[dict], effects: Sequence[str], side: str, sign: float) -> list[dict]:
@@ -444,11 +449,9 @@ def _at_prompting_cost(cs: list[dict], effects: Sequence[str], side: str, sign: 
                                              [sign * _num(x) for x in b["item_deltas"]]))
             if not per:
                 continue
-            pooled = _over_seeds([p["diff"] for p in per], per[0]["ci95"] if len(per) == 1 else None)
-            lo, hi = pooled["ci95"]
             kl = [_num(c["iso_table"]["prompting"]["at_prompting_cost"][side]["cost"]) for c in cs]
             out.append({"side": side, "effect": e, "method": m, "against": "prompting", "label": PROMPTING_KL,
-                        "kl": kl, **pooled, "significant": bool(lo > 0 or hi < 0)})
+                        "kl": kl, **_pooled(per)})
     return out
 
 
