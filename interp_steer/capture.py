@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from . import progress as command_progress
-from .data import Batch
+from .data import Batch, Packed
 from .loss import token_logprobs
 from .models import model_device
 from .names import layer_of
@@ -49,31 +49,65 @@ def stop_layer(bridge: TransformerBridge, names: Sequence[str]) -> int | None:
     return None if stop >= bridge.cfg.n_layers else stop
 
 
-def _take_last(store: dict[str, Tensor], key: str, last: Tensor) -> Callable:
+def _take_last(store: dict[str, Tensor], key: str, rows: Tensor, last: Tensor) -> Callable:
     def hook(act: Tensor, hook) -> None:
-        store[key] = act[torch.arange(act.shape[0], device=act.device), last]
+        store[key] = act[rows, last]
     return hook
 
 
-def forward_last(bridge: TransformerBridge, batch: Batch, names: Sequence[str], *, logits: bool = False
-                 ) -> tuple[dict[str, Float[Tensor, "batch d_model"]], Float[Tensor, "batch pos vocab"] | None]:
-    """One forward: last-token rows at ``names`` (with autograd, if enabled), and logits if asked.
+def packing(bridge: TransformerBridge, batch: Batch) -> Packed | None:
+    """How ``forward_last(..., pack=True)`` runs ``batch``: packed (``data.Packed``) where the pairs share a
+    prefix and the model attends to the whole packed row anyway (no sliding window shorter than it), else None."""
+    packed = batch.packed
+    if packed is None:
+        return None
+    window = getattr(getattr(getattr(bridge, "original_model", None), "config", None), "sliding_window", None)
+    if window is not None and packed.input_ids.shape[1] > window:
+        return None
+    return packed
+
+
+def forward_last(bridge: TransformerBridge, batch: Batch, names: Sequence[str], *, logits: bool = False,
+                 logprobs: bool = False, pack: bool = False
+                 ) -> tuple[dict[str, Float[Tensor, "batch d_model"]], Tensor | None]:
+    """One forward: last-token rows at ``names`` (with autograd, if enabled), and the logits (``logits``) or
+    the per-token log-probs ``token_logprobs(logits, input_ids)`` (``logprobs``) if asked, in the batch's layout.
+
+    ``pack``: run each pair's shared prefix once (``packing``): the same states and log-probs to float rounding
+    for about half the tokens on CAA's pairs, which differ in their last token only. A hook that acts per row
+    (a coefficient per row) must then act per pair: ``packing(bridge, batch).pair_values(c)``.
 
     Names are not re-validated here (hot path): call ``check_hook_names`` once first. The batch is moved to the
     model's device if it is not there (a no-op for batches made there).
     """
     batch = batch.to(model_device(bridge))
+    packed = packing(bridge, batch) if pack else None
     store: dict[str, Tensor] = {}
-    hooks = [(n, _take_last(store, n, batch.last)) for n in names]
-    stop = None if logits else stop_layer(bridge, names)
-    out = bridge.run_with_hooks(
-        batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        stop_at_layer=stop, fwd_hooks=hooks,
-    )
+    if packed is None:
+        ids, kw = batch.input_ids, dict(attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        rows, last = torch.arange(len(batch), device=ids.device), batch.last
+    else:
+        ids, kw = packed.input_ids, dict(attention_mask=packed.mask, position_ids=packed.position_ids)
+        every = torch.arange(len(batch), device=ids.device)
+        rows, last = packed.row[every, batch.last], packed.col[every, batch.last]
+    hooks = [(n, _take_last(store, n, rows, last)) for n in names]
+    want = logits or logprobs
+    stop = None if want else stop_layer(bridge, names)
+    out = bridge.run_with_hooks(ids, stop_at_layer=stop, fwd_hooks=hooks, **kw)
     missing = [n for n in names if n not in store]
     if missing:
         raise RuntimeError(f"hooks did not fire: {missing}")
-    return store, (out if logits else None)
+    if not want:
+        return store, None
+    if packed is None:
+        return store, (token_logprobs(out, batch.input_ids) if logprobs else out)
+    if logits:
+        return store, packed.unpack(out)
+    # log-softmax over the packed tokens only, then each row's predicting slot and target token
+    lse = torch.logsumexp(out.float(), dim=-1)
+    r, c = packed.row[:, :-1], packed.col[:, :-1]
+    target = out[r, c, batch.input_ids[:, 1:]].float()
+    return store, target - lse[r, c]
 
 
 def capture(bridge: TransformerBridge, batches: Iterable[Batch], names: Sequence[str], *,
@@ -89,7 +123,7 @@ def capture(bridge: TransformerBridge, batches: Iterable[Batch], names: Sequence
     show = len(batches) > 4 if progress is None else progress
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, disable=not show, leave=False):
-            store, _ = forward_last(bridge, batch, names)
+            store, _ = forward_last(bridge, batch, names, pack=True)
             for n in names:
                 parts[n].append(store[n].float().cpu())
     return {n: torch.cat(parts[n]) for n in names}
@@ -112,9 +146,9 @@ def reference_pass(bridge: TransformerBridge, batches: Sequence[Batch], hook: st
     hs, logp, more = [], [], {n: [] for n in extra}
     with torch.inference_mode():
         for b in tqdm(batches, desc="reference", disable=not progress, leave=False):
-            h, logits = forward_last(bridge, b, [hook, *extra], logits=True)
+            h, lp = forward_last(bridge, b, [hook, *extra], logprobs=True, pack=True)
             hs.append(h[hook].clone())
-            logp.append(token_logprobs(logits, b.input_ids).clone())
+            logp.append(lp.clone())
             for n in extra:
                 more[n].append(h[n].clone())
             command_progress.tick("capture")

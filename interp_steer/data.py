@@ -11,6 +11,7 @@ Batches interleave the pair: rows ``0, 2, 4, …`` are chosen and ``1, 3, 5, …
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import warnings
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Iterator, Literal, Sequence
 
 import einops
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
@@ -173,6 +174,11 @@ class Batch:
             return self
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.last)))
 
+    @functools.cached_property
+    def packed(self) -> "Packed | None":
+        """The batch with each pair's shared prefix in one row (``pack_pairs``); None: that saves little."""
+        return pack_pairs(self)
+
     def doubled(self) -> tuple["Batch", Float[Tensor, " batch"]]:
         """The batch twice, first at c = +1 then at c = −1: both directions in one forward (c on its device)."""
         n = len(self)
@@ -180,6 +186,77 @@ class Batch:
         c = torch.cat([one, -one])
         return Batch(*(einops.repeat(t, "b ... -> (two b) ...", two=2)
                        for t in (self.input_ids, self.attention_mask, self.last))), c
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A batch with the prefix each pair of rows (2i, 2i+1) shares computed once, in one row.
+
+    Packed row i holds the shared prefix, the rest of row 2i, then the rest of row 2i+1, left-padded. ``mask``
+    (pair, 1, pos, pos) lets every token attend to what it attends to in its own row and nothing else (the second
+    rest sees the prefix and itself, not the first rest), and ``position_ids`` give it the position it has there:
+    each token's state is the one the unpacked forward computes (to float rounding: sums in another order).
+    ``row``/``col`` (batch, seq) say where each slot of the batch sits here (a padding slot: some real token).
+    """
+
+    input_ids: Int[Tensor, "pair pos"]
+    mask: Bool[Tensor, "pair 1 pos pos"]
+    position_ids: Int[Tensor, "pair pos"]
+    row: Int[Tensor, "batch seq"]
+    col: Int[Tensor, "batch seq"]
+
+    def unpack(self, x: Shaped[Tensor, "pair pos *rest"]) -> Shaped[Tensor, "batch seq *rest"]:
+        """A per-token output of the packed forward in the batch's own layout."""
+        return x[self.row, self.col]
+
+    def pair_values(self, v: Float[Tensor, " batch"]) -> Float[Tensor, " pair"]:
+        """A per-row value (a coefficient per row) per packed row; both rows of a pair must hold the same one."""
+        if not torch.equal(v[0::2], v[1::2]):
+            raise ValueError("a packed batch takes one value per pair: rows 2i and 2i+1 differ")
+        return v[0::2]
+
+
+def pack_pairs(batch: Batch, max_ratio: float = 0.8) -> Packed | None:
+    """``batch`` packed (``Packed``), or None when packing saves too little: an odd number of rows, or more
+    than ``max_ratio`` of the batch's real tokens left once each pair's shared prefix is counted once."""
+    n, seq = batch.input_ids.shape
+    if n % 2:
+        return None
+    real = [ids[m.bool()].tolist() for ids, m in zip(batch.input_ids.cpu(), batch.attention_mask.cpu())]
+    shared, packed_len = [], []
+    for a, b in zip(real[0::2], real[1::2]):
+        k = 0
+        while k < min(len(a), len(b)) - 1 and a[k] == b[k]:  # each rest keeps >= 1 token
+            k += 1
+        shared.append(k)
+        packed_len.append(len(a) + len(b) - k)
+    if sum(packed_len) > max_ratio * sum(len(r) for r in real):
+        return None
+    width = max(packed_len)
+    ids = torch.full((n // 2, width), int(batch.input_ids[0, 0]), dtype=batch.input_ids.dtype)
+    mask = torch.zeros(n // 2, 1, width, width, dtype=torch.bool)
+    pos = torch.zeros(n // 2, width, dtype=torch.long)
+    row = torch.empty(n, seq, dtype=torch.long)
+    col = torch.empty(n, seq, dtype=torch.long)
+    slots = torch.arange(seq)
+    for i, (k, size) in enumerate(zip(shared, packed_len)):
+        a, b = real[2 * i], real[2 * i + 1]
+        o = width - size  # left padding
+        ids[i, o:] = torch.tensor(a + b[k:])
+        pos[i, o:] = torch.tensor(list(range(len(a))) + list(range(k, len(b))))
+        mask[i, 0, o:o + len(a), o:o + len(a)] = torch.ones(len(a), len(a), dtype=torch.bool).tril()
+        rest = len(b) - k
+        mask[i, 0, o + len(a):, o:o + k] = True
+        mask[i, 0, o + len(a):, o + len(a):] = torch.ones(rest, rest, dtype=torch.bool).tril()
+        mask[i, 0, range(o), range(o)] = True  # a padding slot attends to itself only: finite, never read
+        for r, where in ((2 * i, list(range(o, o + len(a)))),
+                         (2 * i + 1, list(range(o, o + k)) + list(range(o + len(a), width)))):
+            real_slots = batch.attention_mask[r].cpu().bool()
+            row[r] = i
+            col[r] = o  # padding slots of the batch read the first real token
+            col[r, slots[real_slots]] = torch.tensor(where)
+    dev = batch.input_ids.device
+    return Packed(*(t.to(dev) for t in (ids, mask, pos, row, col)))
 
 
 def last_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:

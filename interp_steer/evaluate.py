@@ -496,10 +496,10 @@ def evaluate_pairs(bridge: TransformerBridge, adapters, batches: Sequence[Batch]
             hs_parts, num, den = [], 0.0, 0.0
             with apply_adapters(bridge, adapters, float(c)):
                 for b, lr in zip(batches, ref.logp):
-                    h, logits = forward_last(bridge, b, [hook], logits=True)
+                    h, lp = forward_last(bridge, b, [hook], logprobs=True, pack=True)
                     hs_parts.append(h[hook])
                     m = token_mask(b.attention_mask)
-                    num += (delta_nll(token_logprobs(logits, b.input_ids), lr, m) * m.sum()).item()
+                    num += (delta_nll(lp, lr, m) * m.sum()).item()
                     den += m.sum().item()
             hs, dnll = torch.cat(hs_parts), num / den
         hs = hs.float()  # the model's dtype may be lower; d_steer is float32

@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerBase
 from . import distributed
 from . import progress as command_progress
 from .adapter import AdapterSpec, apply_adapters, check_sites, make_adapters
-from .capture import Reference, forward_last, reference_pass
+from .capture import Reference, forward_last, packing, reference_pass
 from .config import TrainConfig
 from .data import (
     Batch,
@@ -417,10 +417,9 @@ class PairObjective:
              adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
         j = batch_order(step, len(self.batches), self.cfg.seed)
         batch, c = self.batches[j].doubled()
-        with apply_adapters(bridge, adapters, c):
-            hs, logits = forward_last(bridge, batch, [self.hook], logits=True)
-        logp = token_logprobs(logits, batch.input_ids)
-        del logits
+        packed = packing(bridge, batch)  # each pair's shared prefix once (CAA's pairs: half the tokens)
+        with apply_adapters(bridge, adapters, c if packed is None else packed.pair_values(c)):
+            hs, logp = forward_last(bridge, batch, [self.hook], logprobs=True, pack=True)
         # the objective in float32 whatever the model's dtype (a no-op for float32 models)
         return steering_loss(hs[self.hook].float(), torch.cat([self.ref.hs[j]] * 2).float(), c, self.d_steer, logp,
                              torch.cat([self.ref.logp[j]] * 2), token_mask(batch.attention_mask), self.cfg.loss,
