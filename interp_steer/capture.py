@@ -140,15 +140,17 @@ class Reference:
 
 
 def reference_pass(bridge: TransformerBridge, batches: Sequence[Batch], hook: str, progress: bool = False,
-                   extra: Sequence[str] = ()) -> Reference:
-    """What the loss needs from the reference model (c = 0), for every batch, in one pass each."""
+                   extra: Sequence[str] = (), states_only: bool = False) -> Reference:
+    """What the loss needs from the reference model (c = 0), for every batch, in one pass each.
+    ``states_only``: the states alone (``logp`` empty), the forward stopping after the deepest hook."""
     check_hook_names(bridge, [hook, *extra])
     hs, logp, more = [], [], {n: [] for n in extra}
     with torch.inference_mode():
         for b in tqdm(batches, desc="reference", disable=not progress, leave=False):
-            h, lp = forward_last(bridge, b, [hook, *extra], logprobs=True, pack=True)
+            h, lp = forward_last(bridge, b, [hook, *extra], logprobs=not states_only, pack=True)
             hs.append(h[hook].clone())
-            logp.append(lp.clone())
+            if lp is not None:
+                logp.append(lp.clone())
             for n in extra:
                 more[n].append(h[n].clone())
             command_progress.tick("capture")

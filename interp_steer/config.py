@@ -318,6 +318,11 @@ class TrainConfig(Config):
     n_pairs: int | None = field(default=None, metadata={"help": "subsample the pair set (none: all)"})
     seed: int = field(default=0, metadata={"help": "seeds the subsample, split, order and initialisation"})
     checkpoint_every: int = field(default=16, metadata={"help": "steps between checkpoints"})
+    eval_every: int = field(default=0, metadata={
+        "help": "steps between measurements of the held-out pairs' objective (the training curve); 0: none"})
+    patience: int = field(default=0, metadata={
+        "help": "stop once the held-out objective has not risen by 0.01 for this many measurements (steps is "
+                "then the most it runs); 0: run every step"})
     eval_coeffs: tuple[float, ...] = field(default=(-1.0, 0.0, 1.0),
                                            metadata={"help": "coefficients of the held-out evaluation"})
     kl_texts: int = field(default=32, metadata={"help": "generic texts for the KL constraint (loss.kl_budget)"})
@@ -337,7 +342,10 @@ class TrainConfig(Config):
             _require((isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 < v < 1),
                      f"layer {v!r}: use an int block index >= 0 or a float depth fraction in (0, 1)")
         _positive_ints(self, "rank", "steps", "batch_pairs", "checkpoint_every", "kl_texts", "kl_batch")
-        _positive_ints(self, "seed", minimum=0)
+        _positive_ints(self, "seed", "eval_every", "patience", minimum=0)
+        _require(self.patience == 0 or (self.eval_every > 0 and self.held_out > 0),
+                 f"patience {self.patience} stops on the held-out objective: it needs eval_every > 0 and "
+                 f"held_out > 0 (got eval_every {self.eval_every}, held_out {self.held_out})")
         _require(self.seed < 2 ** 63, f"seed must be below 2**63 (torch's generator seed), got {self.seed}")
         _require(self.n_pairs is None or self.n_pairs >= 2, f"n_pairs must be >= 2 or none, got {self.n_pairs}")
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -462,8 +470,8 @@ DEMO_SWEEP = {"methods": ("adapter", "mean_diff", "pca_diff", "random", "prompti
 # within 1.5x the budget (the bracket's two ends and 6 fractions of c*; KL grows about as c^2, so 1.15 c* costs
 # about 1.3x the budget); no VADER (16 replies gave intervals wider than the differences reported); 256 pairs
 # (205 to train on, the rest held out: the reference and baseline captures stay minutes on long A/B prompts).
-POWERED = {"train": {"steps": 48, "kl_texts": 32, "n_pairs": 256},
-           "sweep": {"methods": METHODS, "n_items": 100, "n_secondary": 0, "n_neutral": 45, "bisect": 3,
+POWERED = {"train": {"steps": 96, "eval_every": 8, "patience": 3, "kl_texts": 32, "n_pairs": 256},
+           "sweep": {"methods": METHODS, "n_items": 220, "n_secondary": 0, "n_neutral": 45, "bisect": 3,
                      "grid": (0.2, 0.4, 0.6, 0.8, 0.9, 1.15)}}
 
 
@@ -489,7 +497,9 @@ class _Preset:
             quick = {"train": DEMO_TRAIN, "sweep": DEMO_SWEEP}
             for name, preset in POWERED.items():
                 current = getattr(self, name)
-                changes = {k: v for k, v in preset.items() if getattr(current, k) == quick[name][k]}
+                fields = type(current).__dataclass_fields__  # a field the quick preset leaves: its default
+                changes = {k: v for k, v in preset.items()
+                           if getattr(current, k) == quick[name].get(k, fields[k].default)}
                 object.__setattr__(self, name, current.replace(**changes))
 
     def _check_run(self, models: tuple[str | None, ...]) -> None:

@@ -479,6 +479,50 @@ class KLConstraint:
                       for lam, k in zip(self.duals, ("kl_plus", "kl_minus"))]
 
 
+MIN_RISE = 0.01  # what counts as the held-out objective improving, in its unit (the pairs' separation RMS)
+
+
+@dataclass
+class HeldOutCurve:
+    """The held-out pairs' shift objective at c = ±1 (``shift_objective``: their last-token states at the loss hook
+    against the reference's, along ``d_steer``) every ``cfg.eval_every`` steps; with ``cfg.patience``, the step at
+    which it stopped rising (by ``MIN_RISE``) for that many measurements. The run then stops there; its adapters
+    are the last step's."""
+
+    batches: list[Batch]
+    ref_hs: list[Tensor]
+    hook: str
+    d_steer: Tensor
+    scale: float
+    cfg: TrainConfig
+    points: list[dict] = field(default_factory=list)
+
+    def due(self, done: int) -> bool:
+        return self.cfg.eval_every > 0 and done % self.cfg.eval_every == 0
+
+    @torch.no_grad()
+    def measure(self, done: int, bridge: TransformerBridge, adapters: nn.ModuleList) -> dict:
+        num = rows = 0.0
+        for b, ref in zip(self.batches, self.ref_hs):
+            b, c = b.doubled()
+            packed = packing(bridge, b)
+            with apply_adapters(bridge, adapters, c if packed is None else packed.pair_values(c)):
+                hs, _ = forward_last(bridge, b, [self.hook], pack=True)
+            obj = shift_objective(hs[self.hook].float(), torch.cat([ref] * 2).float(), c, self.d_steer, self.scale)
+            num, rows = num + obj.item() * len(b), rows + len(b)
+        point = {"step": done, "held_out_obj": num / rows}
+        self.points.append(point)
+        return point
+
+    def exhausted(self) -> bool:
+        """No rise of ``MIN_RISE`` over the best before the last ``patience`` measurements."""
+        k = self.cfg.patience
+        if k == 0 or len(self.points) <= k:
+            return False
+        values = [p["held_out_obj"] for p in self.points]
+        return max(values[-k:]) < max(values[:-k]) + MIN_RISE
+
+
 # ------------------------------------------------------------------------------------------- the run
 
 @dataclass
@@ -500,6 +544,7 @@ class _Setup:
     cont: Continuations | None
     generic: GenericText | None
     timings: dict
+    test_ref: list[Tensor] = field(default_factory=list)  # the held-out batches' states at the loss hook (curve)
 
 
 @dataclass
@@ -520,9 +565,10 @@ class _Checkpoints:
         return self.path is not None and ((done % every == 0 and done < self.cfg.steps) or stop)
 
     def save(self, step: int, adapters, d_steer: Tensor, hook: str, opt, scale: float,
-             duals: Sequence[float]) -> None:
+             duals: Sequence[float], curve: Sequence[dict] = ()) -> None:
         if self.world.main:
-            art = SteeringArtifact.build(self.bridge, adapters, d_steer, hook, self.cfg, {"step": step}, self.data)
+            art = SteeringArtifact.build(self.bridge, adapters, d_steer, hook, self.cfg,
+                                         {"step": step, "curve": list(curve)}, self.data)
             save_checkpoint(self.path, Checkpoint(art, opt.state_dict(), step, scale, list(duals)),  # type: ignore[arg-type]
                             self.identity, self.run_config)
         if self.world.parallel:
@@ -563,16 +609,20 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
     world = distributed.current()
     progress = progress and world.main
     run = _prepare(bridge, tokenizer, pairs, cfg, world, progress, generic)
-    adapters, opt, start, d_steer, scale, duals = _start(bridge, cfg, run, ckpt_path if resume else None, world,
+    adapters, opt, start, d_steer, scale, duals, points = _start(bridge, cfg, run, ckpt_path if resume else None, world,
                                                          identity)
     objective: Objective = (BehaviourObjective(run.cont, cfg) if run.cont is not None else
                             PairObjective(run.local, run.ref, run.hook, d_steer, scale, cfg, run.total))
     kl = KLConstraint(run.generic, d_steer, scale, cfg, duals, run.total) if run.generic is not None else None
     ckpt = _Checkpoints(ckpt_path, world, bridge, cfg, data, identity, run_config)
     timings = run.timings
+    curve = HeldOutCurve(run.test_batches, run.test_ref, run.hook, d_steer, scale, cfg, list(points))
+    if not run.test_ref:
+        curve.cfg = cfg.replace(eval_every=0, patience=0)  # nothing held out (or a behaviour objective)
 
     history: list[dict] = []
-    fwd_s = bwd_s = 0.0
+    fwd_s = bwd_s = curve_s = 0.0
+    stopped_at = None
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress or command_progress.active(),
                initial=start, total=cfg.steps)
     # every pass of the loop hooks blocks >= first only: the residual entering it is computed once per batch
@@ -597,25 +647,33 @@ def _train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs:
                     kl.update(parts)
                 fwd_s += t1 - t
                 bwd_s += time.perf_counter() - t1
+                done = step + 1
+                if curve.due(done):  # every process measures all of it: they agree on when to stop
+                    t2 = time.perf_counter()
+                    parts.update(held_out_obj=curve.measure(done, bridge, adapters)["held_out_obj"])
+                    curve_s += time.perf_counter() - t2
                 history.append({"step": step, **parts})
                 if callback is not None:
                     callback(step, adapters)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k != "loss"})
                 command_progress.tick("step")
-                done = step + 1
                 # under torchrun every process gets the Ctrl-C, not necessarily in the same step: they agree first
                 stop = distributed.any_rank(interrupt.requested) if world.parallel else interrupt.requested
                 if ckpt.due(done, stop):
-                    ckpt.save(done, adapters, d_steer, run.hook, opt, scale, kl.duals if kl else duals)
+                    ckpt.save(done, adapters, d_steer, run.hook, opt, scale, kl.duals if kl else duals, curve.points)
                 if stop:
                     tqdm.write(f"interrupted: checkpoint at {ckpt_path} (step {done}); rerun with --resume")
                     interrupt.stop()
+                if curve.exhausted():
+                    stopped_at = done
+                    break
         n_steps = max(1, len(history))
         timings.update(policy_forward_s_per_step=fwd_s / n_steps, backward_s_per_step=bwd_s / n_steps,
-                       train_s=fwd_s + bwd_s, prefix_reused=float(prefix.reused),
+                       train_s=fwd_s + bwd_s, held_out_curve_s=curve_s, prefix_reused=float(prefix.reused),
                        prefix_full=float(prefix.full + prefix.filled))
         result = _finish(bridge, cfg, run, adapters, d_steer, scale, history, out, overwrite, data, run_config,
-                         world, identity, resumed=resume and start > 0)
+                         world, identity, resumed=resume and start > 0, curve=curve.points,
+                         steps_done=stopped_at or cfg.steps)
         if interrupt.requested:  # the signal came after the last step: the artifact is whole, then it stops
             tqdm.write(f"stopped after the last step; the artifact is written at {out}")
             interrupt.stop()
@@ -683,8 +741,13 @@ def _prepare(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pair
         t = time.perf_counter()
         generic = kl_text(bridge, tokenizer, cfg, world)
         timings["generic_text_s"] = time.perf_counter() - t
+    test_ref = []
+    if cfg.eval_every > 0 and test_batches and cfg.loss.objective != "behaviour":
+        t = time.perf_counter()
+        test_ref = reference_pass(bridge, test_batches, hook, states_only=True).hs
+        timings["held_out_reference_s"] = time.perf_counter() - t
     return _Setup(specs, hook, text_hook, batches, test_batches, local, total, ref, whole, d_steer, scale, align,
-                  cont, generic, timings)
+                  cont, generic, timings, test_ref)
 
 
 def _aligned(specs: Sequence[AdapterSpec], whole: Reference) -> dict[str, Tensor]:
@@ -728,10 +791,10 @@ def run_identity(cfg: TrainConfig, model: str, pairs: Sequence[ContrastivePair])
 def _start(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, ckpt_path: Path | None, world: World,
            identity: str):
     """Fresh adapters and optimiser, or those of the checkpoint at ``ckpt_path`` (``--resume``): ``(adapters,
-    optimiser, first step, d_steer, scale, duals)``, the same in every process."""
+    optimiser, first step, d_steer, scale, duals, the held-out curve so far)``, the same in every process."""
     adapters = make_adapters(bridge, run.specs, seed=cfg.seed, init_scale=cfg.init_scale, align=run.align)
     opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, d_steer, scale, duals = 0, run.d_steer, run.scale, [0.0, 0.0]
+    start, d_steer, scale, duals, points = 0, run.d_steer, run.scale, [0.0, 0.0], []
     found = load_checkpoint(ckpt_path, bridge) if ckpt_path is not None else None
     if found is not None:
         if found.artifact.config != cfg:
@@ -743,16 +806,18 @@ def _start(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, ckpt_path: 
                              "TrainConfig); resume with the same pairs and model, or start a new output directory")
         adapters, d_steer, scale, start = found.artifact.adapters, found.artifact.d_steer, found.scale, found.step
         duals = list(found.duals) or duals
+        points = list(found.artifact.metrics.get("curve", []))
         opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         opt.load_state_dict(found.optimizer)
     if world.parallel:
         distributed.check_same_start(adapters, d_steer, [float(start), scale, *duals], ckpt_path)
-    return adapters, opt, start, d_steer, scale, duals
+    return adapters, opt, start, d_steer, scale, duals, points
 
 
 def _finish(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, adapters, d_steer: Tensor, scale: float,
             history: list[dict], out: Path | None, overwrite: bool, data: dict | None, run_config: dict | None,
-            world: World, identity: str, resumed: bool) -> TrainResult:
+            world: World, identity: str, resumed: bool, curve: Sequence[dict] = (),
+            steps_done: int | None = None) -> TrainResult:
     """Held-out metrics, the artifact (written by rank 0, the checkpoint then removed), the result."""
     t = time.perf_counter()
     # small (held-out pairs, forward only): every process runs all of it and returns the same metrics
@@ -760,7 +825,8 @@ def _finish(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, adapters, 
                 if run.test_batches else {})
     run.timings["held_out_eval_s"] = time.perf_counter() - t
     metrics = {"held_out": held_out, "scale": scale, "timings": run.timings,
-               "final": history[-1] if history else {}, "steps_done": cfg.steps}
+               "final": history[-1] if history else {}, "steps_done": steps_done or cfg.steps,
+               "stopped_early": steps_done is not None and steps_done < cfg.steps, "curve": list(curve)}
     artifact = SteeringArtifact.build(bridge, adapters, d_steer, run.hook, cfg, metrics, data)
     if out is not None:
         if world.main:

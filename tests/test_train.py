@@ -413,3 +413,76 @@ def test_an_equality_kl_constraint_lowers_its_multipliers_below_zero_under_the_b
     h = train(bridge, tok, persona_pairs(tok), cfg.replace(loss=loss.replace(kl_equality=False)),
               progress=False).history
     assert all(x["lam_plus"] == 0.0 and x["lam_minus"] == 0.0 for x in h)
+
+
+def test_the_held_out_curve_is_the_shift_objective_on_the_held_out_pairs(tiny):
+    """Measured every eval_every steps with the adapters of that step: the last point equals the objective
+    computed by hand with the final adapters on the held-out split (unpacked, one pair batch)."""
+    from interp_steer.capture import capture
+    from interp_steer.data import pair_batches
+    from interp_steer.loss import shift_objective
+
+    bridge, tok = tiny
+    pairs = persona_pairs(tok)
+    cfg = TrainConfig(**{**TINY, "eval_every": 2})
+    result = train(bridge, tok, pairs, cfg, progress=False)
+    curve = result.artifact.metrics["curve"]
+    assert [p["step"] for p in curve] == [2, 4]
+    assert [h.get("held_out_obj") is not None for h in result.history] == [False, True, False, True]
+    _, test = select_pairs(pairs, cfg.n_pairs, cfg.held_out, cfg.seed)
+    batches = list(pair_batches(test, tok, 64))
+    hook = result.loss_hook
+    ref = capture(bridge, batches, [hook])[hook]
+    with apply_adapters(bridge, result.adapters, 1.0), torch.no_grad():
+        plus = capture(bridge, batches, [hook])[hook]
+    with apply_adapters(bridge, result.adapters, -1.0), torch.no_grad():
+        minus = capture(bridge, batches, [hook])[hook]
+    c = torch.cat([torch.ones(len(ref)), -torch.ones(len(ref))])
+    want = shift_objective(torch.cat([plus, minus]), torch.cat([ref, ref]), c, result.artifact.d_steer.float(),
+                           result.artifact.metrics["scale"]).item()
+    assert curve[-1]["held_out_obj"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert result.artifact.metrics["steps_done"] == 4 and not result.artifact.metrics["stopped_early"]
+
+
+def test_patience_stops_where_the_held_out_objective_stopped_rising_and_a_resumed_run_keeps_its_curve(
+        tiny, tmp_path, monkeypatch):
+    bridge, tok = tiny
+    pairs = persona_pairs(tok)
+    values = iter([0.5, 0.8, 0.805, 0.79, 0.2, 9.0])  # no rise of MIN_RISE after step 2, for 2 measurements
+
+    def scripted(self, done, bridge, adapters):
+        self.points.append({"step": done, "held_out_obj": next(values)})
+        return self.points[-1]
+
+    monkeypatch.setattr(train_mod.HeldOutCurve, "measure", scripted)
+    cfg = TrainConfig(**{**TINY, "steps": 10, "eval_every": 1, "patience": 2, "checkpoint_every": 100})
+    result = train(bridge, tok, pairs, cfg, tmp_path / "run", progress=False)
+    m = SteeringArtifact.load(tmp_path / "run").metrics
+    assert m["steps_done"] == 4 and m["stopped_early"] and len(result.history) == 4
+    assert [p["held_out_obj"] for p in m["curve"]] == [0.5, 0.8, 0.805, 0.79]
+    # the rule itself: a rise of MIN_RISE within the last `patience` points keeps it going
+    curve = train_mod.HeldOutCurve([], [], "", torch.zeros(1), 1.0, cfg,
+                                   [{"held_out_obj": v} for v in (0.5, 0.8, 0.79, 0.811)])
+    assert not curve.exhausted()
+    with pytest.raises(Exception, match="patience 2 stops on the held-out objective"):
+        TrainConfig(**{**TINY, "patience": 2})
+    # interrupted after step 2 (checkpoint at 2, curve points at 1 and 2), resumed: the curve goes on from them
+    monkeypatch.setattr(train_mod.HeldOutCurve, "exhausted", lambda self: False)
+    values = iter([0.1, 0.2, 0.3, 0.4])
+    cfg = TrainConfig(**{**TINY, "eval_every": 1, "patience": 2})
+    real_loss, calls = train_mod.steering_loss, {"n": 0}
+
+    def interrupting(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_loss(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "steering_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(bridge, tok, pairs, cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_mod, "steering_loss", real_loss)
+    values = iter([0.3, 0.4])
+    resumed = train(bridge, tok, pairs, cfg, tmp_path / "b", resume=True, progress=False)
+    assert [(p["step"], p["held_out_obj"]) for p in resumed.artifact.metrics["curve"]] == \
+        [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
