@@ -54,7 +54,7 @@ from .names import resid_post, site_layer
 from .ownership import claim
 from .prefix import reuse_prefix
 from .report import demo_index, iso_table_markdown, write_outputs
-from .sweep import BuildContext, Method, SweepData, build_method, run_sweep
+from .sweep import BuildContext, Method, SweepData, build_method, run_sweep, training_record
 from .train import TrainResult, kl_text, train
 
 ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
@@ -228,6 +228,10 @@ def sweep_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, cfg: S
     t = time.perf_counter()  # built first: a method that trains (learned_vector) runs its own prefix reuse
     methods = build_methods(bridge, cfg.methods, artifacts, hs, batches, concept, tok, pairs, generic)
     build_s = time.perf_counter() - t
+    trained = {m.name: m.trained for m in methods if m.trained is not None}
+    if trained:  # a method trained while it was built (learned_vector): its run beside the adapters'
+        extra = {**extra, "train": {**extra.get("train", {}),
+                                    "runs": {**extra.get("train", {}).get("runs", {}), **trained}}}
     with reuse_prefix(bridge, start) as prefix:
         data = SweepData(effects, coherence_reference(bridge, tok, texts), budget=cfg.budget,
                          budget_metric=cfg.budget_metric, bisect_iters=cfg.bisect, grid=cfg.grid, verbose=True,
@@ -313,8 +317,7 @@ def concept_report(bridge: TransformerBridge, tok: PreTrainedTokenizerBase, conc
         artifacts[label] = result.artifact
         first = first or result
         # the loss parts of every step (a few kB): the training curve a cell report keeps
-        train_info[label] = {"seconds": result.timings.get("train_s"), "held_out": result.metrics["held_out"],
-                             "history": result.history}
+        train_info[label] = training_record(result)
     train_s = time.perf_counter() - t1
     return sweep_report(bridge, tok, sweep_cfg, concept, artifacts, first.reference_states, first.train_batches,
                         {"train": {"seconds": train_s, "loss_hook": first.loss_hook, "seeds": list(seeds),

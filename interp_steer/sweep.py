@@ -46,6 +46,7 @@ class Method:
     c_init: float = 1.0      # first coefficient tried when searching for the budget
     c_max: float = 16.0      # the search gives up beyond this (the budget is then "not reached")
     fixed: tuple[float, ...] = ()  # a method with a fixed grid (prompting) skips the search
+    trained: dict | None = None  # a method trained here (learned_vector): its run's record (``training_record``)
 
 
 def adapter_method(adapters, name: str = "adapter") -> Method:
@@ -107,7 +108,15 @@ def build_learned_vector(spec: MethodSpec, ctx: BuildContext) -> list[Method]:
                          "trained adapter (demo, study, or eval of an artifact)")
     cfg = dataclasses.replace(ctx.artifact.config, bias="only", rank=1, rotate_u=False)
     result = train(ctx.bridge, ctx.tokenizer, ctx.pairs, cfg, progress=False, generic=ctx.generic)  # type: ignore[arg-type]
-    return [adapter_method(result.adapters, spec.name)]
+    return [dataclasses.replace(adapter_method(result.adapters, spec.name), trained=training_record(result))]
+
+
+def training_record(result) -> dict:
+    """What a report keeps of a training run (a few kB): its time, held-out table, steps run, whether it
+    stopped early, the held-out curve and every step's loss parts."""
+    m = result.metrics
+    return {"seconds": result.timings.get("train_s"), "held_out": m["held_out"], "steps_done": m.get("steps_done"),
+            "stopped_early": m.get("stopped_early", False), "curve": m.get("curve", []), "history": result.history}
 
 
 def build_additive(spec: MethodSpec, ctx: BuildContext) -> list[Method]:

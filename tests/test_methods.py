@@ -111,6 +111,9 @@ def test_learned_vector_is_trained_like_the_adapter_and_swept_like_the_others(ti
     (lv,) = build_methods(bridge, ["learned_vector"], {"adapter": adapter.artifact}, {}, adapter.train_batches,
                           concept, tok, pairs)
     assert lv.name == "learned_vector"
+    # its run's record reaches the report beside the adapter's: steps, curve, every step's parts
+    assert lv.trained["steps_done"] == cfg.steps and len(lv.trained["history"]) == cfg.steps
+    assert lv.trained["curve"] == [] and not lv.trained["stopped_early"]
     # the same training, only the parametrisation differs: the vector alone, by hand
     alone = train(bridge, tok, pairs,
                   TrainConfig(**{**cfg.to_dict(), "loss": cfg.loss, "bias": "only", "rank": 1}), progress=False)
