@@ -643,6 +643,31 @@ def write_study_report(out: Path, cfg: StudyRun) -> dict:
     return pooled
 
 
+def training_markdown(cells: dict[str, dict], max_steps: int) -> list[str]:
+    """Per cell and trained run (the adapter, learned_vector): the steps it ran of ``max_steps``, whether the
+    held-out objective stopped it, and that objective (the held-out pairs' shift along d_steer, in the pairs'
+    separation RMS) at its first, best and last measurement."""
+    lines = ["| cell | run | steps | stopped early | held-out objective: first → best (step) → last | train min |",
+             "|---|---|---|---|---|---|"]
+    for cid, c in sorted(cells.items()):
+        for name, run in c.get("train", {}).get("runs", {}).items():
+            curve = run.get("curve") or [{"step": h["step"] + 1, "held_out_obj": h["held_out_obj"]}
+                                         for h in run.get("history", []) if "held_out_obj" in h]
+            steps = run.get("steps_done") or len(run.get("history", [])) or "?"
+            if curve:
+                best = max(curve, key=lambda p: p["held_out_obj"])
+                trace = (f"{curve[0]['held_out_obj']:.3f} → {best['held_out_obj']:.3f} ({best['step']}) → "
+                         f"{curve[-1]['held_out_obj']:.3f}")
+            else:
+                trace = "not measured"
+            early = "yes" if run.get("stopped_early") else "no"
+            secs = run.get("seconds")
+            lines.append(f"| {cid} | {name} | {steps} / {max_steps} | {early} | {trace} | "
+                         f"{secs / 60:.1f} |" if secs else f"| {cid} | {name} | {steps} / {max_steps} | {early} | "
+                         f"{trace} | ? |")
+    return lines if len(lines) > 2 else []
+
+
 def study_markdown(pooled: dict, cells: dict[str, dict], cfg: StudyRun, figures: Sequence[Path], out: Path) -> str:
     first = next(iter(cells.values()), None)
     budget = first["budget"] if first else cfg.sweep.budget
@@ -680,6 +705,11 @@ def study_markdown(pooled: dict, cells: dict[str, dict], cfg: StudyRun, figures:
                   "interval excluding 0.", "", *summary_markdown(pooled), ""]
     for g in pooled["groups"]:
         parts += group_markdown(g, budget)
+    if training := training_markdown(cells, cfg.train.steps):
+        parts += ["## Training", "", f"Each trained run measures its held-out pairs' objective every "
+                  f"{cfg.train.eval_every} steps and stops once {cfg.train.patience} measurements in a row have not "
+                  f"raised it by 0.01 (at most {cfg.train.steps} steps of {cfg.train.batch_pairs} pairs):", "",
+                  *training, ""]
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figures] + [""]
     return "\n".join(parts)
 

@@ -213,13 +213,44 @@ def budget_bracket(bridge, tok, method: Method, sign: float, data: SweepData, pr
     return lo, hi
 
 
-def dose_grid(lo: float, hi: float | None, grid: Sequence[float]) -> list[float]:
-    """|c| values to measure the effect at: the bracket ends and ``grid`` fractions of the crossing c* ≈ hi
-    (of lo where the budget was never reached), deduplicated, positive, sorted."""
-    anchor = hi if hi is not None else lo
-    values = {x for x in (lo, hi) if x}
-    values |= {anchor * f for f in grid if anchor * f > 0}
+MIN_POINTS = 8  # measured points per direction of a searched method (fewer only if the grid itself is shorter)
+FILL = (0.1, 0.3, 0.5, 0.7, 0.95, 1.05)  # fractions of c* added where the grid and the bracket ends coincide
+
+
+def dose_grid(lo: float, hi: float | None, grid: Sequence[float], crossing: float | None = None,
+              min_points: int = 0) -> list[float]:
+    """|c| values to measure the effect at: the bracket ends and ``grid`` fractions of the crossing c*
+    (``crossing``, the budget's coefficient interpolated in the bracket; without it hi, or lo where the budget was
+    never reached), positive, sorted; values within 1e-6 (relative) of one another count once, and with
+    ``min_points`` the ``FILL`` fractions of c* are added in turn until there are that many."""
+    anchor = crossing if crossing is not None else hi if hi is not None else lo
+    values: list[float] = []
+
+    def add(x: float) -> None:
+        if x > 0 and all(abs(x - v) > 1e-6 * max(x, v) for v in values):
+            values.append(x)
+
+    for x in (lo, hi, *(anchor * f for f in grid)):
+        if x is not None:
+            add(x)
+    for f in FILL:
+        if len(values) >= min_points:
+            break
+        add(anchor * f)
     return sorted(values)
+
+
+def crossing(lo: float, hi: float | None, probes: Sequence[Point], sign: float, budget: float,
+             metric: BudgetMetric) -> float | None:
+    """c* in (lo, hi]: where the cost would reach ``budget``, linear between the probes' costs at lo and hi
+    (0 at c = 0); None where the budget was never reached."""
+    if hi is None:
+        return None
+    cost = {p.coeff: p.cost(metric) for p in probes}
+    k_lo, k_hi = (0.0 if lo == 0 else cost[sign * lo]), cost[sign * hi]
+    if not k_hi > k_lo:
+        return hi
+    return lo + (hi - lo) * min(1.0, max(0.0, (budget - k_lo) / (k_hi - k_lo)))
 
 
 @dataclass
@@ -241,7 +272,11 @@ def sweep_method(bridge, tok, method: Method, data: SweepData, zero: Point) -> M
         coeffs = []
         for sign in (1.0, -1.0):
             lo, hi = budget_bracket(bridge, tok, method, sign, data, probes)
-            coeffs += [sign * x for x in dose_grid(lo, hi, data.grid)]
+            at = crossing(lo, hi, probes, sign, data.budget, data.budget_metric)
+            # ≥ 8 points a direction around c*, the highest at 1.15 c* (KL ≈ 1.3× the budget if it grows as c²)
+            # (a grid meant for fewer, the quick preset's, keeps its size)
+            fill = MIN_POINTS if len(data.grid) + 2 >= MIN_POINTS else 0
+            coeffs += [sign * x for x in dose_grid(lo, hi, data.grid, at, fill)]
     points = [zero] + [measure(bridge, tok, method, c, data) for c in sorted(coeffs)]
     points = sorted(points, key=lambda p: p.coeff)
     points = [Point(**{**asdict(p), "method": method.name}) for p in points]

@@ -182,6 +182,23 @@ def test_dose_grid_measures_at_least_seven_points_per_direction_around_the_cross
     assert dose_grid(0.0, 0.01, (0.5,)) == [0.005, 0.01]  # even the smallest probe was over budget
 
 
+def test_the_powered_grid_anchors_at_the_interpolated_crossing_and_keeps_eight_points():
+    from interp_steer.sweep import MIN_POINTS, Point, crossing
+
+    powered = (0.2, 0.4, 0.6, 0.8, 0.9, 1.15)
+    # KL 0.08 at c = 0.8, 0.18 at 1.0: c* = 0.8 + 0.2 · (0.1 − 0.08) / 0.1 = 0.84
+    probes = [Point("m", -0.8, 0.0, 0.08, 0.1), Point("m", -1.0, 0.0, 0.18, 0.2)]
+    at = crossing(0.8, 1.0, probes, -1.0, 0.1, "kl")
+    assert at == pytest.approx(0.84)
+    g = dose_grid(0.8, 1.0, powered, at, MIN_POINTS)
+    assert len(g) == 8 and 0.8 in g and 1.0 in g and min(abs(x - 1.15 * 0.84) for x in g) < 1e-12
+    # the bracket's low end on a grid point (lo = 0.8 c*): counted once, a FILL fraction makes up the eighth
+    g = dose_grid(0.8, 1.1, powered, 1.0, MIN_POINTS)
+    assert len(g) == 8 and g.count(0.8) == 1 and 0.1 in g
+    assert crossing(4.0, None, probes, 1.0, 0.1, "kl") is None
+    assert crossing(0.0, 0.01, [Point("m", 0.01, 0.0, 0.5, 0.6)], 1.0, 0.1, "kl") == pytest.approx(0.002)
+
+
 def test_seed_rows_get_a_mean_row_with_a_t_interval_over_seeds_and_item_means():
     def row(deltas):
         side = {"coeff": 1.0, "budget_reached": True, "kl_mean": 0.1, "dnll": 0.01,
