@@ -72,6 +72,8 @@ def test_study_runs_every_cell_once_then_resumes_and_pools(loads, tmp_path, caps
     up = next(r for r in sentiment["rows"] if r["method"] == "adapter" and r["side"] == "plus")
     assert len(summary) == 2 and f"| {up['effects']['logodds']['mean']:+.2f}" in summary[1]
     assert "](figures/dose_kl--smollm2-135m--honesty.png)" in md and "interp-steer study --config" in md
+    # every trained run's steps and held-out curve (1 step, measured every 8: none measured)
+    assert f"| {ids[0]} | adapter | 1 / 1 | no | not measured |" in md.split("## Training", 1)[1]
     assert (out / "figures" / "at_budget--smollm2-135m--sentiment.svg").is_file()
     # each figure records results.json and its group's cells, as they are: none is stale
     cells_of = sorted(out / "cells" / i / "cell.json" for i in ids if "sentiment" in i)
