@@ -123,6 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and a diverged loss (train names the last checkpoint and the settings to change)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from safetensors import SafetensorError  # a weights file that could not be written (a full disk)
+
+        if not isinstance(e, SafetensorError):
+            raise
+        print(f"error: a weights file could not be written ({' '.join(str(e).split())}); is the disk full or "
+              "the file size limited (ulimit -f)? Nothing was replaced: the output is written aside and swapped "
+              "in whole", file=sys.stderr)
+        return 2
     except Terminated:
         print("terminated (SIGTERM)", file=sys.stderr)
         return 143

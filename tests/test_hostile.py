@@ -639,3 +639,26 @@ def test_an_artifact_trained_in_bfloat16_is_exported_from_float32_weights(tmp_pa
     other = tiny_model(seed=1)
     with pytest.raises(ValueError, match="differ from those it was trained on"):
         load_artifact(art, other[0])
+
+
+def test_a_full_disk_while_writing_weights_is_one_line_and_replaces_nothing(tiny_cli, tmp_path, capsys,
+                                                                            monkeypatch):
+    """The weights' writer failing as a full disk makes it (safetensors raises its own error, not OSError):
+    one line naming the likely cause, rc 2, the earlier artifact byte for byte as it was, no temporary left."""
+    from safetensors import SafetensorError
+
+    import interp_steer.io as io_mod
+
+    out = tmp_path / "A"
+    assert run(["train", "--out", str(out), *TRAIN_ARGS], capsys)[0] == 0
+    before = tree(tmp_path)
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(io_mod, "save_file", full)
+    code, err = run(["train", "--out", str(out), "--overwrite", *TRAIN_ARGS], capsys)
+    errors = [ln for ln in err.splitlines() if "error:" in ln]  # (beside the progress bars)
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "disk full" in errors[0] and "StorageFull" in errors[0]
+    assert tree(tmp_path) == before
