@@ -260,6 +260,7 @@ def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = Fa
     kind = KIND_OF[what]
     with claim(path):
         check_dir_target(path, overwrite, what)
+        check_removable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         follow_umask(tmp, directory=True)
@@ -287,6 +288,18 @@ def write_dir_atomic(path: str | Path, writers: DirWriters, overwrite: bool = Fa
         if prev.exists():
             remove_owned(prev, None if moved else path.name, (kind,))
     return path
+
+
+def check_removable(path: Path) -> None:
+    """Refuse, before anything is written, an existing directory whose files could not be removed once the new
+    one is in place (a read-only directory in it): the swap would leave ``path.prev`` behind."""
+    if not path.is_dir() or path.is_symlink():
+        return
+    for d in [path, *(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise PermissionError(f"{d} is read-only: the files of {path} could not be removed after writing its "
+                                  f"replacement; make it writable (chmod -R u+w {path}) or choose another --out. "
+                                  "Nothing was written")
 
 
 def resolve_dir(path: str | Path, required: Iterable[str]) -> Path | None:

@@ -662,3 +662,25 @@ def test_a_full_disk_while_writing_weights_is_one_line_and_replaces_nothing(tiny
     assert code == 2 and len(errors) == 1 and "Traceback" not in err
     assert "disk full" in errors[0] and "StorageFull" in errors[0]
     assert tree(tmp_path) == before
+
+
+def test_a_read_only_target_with_overwrite_is_refused_before_anything_is_written(tiny_cli, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A target whose files could not be removed after the swap (read-only: as root, simulated through
+    ``os.access``) is refused first: one line, no ``.prev``, no temporary, the artifact as it was."""
+    import interp_steer.io as io_mod
+
+    out = tmp_path / "A"
+    assert run(["train", "--out", str(out), *TRAIN_ARGS], capsys)[0] == 0
+    real_access = os.access
+    if os.geteuid() == 0:
+        monkeypatch.setattr(io_mod.os, "access", lambda p, m, **k: Path(p) != out and real_access(p, m, **k))
+    out.chmod(0o555)
+    try:
+        before = tree(tmp_path)
+        code, err = run(["train", "--out", str(out), "--overwrite", *TRAIN_ARGS], capsys)
+        errors = [ln for ln in err.splitlines() if "error:" in ln]
+        assert code == 2 and len(errors) == 1 and "is read-only" in errors[0] and "chmod -R u+w" in errors[0]
+        assert tree(tmp_path) == before
+    finally:
+        out.chmod(0o755)
