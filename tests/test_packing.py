@@ -14,8 +14,8 @@ from interp_steer.prefix import reuse_prefix
 QUESTION = "<|im_start|>user\nWould you rather have {} now or {} later?\n(A) now\n(B) later<|im_end|>\n" \
            "<|im_start|>assistant\n("
 # CAA's shape: the pair differs in its last token (the letter), prompts of different lengths in one batch
-PAIRS = [ContrastivePair(QUESTION.format(a, b) + "A", QUESTION.format(a, b) + "B")
-         for a, b in [("one cake", "two cakes"), ("a small bag of gold coins", "a big one"), ("tea", "a whole pot")]]
+CHOICES = [("one cake", "two cakes"), ("a small bag of gold coins", "a big one"), ("tea", "a whole pot")]
+PAIRS = [ContrastivePair(QUESTION.format(a, b) + "A", QUESTION.format(a, b) + "B") for a, b in CHOICES]
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
 
 
@@ -44,6 +44,7 @@ def test_pack_layout_puts_every_token_back(tiny):
     # a rejected row's last token never sees the chosen row's letter
     rows = torch.arange(len(batch))
     r, c = packed.row[rows, batch.last], packed.col[rows, batch.last]
+    assert torch.equal(r, rows // 2)  # both prompts of pair i live in packed row i
     for i in range(len(PAIRS)):
         assert not packed.mask[i, 0, c[2 * i + 1], c[2 * i]]
         assert packed.mask[i, 0, c[2 * i + 1], c[2 * i] - 1]
