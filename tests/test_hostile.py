@@ -21,6 +21,8 @@ from interp_steer.ownership import MANIFEST, claim, remove_owned, why_not_owned,
 
 TRAIN_ARGS = ["--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2",
               "--n-pairs", "8", "--kl-budget", "none", "--device", "cpu"]
+EVAL_ARGS = ["--methods", "adapter", "--n-items", "2", "--n-neutral", "2", "--n-secondary", "0", "--bisect", "0",
+             "--grid", "1"]
 
 
 def tree(root: Path) -> dict:
@@ -395,6 +397,30 @@ def test_eval_out_at_another_artifact_is_refused(tiny_cli, tmp_path, capsys):
     code, err = run(["eval", str(tmp_path / "base"), "--out", str(tmp_path / "art3"), "--overwrite"], capsys)
     assert code == 2 and "an artifact interp-steer wrote, not a run directory" in err
     assert tree(tmp_path) == before
+
+
+def test_an_interrupted_eval_leaves_a_run_directory_that_overwrite_replaces(tiny_cli, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Ctrl-C in the middle of ``eval``'s sweep: the directory is a run's (not "not a run directory"); a rerun
+    without ``--overwrite`` names the flag, one with it finishes; the artifact is never touched."""
+    art, ev = tmp_path / "art", tmp_path / "ev"
+    assert run(["train", "--out", str(art), *TRAIN_ARGS], capsys)[0] == 0
+    artifact = tree(art)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(commands, "sweep_report", interrupted)
+        code, err = run(["eval", str(art), "--out", str(ev), *EVAL_ARGS], capsys)
+    assert code == 130 and err == "interrupted\n"
+    assert json.loads((ev / MANIFEST).read_text())["kind"] == "run"
+    left = tree(ev)
+    code, err = run(["eval", str(art), "--out", str(ev), *EVAL_ARGS], capsys)
+    assert code == 2 and "--overwrite" in err and "not a run directory" not in err and err.count("\n") == 1
+    assert tree(ev) == left
+    code, _ = run(["eval", str(art), "--out", str(ev), *EVAL_ARGS, "--overwrite"], capsys)
+    assert code == 0 and (ev / "report.json").is_file() and tree(art) == artifact
 
 
 def test_a_renamed_artifact_stays_the_projects(tiny_cli, tmp_path, capsys):
