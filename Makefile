@@ -59,7 +59,7 @@ test-lowest:             ## fast tests at the lowest versions pyproject.toml all
 	$(LOWEST)/bin/python -m pytest -q -m "not slow and not shared" tests
 
 demo: install            ## per concept: train, sweep every method; runs/demo/REPORT.md (--overwrite: rerun)
-	$(PY) -m interp_steer.cli demo --overwrite
+	$(PY) -m interp_steer.app.cli demo --overwrite
 
 bench: install           ## speed ratios against a plain forward
 	$(PY) analysis/benchmark.py

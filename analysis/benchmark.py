@@ -24,16 +24,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from interp_steer.adapter import apply_adapters, make_adapters  # noqa: E402
-from interp_steer.capture import capture, forward_last  # noqa: E402
 from interp_steer.config import LossConfig, TrainConfig  # noqa: E402
-from interp_steer.data import pair_batches, persona_pairs  # noqa: E402
-from interp_steer.directions import steering_vector  # noqa: E402
-from interp_steer.loss import steering_loss, token_logprobs, token_mask  # noqa: E402
-from interp_steer.models import load_model  # noqa: E402
+from interp_steer.method.adapter import apply_adapters, make_adapters  # noqa: E402
+from interp_steer.method.data import pair_batches, persona_pairs  # noqa: E402
+from interp_steer.method.directions import steering_vector  # noqa: E402
+from interp_steer.method.loss import steering_loss, token_logprobs, token_mask  # noqa: E402
+from interp_steer.method.models import load_model  # noqa: E402
+from interp_steer.method.prefix import first_block, reuse_prefix  # noqa: E402
+from interp_steer.method.states import capture, forward_last  # noqa: E402
 from interp_steer.names import resid_names  # noqa: E402
-from interp_steer.prefix import first_block, reuse_prefix  # noqa: E402
-from interp_steer.train import adapter_specs, loss_hook  # noqa: E402
+from interp_steer.training.loop import adapter_specs, loss_hook  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -191,9 +191,8 @@ def eval_parts(bridge, tok, adapters, start: int, fraction: float = 1.0) -> dict
     """Seconds of each evaluation part at one steered coefficient (c = 1, the 7 default adapters), per item and in
     all; forced choice also the old way (full-vocabulary logits at every position) to show what reading one
     position's logits saves."""
-    from interp_steer.concepts import get_concept
-    from interp_steer.data import tokenize
-    from interp_steer.evaluate import (
+    from interp_steer.evaluation.concepts import get_concept
+    from interp_steer.evaluation.evaluate import (
         choice_prompt,
         choice_token_ids,
         coherence,
@@ -201,6 +200,7 @@ def eval_parts(bridge, tok, adapters, start: int, fraction: float = 1.0) -> dict
         load_dilemmas,
         load_neutral_texts,
     )
+    from interp_steer.method.data import tokenize
 
     def steer(b):
         return apply_adapters(b, adapters, 1.0)

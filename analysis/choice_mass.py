@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from interp_steer.data import render_chat, tokenize
-from interp_steer.evaluate import (
+from interp_steer.evaluation.evaluate import (
     CHOICE_INSTRUCTION,
     CHOICE_PREFIX,
     _by_length,
@@ -27,7 +26,8 @@ from interp_steer.evaluate import (
     load_dilemmas,
     logits_at,
 )
-from interp_steer.models import load_model, model_device
+from interp_steer.method.data import render_chat, tokenize
+from interp_steer.method.models import load_model, model_device
 
 ONLY = "Answer with Yes or No only."
 # name -> (user turn, assistant prefill, system prompt, chat template); {d}: the dilemma

@@ -37,10 +37,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from interp_steer.adapter import SVDAdapter, apply_adapters, linear_weight
-from interp_steer.capture import capture, check_hook_names, forward_last
-from interp_steer.data import Batch
-from interp_steer.directions import mean_diff_direction, paired_diff
+from interp_steer.method.adapter import SVDAdapter, apply_adapters, linear_weight
+from interp_steer.method.data import Batch
+from interp_steer.method.directions import mean_diff_direction, paired_diff
+from interp_steer.method.states import capture, check_hook_names, forward_last
 from interp_steer.names import resid_names, site_layer, site_name
 
 # --- capture ----------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 NAME is one of ``loss_geometry`` (a diagram, no model), ``dhs_spectra``, ``layer_map``, ``pca_vs_learned`` (train a
 small adapter on the default model, then analyse it), or ``all``. Every figure is written as PNG and SVG with
-``interp_steer.plots``; the numbers behind the model figures go to ``--summary`` (default
+``interp_steer.comparison.plots``; the numbers behind the model figures go to ``--summary`` (default
 ``runs/analysis/summary.json``) before they are drawn, and each model figure records that file's SHA-256. The
 dose-response figures are the demo's and the study's own (``runs/demo/CONCEPT/figures``, ``STUDY/figures``).
 
@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from interp_steer import plots
-from interp_steer.io import write_json_atomic
-from interp_steer.plots import COLORS, figure, plt, save
+from interp_steer.comparison import plots
+from interp_steer.comparison.plots import COLORS, figure, plt, save
+from interp_steer.storage.io import write_json_atomic
 
 from .study import Study, StudyConfig
 

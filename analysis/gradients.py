@@ -34,13 +34,18 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from interp_steer.adapter import SVDAdapter, apply_adapters
-from interp_steer.capture import check_hook_names, forward_last, stop_layer
 from interp_steer.config import LossConfig
-from interp_steer.data import Batch
-from interp_steer.directions import gradient_directions, mean_diff_direction, pca_diff_direction, retain_grad_hook
-from interp_steer.loss import coherence_penalty, shift_objective, token_logprobs, token_mask
-from interp_steer.models import model_device
+from interp_steer.method.adapter import SVDAdapter, apply_adapters
+from interp_steer.method.data import Batch
+from interp_steer.method.directions import (
+    gradient_directions,
+    mean_diff_direction,
+    pca_diff_direction,
+    retain_grad_hook,
+)
+from interp_steer.method.loss import coherence_penalty, shift_objective, token_logprobs, token_mask
+from interp_steer.method.models import model_device
+from interp_steer.method.states import check_hook_names, forward_last, stop_layer
 from interp_steer.names import layer_of, resid_names, resid_post
 
 from .dhs import capture_both_signs

@@ -19,8 +19,8 @@ import math
 import sys
 from pathlib import Path
 
-from interp_steer.methods import names as method_names
-from interp_steer.report import paired_difference, seed_groups
+from interp_steer.comparison.report import paired_difference, seed_groups
+from interp_steer.registry import names as method_names
 
 
 def load_rows(specs: list[str], blocks: dict[str, list[int]] | None = None) -> tuple[dict, dict[str, dict]]:

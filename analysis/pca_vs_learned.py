@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from interp_steer.adapter import SVDAdapter
+from interp_steer.method.adapter import SVDAdapter
 from interp_steer.names import resid_post, site_layer
 
 from .dhs import dhs_reference, energy_fraction, pca_subspace, principal_angles_deg, random_principal_angles_deg

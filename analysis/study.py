@@ -64,7 +64,7 @@ class Study:
 
     @cached_property
     def model(self):
-        from interp_steer.models import load_model
+        from interp_steer.method.models import load_model
 
         return self._timed("load_model", lambda: load_model(self.cfg.model))
 
@@ -79,14 +79,14 @@ class Study:
     @cached_property
     def split(self):
         """The same subsample and split as ``train`` (checked against its batches in ``result``)."""
-        from interp_steer.data import persona_pairs, select_pairs
+        from interp_steer.method.data import persona_pairs, select_pairs
 
         tc = self.cfg.train_config()
         return select_pairs(persona_pairs(self.model[1]), tc.n_pairs, tc.held_out, tc.seed)
 
     @cached_property
     def test_batches(self):
-        from interp_steer.data import pair_batches
+        from interp_steer.method.data import pair_batches
 
         return list(pair_batches(self.split[1], self.model[1], 16))
 
@@ -94,9 +94,9 @@ class Study:
     def trained(self):
         import torch
 
-        from interp_steer.adapter import make_adapters
-        from interp_steer.data import pair_batches, persona_pairs
-        from interp_steer.train import adapter_specs, train
+        from interp_steer.method.adapter import make_adapters
+        from interp_steer.method.data import pair_batches, persona_pairs
+        from interp_steer.training.loop import adapter_specs, train
 
         from .pca_vs_learned import SubspaceTracker
 
@@ -150,7 +150,7 @@ class Study:
 
     @cached_property
     def grad_batches(self):
-        from interp_steer.data import pair_batches
+        from interp_steer.method.data import pair_batches
 
         return list(pair_batches(self.split[0][: self.cfg.grad_pairs], self.model[1], 8))
 

@@ -9,9 +9,18 @@ The public face, for notebooks and scripts (``import interp_steer as ist``)::
     with art.apply(bridge, c=1.0):
         logits = bridge(ids)
 
-These 27 names are the face; everything else stays importable from its module (``interp_steer.adapter``,
-``interp_steer.sweep``, ...). Names resolve lazily, so ``import interp_steer`` (and the CLI's argument checking)
-costs no torch import.
+These 27 names are the face; everything else stays importable from its module. The package is grouped by role,
+each group importing only from the ones above it (``tests/test_layout.py`` holds the order):
+
+    names, config, registry, progress, signals   the shared vocabulary (no torch)
+    method/       pairs and batches, models, hidden states, prefix reuse, the adapter, the loss, directions
+    storage/      manifests and claims, artifacts, exports
+    evaluation/   concepts, item sets (dilemmas, CAA's A/B), scores, Steering F1
+    training/     the loop and its objectives, one process or many
+    comparison/   the sweep to one coherence budget, the report, its figures
+    app/          the command line, its commands, the study
+
+Names resolve lazily, so ``import interp_steer`` (and the CLI's argument checking) costs no torch import.
 
 Models and data
     ``load_model``      a packaged model by name (``smollm2-135m``, ``gemma-3-270m``) or a local HF directory
@@ -44,41 +53,25 @@ The comparison
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 _EXPORTS = {
     "names": ("resid_post", "layer_of"),
     "config": ("TrainConfig", "LossConfig", "SweepConfig", "StudyRun"),
-    "models": ("load_model",),
-    "data": ("ContrastivePair", "persona_pairs", "pair_batches", "split_pairs"),
-    "capture": ("capture",),
-    "adapter": ("apply_adapters",),
-    "directions": ("direction", "steering_vector"),
-    "io": ("SteeringArtifact",),
-    "train": ("train", "TrainResult"),
-    "evaluate": ("forced_choice", "load_dilemmas"),
-    "study": ("run_study",),
-    "export": ("export",),
-    "concepts": ("Concept", "register", "get_concept", "reply_options_effect", "greedy_continuations"),
+    "method.models": ("load_model",),
+    "method.data": ("ContrastivePair", "persona_pairs", "pair_batches", "split_pairs"),
+    "method.states": ("capture",),
+    "method.adapter": ("apply_adapters",),
+    "method.directions": ("direction", "steering_vector"),
+    "storage.io": ("SteeringArtifact",),
+    "training.loop": ("train", "TrainResult"),
+    "evaluation.evaluate": ("forced_choice", "load_dilemmas"),
+    "app.study": ("run_study",),
+    "storage.exports": ("export",),
+    "evaluation.concepts": ("Concept", "register", "get_concept", "reply_options_effect", "greedy_continuations"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
-# Functions named like the module that holds them. Importing a submodule makes Python set it as an attribute of
-# its package, which would make ``ist.train`` the module once anything imported ``interp_steer.train``: the
-# package keeps these names for the functions (the modules stay importable: ``importlib.import_module``).
-_SHADOWED = frozenset(n for n in _WHERE if n == _WHERE[n])
-
-
-class _Face(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Face
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,7 @@
 
 Each config checks the type of every field against its annotation (an ``int`` field refuses ``1.5``, a ``float``
 field refuses NaN and ±inf) and its range in ``__post_init__``, so a bad value is reported before any model is
-loaded, whether it came from Python, the command line (``cli.py`` builds the options from these annotations)
+loaded, whether it came from Python, the command line (``app/cli.py`` builds the options from these annotations)
 or a saved ``run_config.json``. ``to_dict``/``from_dict`` round-trip through JSON.
 
 The configs validate themselves with messages a user can act on, so the test run's runtime type checker is
@@ -21,8 +21,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Sequence, Union, get_args, get_origin, no_type_check
 
-from .methods import names as method_names
 from .names import RESID_WRITERS, SITES
+from .registry import names as method_names
 
 Objective = Literal["shift", "separation", "behaviour"]
 Scale = Literal["exp", "add"]
@@ -33,7 +33,7 @@ BudgetMetric = Literal["kl", "dnll"]
 # auto: cuda if available, else mps, else cpu (models.resolve_device)
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["float32", "bfloat16", "float16"]  # the model's weights; adapters compute in float32 regardless
-# the registry's names (methods.py), in its order: a method registered there is an option everywhere
+# the registry's names (registry.py), in its order: a method registered there is an option everywhere
 MethodName = Literal[method_names()]  # type: ignore[valid-type]
 ExportFormat = Literal["merged", "lora", "control-vector"]
 VectorMethod = Literal[method_names(control_vector=True)]  # type: ignore[valid-type]  # what a control vector holds
@@ -602,7 +602,7 @@ class StudyRun(_Preset, Config):
 @dataclass(frozen=True)
 class ExportRun(Config):
     """``interp-steer export ARTIFACT --out DIR --format F --coeff C``: the steer at c as a merged HF model, a peft
-    LoRA, or (an additive steer from the artifact's pairs) a llama.cpp control vector (export.py)."""
+    LoRA, or (an additive steer from the artifact's pairs) a llama.cpp control vector (storage/exports.py)."""
 
     artifact: str = field(default="", metadata={"help": "artifact directory written by `interp-steer train`",
                                                 "positional": True})

@@ -13,14 +13,11 @@ from jaxtyping import install_import_hook
 
 # Runtime checking of every annotation (jaxtyping shapes with one dimension vocabulary, and plain types) over the
 # whole package and analysis/, for the whole test run (runtime type checks). It must be installed before anything imports
-
-
-
 # them. Classes that validate their own options with clearer messages opt out with `@no_type_check`.
 CHECKED = ("interp_steer", "analysis")
 install_import_hook(CHECKED, "beartype.beartype")
 
-from interp_steer.models import load_model, tiny_model  # noqa: E402
+from interp_steer.method.models import load_model, tiny_model  # noqa: E402
 
 # --- ../shared: data beside the checkout. CI has it; a clone from the project's public home does not. -------------
 
@@ -118,7 +115,7 @@ def _logits_at_c(bridge, adapters, batch, coeffs=(0.0, 1.0)) -> list[torch.Tenso
         return bridge(batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids).float()
 
-    from interp_steer.adapter import apply_adapters
+    from interp_steer.method.adapter import apply_adapters
 
     with torch.no_grad():
         out = [run()]

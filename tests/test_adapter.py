@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from interp_steer.adapter import (
+from interp_steer.method.adapter import (
     AdapterSpec,
     SVDAdapter,
     apply_adapters,
@@ -224,7 +224,7 @@ def test_bias_only_is_a_learned_vector_c_times_b_and_nothing_else(tiny, tmp_path
     """``bias='only'`` (the learned_vector method): b is the one parameter, Δy = c·b exactly for every input, c = 0 is
     the base model, merged = hooks where the layer has a bias, and save → load is identical."""
     from interp_steer.config import TrainConfig
-    from interp_steer.io import SteeringArtifact, load_artifact, save_artifact
+    from interp_steer.storage.io import SteeringArtifact, load_artifact, save_artifact
 
     bridge, tok = tiny
     x = ids(tok)

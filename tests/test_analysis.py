@@ -12,12 +12,12 @@ from analysis import dhs as D  # importable through pytest's pythonpath (pyproje
 from analysis import figures as F
 from analysis import gradients as G
 from analysis import pca_vs_learned as P
-from interp_steer.adapter import AdapterSpec, SVDAdapter, linear_weight, make_adapters
+from interp_steer.comparison.plots import figure_sources
 from interp_steer.config import LossConfig, TrainConfig
-from interp_steer.data import pair_batches, persona_pairs
-from interp_steer.directions import dhs_svd_direction, gradient_directions, paired_diff
+from interp_steer.method.adapter import AdapterSpec, SVDAdapter, linear_weight, make_adapters
+from interp_steer.method.data import pair_batches, persona_pairs
+from interp_steer.method.directions import dhs_svd_direction, gradient_directions, paired_diff
 from interp_steer.names import resid_post
-from interp_steer.plots import figure_sources
 
 
 def rand(*shape, seed=0):
@@ -165,7 +165,7 @@ def test_the_bias_term_is_compared_with_the_pca_axis_without_a_ceiling(tiny, sma
 
 
 def test_subspace_tracker_snapshots_during_training(tiny):
-    from interp_steer.train import train
+    from interp_steer.training.loop import train
 
     bridge, tok = tiny
     tracker = P.SubspaceTracker(every=2, k=2)
@@ -250,7 +250,7 @@ def test_study_on_the_tiny_model_feeds_every_model_figure(tiny, tmp_path):
     """The study end to end on the tiny model (its ``model`` swapped in): train's split, the captures, the
     summary through JSON and back, and the three model figures drawn from it."""
     from analysis.study import Study, StudyConfig
-    from interp_steer.io import write_json_atomic
+    from interp_steer.storage.io import write_json_atomic
 
     study = Study(StudyConfig(pairs=20, steps=2, loss_layer=2, layers=(0, 1), rank=4, k=2, grad_pairs=4,
                               snapshot_every=1, objective="shift", kl_budget=None))

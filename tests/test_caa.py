@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from interp_steer import caa
-from interp_steer.concepts import CAA_NAMES, get_concept
 from interp_steer.config import ConfigError, StudyRun, TrainRun
-from interp_steer.data import check_pairs, token_difference, tokenize
-from interp_steer.directions import SteeringVector
-from interp_steer.evaluate import ab_scores
+from interp_steer.evaluation import caa
+from interp_steer.evaluation.concepts import CAA_NAMES, get_concept
+from interp_steer.evaluation.evaluate import ab_scores
+from interp_steer.method.data import check_pairs, token_difference, tokenize
+from interp_steer.method.directions import SteeringVector
 
 CAA = "data/caa"  # under ../shared (tests/conftest.py: the `shared` marker and fixture)
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from interp_steer import cli, commands
+from interp_steer.app import cli, commands
 from interp_steer.config import DemoRun, EvalRun, LossConfig, SweepConfig, TrainConfig, TrainRun
-from interp_steer.io import SteeringArtifact
-from interp_steer.ownership import MANIFEST
+from interp_steer.storage.io import SteeringArtifact
+from interp_steer.storage.ownership import MANIFEST
 
 
 def parse(command, *argv):
@@ -257,8 +257,8 @@ def test_function_defaults_agree_with_their_config_fields():
     import pkgutil
 
     import interp_steer
+    from interp_steer.comparison.sweep import SweepData
     from interp_steer.config import LossConfig
-    from interp_steer.sweep import SweepData
 
     fields = {}
     for cls in (TrainConfig, LossConfig, SweepConfig):
@@ -268,15 +268,15 @@ def test_function_defaults_agree_with_their_config_fields():
     renamed = {"bisect_iters": "bisect"}
     # a parameter that shares a field's name but means another field (or another thing: the loss's numeric
     # `scale` is the pair separation scale, TrainConfig.scale the adapter's scaling law)
-    means = {("interp_steer.loss", "monotonic_hinge", "margin"): "mono_margin"}
+    means = {("interp_steer.method.loss", "monotonic_hinge", "margin"): "mono_margin"}
     drift = []
     sd = {f.name: f.default for f in dataclasses.fields(SweepData)}
     for name, default in sd.items():
         key = renamed.get(name, name)
         if key in fields and default != fields[key][1]:
             drift.append(f"SweepData.{name}={default!r} vs {fields[key][0]}.{key}={fields[key][1]!r}")
-    for mod in pkgutil.iter_modules(interp_steer.__path__):
-        m = importlib.import_module(f"interp_steer.{mod.name}")
+    for mod in pkgutil.walk_packages(interp_steer.__path__, "interp_steer."):
+        m = importlib.import_module(mod.name)
         for fname, fn in vars(m).items():
             if not inspect.isfunction(fn) or fn.__module__ != m.__name__ or fname.startswith("_"):
                 continue

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
-from interp_steer.concepts import (
+from interp_steer.evaluation.concepts import (
     CONCEPTS,
     Concept,
     get_concept,
@@ -12,8 +11,9 @@ from interp_steer.concepts import (
     register,
     reply_options_effect,
 )
-from interp_steer.data import render_chat
-from interp_steer.evaluate import answer_scores
+from interp_steer.evaluation.evaluate import answer_scores
+from interp_steer.method.adapter import AdapterSpec, apply_adapters, make_adapters
+from interp_steer.method.data import render_chat
 
 
 def test_builtin_concepts_build_their_pairs_and_effects(tiny):

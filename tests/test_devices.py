@@ -9,12 +9,12 @@ import re
 import pytest
 import torch
 
-from interp_steer import models
-from interp_steer.adapter import AdapterSpec, apply_adapters, linear_weight, make_adapters, merged_weights
 from interp_steer.config import ConfigError, DemoRun, EvalRun, LossConfig, TrainConfig, TrainRun
-from interp_steer.data import persona_pairs, tokenize
-from interp_steer.models import available_devices, resolve_device, resolve_dtype, tiny_model
-from interp_steer.train import train
+from interp_steer.method import models
+from interp_steer.method.adapter import AdapterSpec, apply_adapters, linear_weight, make_adapters, merged_weights
+from interp_steer.method.data import persona_pairs, tokenize
+from interp_steer.method.models import available_devices, resolve_device, resolve_dtype, tiny_model
+from interp_steer.training.loop import train
 
 TEXTS = ["The capital of France is Paris, and the capital of Spain is", "Honesty means", "A short one"]
 SPECS = [AdapterSpec("blocks.0.mlp.out", 8), AdapterSpec("blocks.1.attn.q", 8, rotate_u=True),
@@ -135,8 +135,7 @@ def test_a_bfloat16_model_trains(bf16, tmp_path):
 
 
 def test_the_commands_refuse_a_missing_device_before_writing_anything(tmp_path, monkeypatch, capsys):
-    from interp_steer import cli, commands
-
+    from interp_steer.app import cli, commands
     missing = [d for d in ("cuda", "mps") if d not in available_devices()]
     if not missing:
         pytest.skip("this machine has both cuda and mps")

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from interp_steer.capture import capture
-from interp_steer.data import pair_batches, persona_pairs
-from interp_steer.directions import (
+from interp_steer.method.data import pair_batches, persona_pairs
+from interp_steer.method.directions import (
     SteeringVector,
     direction,
     gradient_directions,
     paired_diff,
     steering_vector,
 )
+from interp_steer.method.states import capture
 from interp_steer.names import resid_names
 
 
@@ -96,7 +96,7 @@ def test_gradient_direction_at_the_loss_layer_is_d_steer(tiny):
 def test_the_random_baseline_is_a_fresh_draw_per_training_seed(tiny, hs):
     from types import SimpleNamespace
 
-    from interp_steer.directions import additive_vector
+    from interp_steer.method.directions import additive_vector
 
     states = {"blocks.0.hook_resid_post": hs[0]}
     art = lambda seed: SimpleNamespace(config=SimpleNamespace(seed=seed))  # noqa: E731

@@ -17,15 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import interp_steer.commands as commands_mod
-from interp_steer import distributed
+import interp_steer.app.commands as commands_mod
 from interp_steer.config import DemoRun, EvalRun, LossConfig, TrainConfig, TrainRun
-from interp_steer.data import persona_pairs
-from interp_steer.distributed import World, check_shards
-from interp_steer.io import SteeringArtifact, load_checkpoint
-from interp_steer.train import train
+from interp_steer.method.data import persona_pairs
+from interp_steer.storage.io import SteeringArtifact, load_checkpoint
+from interp_steer.training import distributed
+from interp_steer.training.distributed import World, check_shards
+from interp_steer.training.loop import train
 
-train_mod = importlib.import_module("interp_steer.train")  # (ist.train is the function)
+train_mod = importlib.import_module("interp_steer.training.loop")  # (ist.train is the function)
 
 # 9 training pairs in 3 global batches of 3: the two processes take 2 and 1 pairs of each (uneven on purpose).
 # KL on: the tiny model's 4 usable generic texts (of 8) in batches of 3 and 1, so one process has no text of the

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from interp_steer import evaluate as ev  # imported under the jaxtyping import hook by conftest.py
-from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
-from interp_steer.data import render_chat
-from interp_steer.directions import SteeringVector
+from interp_steer.evaluation import evaluate as ev  # imported under the jaxtyping import hook by conftest.py
+from interp_steer.method.adapter import AdapterSpec, apply_adapters, make_adapters
+from interp_steer.method.data import render_chat
+from interp_steer.method.directions import SteeringVector
 
 DAILY = "data/daily_dilemmas"  # under ../shared (tests/conftest.py: the `shared` marker and fixture)
 INSTRUCTION = 'Answer with "My choice: Yes" or "My choice: No".'
@@ -402,7 +402,7 @@ def test_real_model_puts_its_next_token_mass_on_yes_or_no(real):
 def test_steering_f1_on_daily_dilemmas_labelled_sample(tiny, shared_dir):
     """DailyDilemmas' labelled dilemmas as the target cluster of the honesty concept's forced choice: the effect's
     series and Steering F1 from them, on the tiny model (steered by a scaled final norm, a real change of answers)."""
-    from interp_steer.concepts import forced_choice_effect, honesty_f1
+    from interp_steer.evaluation.concepts import forced_choice_effect, honesty_f1
 
     bridge, tok = tiny
     labelled = [d for d in ev.load_daily_dilemmas_csv(shared_dir / DAILY / "dilemmas_with_detail_by_action_test.csv")

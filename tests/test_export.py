@@ -9,11 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from interp_steer import cli, commands
-from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
+from interp_steer.app import cli, commands
 from interp_steer.config import ConfigError, ExportRun, LossConfig, TrainConfig
-from interp_steer.directions import SteeringVector
-from interp_steer.export import (
+from interp_steer.method.adapter import AdapterSpec, apply_adapters, make_adapters
+from interp_steer.method.directions import SteeringVector
+from interp_steer.method.models import tiny_model
+from interp_steer.names import resid_post
+from interp_steer.storage.exports import (
     CONTROL_VECTOR_FILE,
     LORA_CONFIG_FILE,
     LORA_WEIGHTS_FILE,
@@ -27,10 +29,8 @@ from interp_steer.export import (
     save_lora,
     save_merged,
 )
-from interp_steer.io import SteeringArtifact, model_name, write_dir_atomic
-from interp_steer.models import tiny_model
-from interp_steer.names import resid_post
-from interp_steer.ownership import MANIFEST, why_not_owned
+from interp_steer.storage.io import SteeringArtifact, model_name, write_dir_atomic
+from interp_steer.storage.ownership import MANIFEST, why_not_owned
 
 SITES = ["blocks.0.mlp.out", "blocks.1.attn.q", "blocks.1.attn.o", "blocks.2.mlp.in"]
 TOL = 1e-4  # float32
@@ -345,9 +345,9 @@ def test_every_format_is_one_registered_writer_behind_one_signature(tiny, adapte
     from typing import get_args
 
     from interp_steer.config import ExportFormat
-    from interp_steer.data import persona_pairs
-    from interp_steer.export import EXPORTS, export
-    from interp_steer.io import load_artifact
+    from interp_steer.method.data import persona_pairs
+    from interp_steer.storage.exports import EXPORTS, export
+    from interp_steer.storage.io import load_artifact
 
     bridge, tok = tiny
     assert get_args(ExportFormat) == tuple(EXPORTS)

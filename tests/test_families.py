@@ -8,7 +8,8 @@ tokenizer) and put back after each test. GPT-2 stores its linear layers as ``Con
 import pytest
 import torch
 
-from interp_steer.adapter import (
+from interp_steer.config import LossConfig, TrainConfig
+from interp_steer.method.adapter import (
     AdapterSpec,
     apply_adapters,
     available_sites,
@@ -17,13 +18,12 @@ from interp_steer.adapter import (
     make_adapters,
     merged_weights,
 )
-from interp_steer.capture import capture
-from interp_steer.config import LossConfig, TrainConfig
-from interp_steer.data import persona_pairs, tokenize
-from interp_steer.io import SteeringArtifact
-from interp_steer.models import FAMILIES, tiny_model
+from interp_steer.method.data import persona_pairs, tokenize
+from interp_steer.method.models import FAMILIES, tiny_model
+from interp_steer.method.states import capture
 from interp_steer.names import SITES, resid_post
-from interp_steer.train import train
+from interp_steer.storage.io import SteeringArtifact
+from interp_steer.training.loop import train
 
 N_LAYERS = 3
 # one site of each kind, spread over the blocks (with a U rotation and both scales among them)
@@ -201,7 +201,7 @@ def test_pairs_that_differ_outside_every_window_are_refused_before_training(tmp_
     token, so dHS = 0 at the loss layer. Training says so instead of dividing by a zero scale (NaN at step 1)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from interp_steer.models import boot, default_tokenizer
+    from interp_steer.method.models import boot, default_tokenizer
 
     tok = default_tokenizer()
     cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from analysis.figures import FIGURES
-from interp_steer import plots
+from interp_steer.comparison import plots
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the project shows: the README, the documents, and each committed study's report (a cell's own REPORT.md

@@ -5,8 +5,7 @@ import re
 import pytest
 import torch
 
-from interp_steer.capture import capture, check_hook_names, forward_last, stop_layer
-from interp_steer.data import (
+from interp_steer.method.data import (
     ContrastivePair,
     check_pairs,
     interleave,
@@ -19,7 +18,8 @@ from interp_steer.data import (
     token_difference,
     tokenize,
 )
-from interp_steer.models import cache_dir, load_model
+from interp_steer.method.models import cache_dir, load_model
+from interp_steer.method.states import capture, check_hook_names, forward_last, stop_layer
 from interp_steer.names import resid_names
 
 
@@ -219,7 +219,7 @@ def test_a_pairs_file_that_says_less_than_it_seems_is_refused_or_warned(tmp_path
     import json
     import warnings
 
-    from interp_steer.data import load_pairs_file, select_pairs
+    from interp_steer.method.data import load_pairs_file, select_pairs
 
     f = tmp_path / "p.json"
     two = [{"chosen": "I love it", "rejected": "I hate it"}, {"chosen": "So good", "rejected": "So bad"}]
@@ -250,7 +250,7 @@ def test_a_pairs_file_that_says_less_than_it_seems_is_refused_or_warned(tmp_path
 
 def test_kl_texts_cannot_ask_for_more_greedy_replies_than_there_are_prompts():
     from interp_steer.config import KL_PROMPTS, ConfigError, TrainConfig
-    from interp_steer.data import load_json
+    from interp_steer.method.data import load_json
 
     assert KL_PROMPTS == len(load_json("coherence_prompts.json")["prompts"])
     with pytest.raises(ConfigError, match="kl_texts 100000 but greedy KL text has one reply to each of "

@@ -4,12 +4,12 @@ weights. ``slow``: loaded once for this module (about a minute to dequantize the
 import pytest
 import torch
 
-from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters, merged_weights
-from interp_steer.capture import capture
-from interp_steer.data import render_chat, tokenize
-from interp_steer.models import GEMMA_MODEL, load_model
+from interp_steer.method.adapter import AdapterSpec, apply_adapters, make_adapters, merged_weights
+from interp_steer.method.data import render_chat, tokenize
+from interp_steer.method.models import GEMMA_MODEL, load_model
+from interp_steer.method.prefix import reuse_prefix
+from interp_steer.method.states import capture
 from interp_steer.names import resid_post
-from interp_steer.prefix import reuse_prefix
 
 TEXTS = ["The capital of France is", "Honesty means telling the truth even when", "Hi"]
 

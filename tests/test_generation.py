@@ -8,10 +8,10 @@ that in seconds, on every generation path the project uses.
 import pytest
 import torch
 
-from interp_steer import generation_check
-from interp_steer.data import render_chat, tokenize
-from interp_steer.evaluate import generate_ids
-from interp_steer.models import FAMILIES, _tiny_config, boot, default_tokenizer
+from interp_steer.evaluation import generation_check
+from interp_steer.evaluation.evaluate import generate_ids
+from interp_steer.method.data import render_chat, tokenize
+from interp_steer.method.models import FAMILIES, _tiny_config, boot, default_tokenizer
 
 PROMPTS = ["What is the capital of France?", "Name a colour.", "Write one short sentence about the sea, please."]
 N_NEW = 8
@@ -96,7 +96,7 @@ def test_untested_versions_are_named(monkeypatch):
 
 @pytest.mark.slow
 def test_real_cached_generation_equals_uncached_and_unwrapped_hf(real):
-    from interp_steer.models import load_hf
+    from interp_steer.method.models import load_hf
 
     bridge, tok = real
     plain, _, _ = load_hf(device="cpu")  # a second, unbooted copy

@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from interp_steer import cli, commands, ownership, study
-from interp_steer.io import check_dir_target, write_dir_atomic
-from interp_steer.ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
+from interp_steer.app import cli, commands, study
+from interp_steer.storage import ownership
+from interp_steer.storage.io import check_dir_target, write_dir_atomic
+from interp_steer.storage.ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
 
 TRAIN_ARGS = ["--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2",
               "--n-pairs", "8", "--kl-budget", "none", "--device", "cpu"]
@@ -338,9 +339,9 @@ def _terminated_run(tiny, out: Path, **changes) -> None:
     import signal
 
     from interp_steer.config import LossConfig, TrainConfig
-    from interp_steer.data import persona_pairs
+    from interp_steer.method.data import persona_pairs
     from interp_steer.signals import Terminated
-    from interp_steer.train import train
+    from interp_steer.training.loop import train
 
     bridge, tok = tiny
 
@@ -369,8 +370,8 @@ def test_another_runs_checkpoint_is_kept_and_named_with_how_to_resume_it(tiny_cl
 
 def test_a_runs_own_checkpoint_is_resumed_and_then_removed(tiny, tmp_path):
     from interp_steer.config import LossConfig, TrainConfig
-    from interp_steer.data import persona_pairs
-    from interp_steer.train import train
+    from interp_steer.method.data import persona_pairs
+    from interp_steer.training.loop import train
 
     _terminated_run(tiny, tmp_path / "R")
     bridge, tok = tiny
@@ -453,11 +454,11 @@ def test_sigterm_after_the_last_step_still_writes_the_artifact(tiny, tmp_path, m
     import signal
 
     from interp_steer.config import LossConfig, TrainConfig
-    from interp_steer.data import persona_pairs
-    from interp_steer.io import load_artifact
+    from interp_steer.method.data import persona_pairs
     from interp_steer.signals import Terminated
+    from interp_steer.storage.io import load_artifact
 
-    train_mod = importlib.import_module("interp_steer.train")  # (the package exports the function as train)
+    train_mod = importlib.import_module("interp_steer.training.loop")  # (the package exports the function as train)
     real = train_mod.evaluate_pairs
 
     def late(*a, **k):
@@ -605,7 +606,7 @@ def _holder(target: Path):
 
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from interp_steer.ownership import claim
+        from interp_steer.storage.ownership import claim
         with claim({str(target)!r}):
             print("held", flush=True)
             time.sleep(60)
@@ -633,7 +634,7 @@ def test_eval_and_export_hold_a_claim_on_their_output(tiny_cli, tmp_path, capsys
 
 
 def test_a_control_vector_export_takes_the_pairs_file_it_asks_for(tiny_cli, tmp_path, capsys):
-    from interp_steer.data import persona_pairs
+    from interp_steer.method.data import persona_pairs
 
     pairs = tmp_path / "pairs.json"
     pairs.write_text(json.dumps([{"chosen": p.chosen, "rejected": p.rejected} for p in persona_pairs(tiny_cli[1])]))
@@ -650,8 +651,8 @@ def test_a_control_vector_export_takes_the_pairs_file_it_asks_for(tiny_cli, tmp_
 def test_an_artifact_trained_in_bfloat16_is_exported_from_float32_weights(tmp_path, monkeypatch, capsys):
     """Its fingerprints are of the bfloat16 weights: a float32 copy of the same weights is checked after the
     cast, not refused as 'different weights'."""
-    from interp_steer.io import load_artifact
-    from interp_steer.models import tiny_model
+    from interp_steer.method.models import tiny_model
+    from interp_steer.storage.io import load_artifact
 
     bf16, f32 = tiny_model(seed=0, dtype="bfloat16"), tiny_model(seed=0)
     monkeypatch.setattr(commands, "load_model", lambda *a, **k: bf16)
@@ -673,7 +674,7 @@ def test_a_full_disk_while_writing_weights_is_one_line_and_replaces_nothing(tiny
     one line naming the likely cause, rc 2, the earlier artifact byte for byte as it was, no temporary left."""
     from safetensors import SafetensorError
 
-    import interp_steer.io as io_mod
+    import interp_steer.storage.io as io_mod
 
     out = tmp_path / "A"
     assert run(["train", "--out", str(out), *TRAIN_ARGS], capsys)[0] == 0
@@ -694,7 +695,7 @@ def test_a_read_only_target_with_overwrite_is_refused_before_anything_is_written
                                                                                  monkeypatch):
     """A target whose files could not be removed after the swap (read-only: as root, simulated through
     ``os.access``) is refused first: one line, no ``.prev``, no temporary, the artifact as it was."""
-    import interp_steer.io as io_mod
+    import interp_steer.storage.io as io_mod
 
     out = tmp_path / "A"
     assert run(["train", "--out", str(out), *TRAIN_ARGS], capsys)[0] == 0

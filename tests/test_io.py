@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from interp_steer.adapter import AdapterSpec, apply_adapters, linear_weight, make_adapters
 from interp_steer.config import LossConfig, TrainConfig
-from interp_steer.io import (
+from interp_steer.method.adapter import AdapterSpec, apply_adapters, linear_weight, make_adapters
+from interp_steer.storage.io import (
     CONFIG_FILE,
     FORMAT_VERSION,
     WEIGHTS_FILE,
@@ -21,7 +21,7 @@ from interp_steer.io import (
     save_checkpoint,
     write_dir_atomic,
 )
-from interp_steer.ownership import MANIFEST
+from interp_steer.storage.ownership import MANIFEST
 
 SITES = ["blocks.0.mlp.out", "blocks.1.attn.o", "blocks.2.mlp.in"]
 
@@ -295,7 +295,7 @@ def test_the_artifact_applies_itself_and_refuses_other_weights(art, tiny):
 def test_a_damaged_checkpoint_is_refused_with_the_fix(tiny, art, tmp_path, damage, match):
     """`--resume` from a trainer file someone edited or a disk damaged: one message naming the file and the fix
     (remove it or restore it), never a raw KeyError or a hint to lower the learning rate."""
-    from interp_steer.io import TRAINER_FILE
+    from interp_steer.storage.io import TRAINER_FILE
 
     bridge, _ = tiny
     opt = torch.optim.AdamW(art.adapters.parameters(), lr=0.1)

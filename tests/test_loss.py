@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from interp_steer.config import LossConfig
-from interp_steer.loss import (
+from interp_steer.method.loss import (
     behaviour_loss,
     behaviour_objective,
     coherence_penalty,

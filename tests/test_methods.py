@@ -6,21 +6,21 @@ from typing import get_args
 
 import pytest
 
-from interp_steer import methods
+from interp_steer import registry
 from interp_steer.config import METHODS, ExportRun, MethodName, SweepConfig, VectorMethod
-from interp_steer.methods import MethodSpec, get_method, register
 from interp_steer.names import layer_of
+from interp_steer.registry import MethodSpec, get_method, register
 
 
 def test_every_reader_takes_the_registry():
-    from interp_steer.plots import COLORS, _color
+    from interp_steer.comparison.plots import COLORS, _color
 
-    assert METHODS == get_args(MethodName) == tuple(methods.REGISTRY)
-    assert get_args(VectorMethod) == methods.names(control_vector=True) == ("pca_diff", "pca_center", "mean_diff",
+    assert METHODS == get_args(MethodName) == tuple(registry.REGISTRY)
+    assert get_args(VectorMethod) == registry.names(control_vector=True) == ("pca_diff", "pca_center", "mean_diff",
                                                                             "gradient")
-    assert methods.names("additive") == ("pca_diff", "pca_center", "mean_diff", "gradient", "learned_vector")
+    assert registry.names("additive") == ("pca_diff", "pca_center", "mean_diff", "gradient", "learned_vector")
     assert [n for n in METHODS if get_method(n).trains] == ["learned_vector"]
-    assert methods.names("control") == ("random",)
+    assert registry.names("control") == ("random",)
     assert all(COLORS[n] == get_method(n).color for n in METHODS)
     assert len(set(COLORS.values())) == len(COLORS), COLORS  # no two methods or quantities share a colour
     assert _color("adapter@1") == _color("adapter (3 seeds)") == get_method("adapter").color
@@ -45,20 +45,20 @@ def test_a_bad_registration_is_refused(kw, match):
     spec = {"name": "fresh", "kind": "additive", "color": "#123456", "unit": "x", "build": "a.b:c", **kw}
     with pytest.raises(ValueError, match=match):
         register(MethodSpec(**spec))
-    assert "fresh" not in methods.REGISTRY
+    assert "fresh" not in registry.REGISTRY
     with pytest.raises(ValueError, match="unknown method 'fresh'; registered: adapter"):
         get_method("fresh")
 
 
 def test_a_method_registered_at_run_time_is_built_and_swept(tiny):
     """CONTRIBUTING's worked example: the mean difference added at the last adapted block only."""
-    from interp_steer.capture import capture
-    from interp_steer.commands import build_methods
-    from interp_steer.concepts import get_concept
-    from interp_steer.data import pair_batches, persona_pairs
-    from interp_steer.directions import steering_vector
-    from interp_steer.evaluate import coherence_reference, load_neutral_texts
-    from interp_steer.sweep import SweepData, run_sweep, vector_method
+    from interp_steer.app.commands import build_methods
+    from interp_steer.comparison.sweep import SweepData, run_sweep, vector_method
+    from interp_steer.evaluation.concepts import get_concept
+    from interp_steer.evaluation.evaluate import coherence_reference, load_neutral_texts
+    from interp_steer.method.data import pair_batches, persona_pairs
+    from interp_steer.method.directions import steering_vector
+    from interp_steer.method.states import capture
 
     def build_mean_diff_last(spec, ctx):
         last = max(ctx.hs, key=layer_of)
@@ -82,8 +82,8 @@ def test_a_method_registered_at_run_time_is_built_and_swept(tiny):
         result = run_sweep(bridge, tok, built[1:], data)
         assert result[0].name == "mean_diff_last" and len(result[0].points) >= 3
     finally:
-        methods.REGISTRY.pop("mean_diff_last", None)
-    assert "mean_diff_last" not in methods.REGISTRY
+        registry.REGISTRY.pop("mean_diff_last", None)
+    assert "mean_diff_last" not in registry.REGISTRY
 
 
 def test_learned_vector_is_trained_like_the_adapter_and_swept_like_the_others(tiny):
@@ -91,13 +91,13 @@ def test_learned_vector_is_trained_like_the_adapter_and_swept_like_the_others(ti
     writes c·b and nothing else; c = 0 is the base model; it is swept like any other method."""
     import torch
 
-    from interp_steer.commands import build_methods
-    from interp_steer.concepts import get_concept
+    from interp_steer.app.commands import build_methods
+    from interp_steer.comparison.sweep import SweepData, run_sweep
     from interp_steer.config import LossConfig, TrainConfig
-    from interp_steer.data import persona_pairs
-    from interp_steer.evaluate import coherence_reference, load_neutral_texts
-    from interp_steer.sweep import SweepData, run_sweep
-    from interp_steer.train import train
+    from interp_steer.evaluation.concepts import get_concept
+    from interp_steer.evaluation.evaluate import coherence_reference, load_neutral_texts
+    from interp_steer.method.data import persona_pairs
+    from interp_steer.training.loop import train
 
     bridge, tok = tiny
     pairs = persona_pairs(tok)
@@ -123,7 +123,7 @@ def test_learned_vector_is_trained_like_the_adapter_and_swept_like_the_others(ti
         assert lv.steer(0.0) is None
         with lv.steer(1.0)(bridge):
             steered = bridge(ids)
-        from interp_steer.adapter import apply_adapters
+        from interp_steer.method.adapter import apply_adapters
         with apply_adapters(bridge, alone.adapters, 1.0):
             by_hand = bridge(ids)
     assert (steered - base).abs().max() > 1e-4 and torch.equal(steered, by_hand)

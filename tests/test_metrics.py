@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from interp_steer.metrics import steering_f1
+from interp_steer.evaluation.metrics import steering_f1
 
 # target y0 = [-2, -1, 1, 2]: σ = sqrt(2.5), weights |y0|/σ normalised = [1/3, 1/6, 1/6, 1/3]
 TARGET = ([-3, -2, 1, 1], [-2, -1, 1, 2], [1, -1, -1, 3])  # (y−, y0, y+)
@@ -41,7 +41,7 @@ def test_sign_is_canonicalised_and_low_choice_mass_is_nan():
 def test_honesty_f1_reads_the_forced_choice_series():
     """The concept's ``ends``: the same number as the metric on the arrays, NaN items dropped from a cluster, the
     choice mass the mean over both clusters' items."""
-    from interp_steer.concepts import get_concept, honesty_f1
+    from interp_steer.evaluation.concepts import get_concept, honesty_f1
 
     assert get_concept("honesty").ends is honesty_f1
     at = [{"f1_target": [TARGET[k][i] for i in range(4)] + [math.nan], "f1_control": list(ARBITRARY[k]),
@@ -57,8 +57,8 @@ def test_honesty_f1_reads_the_forced_choice_series():
 def test_steering_f1_is_given_at_each_labelled_threshold_and_derivable_from_any_cell():
     """Masses 0.6 / 0.9 / 0.7 at −c / 0 / +c: F1 exists at the seed code's 0.5 and 0.05, is NaN at the caption's
     0.95; ``study.f1_at`` gives each threshold's F1 again from the raw value, the masses and their factor alone."""
-    from interp_steer.concepts import F1_HEADLINE, F1_THRESHOLDS, honesty_f1
-    from interp_steer.study import f1_at
+    from interp_steer.app.study import f1_at
+    from interp_steer.evaluation.concepts import F1_HEADLINE, F1_THRESHOLDS, honesty_f1
 
     at = [{"f1_target": [TARGET[k][i] for i in range(4)], "f1_control": list(ARBITRARY[k]), "choice_mass": [m] * 6}
           for k, m in enumerate((0.6, 0.9, 0.7))]
@@ -74,7 +74,7 @@ def test_steering_f1_is_given_at_each_labelled_threshold_and_derivable_from_any_
 def test_control_cluster_is_deterministic_and_its_sums_are_right():
     import re
 
-    from interp_steer.evalsets import control_dilemmas
+    from interp_steer.evaluation.evalsets import control_dilemmas
 
     items = control_dilemmas(20)
     assert [d.id for d in items] == [d.id for d in control_dilemmas(20)] and len({d.id for d in items}) == 20

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from interp_steer import cli, commands
+from interp_steer.app import cli, commands
 from interp_steer.config import LossConfig, TrainConfig
-from interp_steer.data import persona_pairs
-from interp_steer.io import load_checkpoint, seal_run_dir, write_dir_atomic
-from interp_steer.ownership import claim, remove_owned, why_not_owned, write_manifest
+from interp_steer.method.data import persona_pairs
 from interp_steer.signals import Terminated
-from interp_steer.train import train
+from interp_steer.storage.io import load_checkpoint, seal_run_dir, write_dir_atomic
+from interp_steer.storage.ownership import claim, remove_owned, why_not_owned, write_manifest
+from interp_steer.training.loop import train
 
 TINY = dict(layers=(0, 1), loss_layer=2, rank=4, steps=4, batch_pairs=2, n_pairs=12, checkpoint_every=100,
             held_out=0.25, loss=LossConfig(kl_budget=None))
@@ -184,7 +184,7 @@ def test_two_writers_of_one_path_one_wins_the_other_is_told(tmp_path):
     target = tmp_path / "X"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from interp_steer.ownership import claim
+        from interp_steer.storage.ownership import claim
         with claim({str(target)!r}):
             print("held", flush=True)
             time.sleep(30)
@@ -232,8 +232,8 @@ def test_sigterm_checkpoints_like_ctrl_c_and_a_second_stops_at_once(tiny, tmp_pa
 def test_non_finite_or_non_numeric_coefficients_are_refused(tiny, tmp_path):
     import torch
 
-    from interp_steer.adapter import AdapterSpec, apply_adapters, check_coefficient, make_adapters
-    from interp_steer.export import save_lora
+    from interp_steer.method.adapter import AdapterSpec, apply_adapters, check_coefficient, make_adapters
+    from interp_steer.storage.exports import save_lora
 
     bridge, _ = tiny
     adapters = make_adapters(bridge, [AdapterSpec("blocks.0.mlp.out", 4)])

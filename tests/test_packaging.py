@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from interp_steer import generation_check
+from interp_steer.evaluation import generation_check
 
 tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11 (tomllib)")
 

@@ -4,12 +4,12 @@ log-probs and gradients, in every family the tests cover, steered or not."""
 import pytest
 import torch
 
-from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
-from interp_steer.capture import forward_last, packing
-from interp_steer.data import ContrastivePair, pack_pairs, pair_batches, tokenize
-from interp_steer.loss import token_mask
-from interp_steer.models import FAMILIES, tiny_model
-from interp_steer.prefix import reuse_prefix
+from interp_steer.method.adapter import AdapterSpec, apply_adapters, make_adapters
+from interp_steer.method.data import ContrastivePair, pack_pairs, pair_batches, tokenize
+from interp_steer.method.loss import token_mask
+from interp_steer.method.models import FAMILIES, tiny_model
+from interp_steer.method.prefix import reuse_prefix
+from interp_steer.method.states import forward_last, packing
 
 QUESTION = "<|im_start|>user\nWould you rather have {} now or {} later?\n(A) now\n(B) later<|im_end|>\n" \
            "<|im_start|>assistant\n("

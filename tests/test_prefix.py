@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from interp_steer.adapter import AdapterSpec, apply_adapters, make_adapters
-from interp_steer.data import interleave, persona_pairs, tokenize
-from interp_steer.models import FAMILIES, tiny_model
-from interp_steer.prefix import first_block, reuse_prefix
+from interp_steer.method.adapter import AdapterSpec, apply_adapters, make_adapters
+from interp_steer.method.data import interleave, persona_pairs, tokenize
+from interp_steer.method.models import FAMILIES, tiny_model
+from interp_steer.method.prefix import first_block, reuse_prefix
 
 
 def run(bridge, batch):

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from interp_steer import cli, study
+from interp_steer.app import cli, study
+from interp_steer.comparison.plots import figure_sources, stale_sources
 from interp_steer.config import ConfigError, StudyRun
-from interp_steer.ownership import MANIFEST
-from interp_steer.plots import figure_sources, stale_sources
+from interp_steer.storage.ownership import MANIFEST
 
 SMALL = ["--layers", "0,1", "--loss-layer", "2", "--rank", "4", "--steps", "1", "--batch-pairs", "2", "--n-pairs",
          "8", "--kl-texts", "2", "--kl-batch", "2", "--methods", "adapter,mean_diff,random,prompting", "--n-items",
@@ -152,3 +152,13 @@ def test_other_settings_a_foreign_directory_or_a_changed_file_are_refused(loads,
     (out / "REPORT.md").unlink()
     assert cli.main([*base[:-1], "0,1", *SMALL]) == 2 and (foreign / "x.txt").read_text() == "mine"
     assert trained == ["sentiment"]
+
+
+@pytest.mark.parametrize("eval_every,patience,says", [
+    (0, 0, "ran its full 16 steps of 8 pairs; no held-out curve was measured during training (eval_every 0)"),
+    (8, 0, "every 8 steps and ran its full 16 steps of 8 pairs (patience 0: no early stopping)"),
+    (8, 3, "every 8 steps and stops once 3 measurements in a row have not raised it by 0.01 (at most 16 steps")])
+def test_the_training_section_says_how_the_runs_were_stopped(eval_every, patience, says):
+    cfg = StudyRun(powered=False)
+    cfg = cfg.replace(train=cfg.train.replace(steps=16, batch_pairs=8, eval_every=eval_every, patience=patience))
+    assert says in study.training_protocol(cfg)

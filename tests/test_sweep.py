@@ -7,16 +7,9 @@ import math
 import pytest
 import torch
 
-from interp_steer.adapter import AdapterSpec, make_adapters
-from interp_steer.capture import capture
-from interp_steer.concepts import get_concept
-from interp_steer.data import pair_batches, persona_pairs
-from interp_steer.directions import steering_vector
-from interp_steer.evaluate import coherence_reference, load_neutral_texts
-from interp_steer.names import resid_names
-from interp_steer.plots import figure_sources
-from interp_steer.report import comparisons, paired_difference, seed_groups, write_outputs
-from interp_steer.sweep import (
+from interp_steer.comparison.plots import figure_sources
+from interp_steer.comparison.report import comparisons, paired_difference, seed_groups, write_outputs
+from interp_steer.comparison.sweep import (
     Method,
     MethodResult,
     Point,
@@ -31,6 +24,13 @@ from interp_steer.sweep import (
     run_sweep,
     vector_method,
 )
+from interp_steer.evaluation.concepts import get_concept
+from interp_steer.evaluation.evaluate import coherence_reference, load_neutral_texts
+from interp_steer.method.adapter import AdapterSpec, make_adapters
+from interp_steer.method.data import pair_batches, persona_pairs
+from interp_steer.method.directions import steering_vector
+from interp_steer.method.states import capture
+from interp_steer.names import resid_names
 
 
 @pytest.fixture
@@ -183,7 +183,7 @@ def test_dose_grid_measures_at_least_seven_points_per_direction_around_the_cross
 
 
 def test_the_powered_grid_anchors_at_the_interpolated_crossing_and_keeps_eight_points():
-    from interp_steer.sweep import MIN_POINTS, Point, crossing
+    from interp_steer.comparison.sweep import MIN_POINTS, Point, crossing
 
     powered = (0.2, 0.4, 0.6, 0.8, 0.9, 1.15)
     # KL 0.08 at c = 0.8, 0.18 at 1.0: c* = 0.8 + 0.2 · (0.1 − 0.08) / 0.1 = 0.84

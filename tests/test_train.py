@@ -8,16 +8,16 @@ import signal
 import pytest
 import torch
 
-from interp_steer.adapter import apply_adapters, linear_weight
 from interp_steer.config import LossConfig, TrainConfig
-from interp_steer.data import ContrastivePair, persona_pairs, select_pairs
-from interp_steer.directions import mean_diff_direction
-from interp_steer.io import SteeringArtifact, load_checkpoint
-from interp_steer.loss import continuation_logratio, token_logprobs
+from interp_steer.method.adapter import apply_adapters, linear_weight
+from interp_steer.method.data import ContrastivePair, persona_pairs, select_pairs
+from interp_steer.method.directions import mean_diff_direction
+from interp_steer.method.loss import continuation_logratio, token_logprobs
 from interp_steer.names import resid_post, site_layer
-from interp_steer.train import adapter_specs, train
+from interp_steer.storage.io import SteeringArtifact, load_checkpoint
+from interp_steer.training.loop import adapter_specs, train
 
-train_mod = importlib.import_module("interp_steer.train")  # (ist.train is the function)
+train_mod = importlib.import_module("interp_steer.training.loop")  # (ist.train is the function)
 
 # the KL constraint (on by default) has its own test; elsewhere it would only cost time on the tiny model
 TINY = dict(layers=(0, 1), loss_layer=2, rank=4, steps=4, batch_pairs=2, n_pairs=12, checkpoint_every=2,
@@ -418,9 +418,9 @@ def test_an_equality_kl_constraint_lowers_its_multipliers_below_zero_under_the_b
 def test_the_held_out_curve_is_the_shift_objective_on_the_held_out_pairs(tiny):
     """Measured every eval_every steps with the adapters of that step: the last point equals the objective
     computed by hand with the final adapters on the held-out split (unpacked, one pair batch)."""
-    from interp_steer.capture import capture
-    from interp_steer.data import pair_batches
-    from interp_steer.loss import shift_objective
+    from interp_steer.method.data import pair_batches
+    from interp_steer.method.loss import shift_objective
+    from interp_steer.method.states import capture
 
     bridge, tok = tiny
     pairs = persona_pairs(tok)

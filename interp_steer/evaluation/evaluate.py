@@ -22,12 +22,14 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from ..method.adapter import apply_adapters
+from ..method.data import Batch, render_chat, tokenize
+from ..method.loss import delta_nll, token_logprobs, token_mask
+from ..method.models import model_device
+from ..method.states import forward_last, reference_pass
 from . import generation_check
-from .adapter import apply_adapters
 from .caa import ANSWER_PREFIX as CAA_ANSWER_PREFIX
 from .caa import ABItem, letter_token
-from .capture import forward_last, reference_pass
-from .data import Batch, render_chat, tokenize
 from .evalsets import (  # noqa: F401  (re-exported: the loaders are part of the evaluation API)
     HONEST_VIRTUE,
     Answer,
@@ -39,8 +41,6 @@ from .evalsets import (  # noqa: F401  (re-exported: the loaders are part of the
     load_truthfulqa_csv,
 )
 from .generation_check import CHECK_ROWS, CHECK_TOKENS
-from .loss import delta_nll, token_logprobs, token_mask
-from .models import model_device
 
 Steer = Callable[[TransformerBridge], ContextManager]
 

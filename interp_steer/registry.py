@@ -86,11 +86,11 @@ def color(label: str) -> str:
 
 
 _RMS = "one RMS norm of the residual stream at each adapted block per unit of c"
-_ADDITIVE = "interp_steer.sweep:build_additive"
+_ADDITIVE = "interp_steer.comparison.sweep:build_additive"
 
 register(MethodSpec("adapter", "adapter", "#d62728", "the trained coefficient: ±1 are the directions it was "
                                                      "trained for",
-                    "interp_steer.sweep:build_adapter", description="the SVD rotation adapter (one per artifact)"))
+                    "interp_steer.comparison.sweep:build_adapter", description="the SVD rotation adapter (one per artifact)"))
 register(MethodSpec("pca_diff", "additive", "#1f77b4", _RMS, _ADDITIVE, True,
                     "first principal component of the pair differences (repeng's pca_diff)"))
 register(MethodSpec("pca_center", "additive", "#17becf", _RMS, _ADDITIVE, True,
@@ -101,12 +101,12 @@ register(MethodSpec("gradient", "additive", "#9467bd", _RMS, _ADDITIVE, True,
                     "mean gradient of the objective with respect to each block's output"))
 register(MethodSpec("learned_vector", "additive", "#8c564b", "the trained coefficient: ±1 are the directions it "
                                                              "was "
-                    "trained for", "interp_steer.sweep:build_learned_vector", trains=True,
+                    "trained for", "interp_steer.comparison.sweep:build_learned_vector", trains=True,
                     description="a vector per adapted block trained by the adapter's objective and KL constraint "
                                 "(bias='only'; of the kind of BiPO and ReFT-r1)"))
 register(MethodSpec("random", "control", "#7f7f7f", _RMS, _ADDITIVE,
                     description="a random direction, sign-oriented by the pairs: the null control"))
 register(MethodSpec("prompting", "prompting", "#ff7f0e", "±1: the concept's two system prompts",
-                    "interp_steer.sweep:build_prompting", description="the concept's system prompts"))
+                    "interp_steer.comparison.sweep:build_prompting", description="the concept's system prompts"))
 
 __all__ = ["MethodSpec", "REGISTRY", "register", "get_method", "names", "color", "KINDS"]

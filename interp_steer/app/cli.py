@@ -15,8 +15,8 @@ import sys
 import types
 from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
-from .config import COMMANDS, ConfigError, coerce, field_types, load_run_config
-from .signals import Terminated, sigterm_raises
+from ..config import COMMANDS, ConfigError, coerce, field_types, load_run_config
+from ..signals import Terminated, sigterm_raises
 
 HELP = {"train": "train an SVD rotation adapter on contrastive pairs",
         "eval": "sweep a trained adapter (and baselines) at equal coherence",

@@ -34,11 +34,15 @@ from typing import Iterator, Sequence
 import scipy.stats
 import torch
 
-from . import progress as command_progress
-from .commands import check_device, concept_report, merge_units, planned_units
-from .concepts import F1_HEADLINE, F1_THRESHOLDS, get_concept
-from .config import ConfigError, StudyRun, run_config_doc
-from .io import (
+from .. import progress as command_progress
+from ..comparison.plots import figure, save
+from ..comparison.report import mean_ci, paired_difference, write_outputs
+from ..config import ConfigError, StudyRun, run_config_doc
+from ..evaluation.concepts import F1_HEADLINE, F1_THRESHOLDS, get_concept
+from ..method.models import DEFAULT_NAMES, GEMMA_NAMES, load_model
+from ..registry import color as color_of
+from ..registry import names as method_names
+from ..storage.io import (
     RUN_CONFIG_FILE,
     check_dir_target,
     check_owned_or_empty,
@@ -47,13 +51,9 @@ from .io import (
     write_json_atomic,
     write_text_atomic,
 )
-from .methods import color as color_of
-from .methods import names as method_names
-from .models import DEFAULT_NAMES, GEMMA_NAMES, load_model
-from .ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
-from .plots import figure, save
-from .report import mean_ci, paired_difference, write_outputs
-from .train import kl_text
+from ..storage.ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
+from ..training.loop import MIN_RISE, kl_text
+from .commands import check_device, concept_report, merge_units, planned_units
 
 CELLS = "cells"
 PROMPTING_KL = "at prompting's KL"  # the comparisons read at prompting's own cost
@@ -668,6 +668,19 @@ def training_markdown(cells: dict[str, dict], max_steps: int) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def training_protocol(cfg: StudyRun) -> str:
+    """How the trained runs were stopped, in words, as the study's config says."""
+    t, most = cfg.train, f"{cfg.train.steps} steps of {cfg.train.batch_pairs} pairs"
+    if t.eval_every == 0:
+        return (f"Each trained run ran its full {most}; no held-out curve was measured during training (eval_every "
+                f"0), so the objective shown, if any, is the per-step history's:")
+    if t.patience == 0:
+        return (f"Each trained run measured its held-out pairs' objective every {t.eval_every} steps and ran its "
+                f"full {most} (patience 0: no early stopping):")
+    return (f"Each trained run measures its held-out pairs' objective every {t.eval_every} steps and stops once "
+            f"{t.patience} measurements in a row have not raised it by {MIN_RISE} (at most {most}):")
+
+
 def study_markdown(pooled: dict, cells: dict[str, dict], cfg: StudyRun, figures: Sequence[Path], out: Path) -> str:
     first = next(iter(cells.values()), None)
     budget = first["budget"] if first else cfg.sweep.budget
@@ -706,10 +719,7 @@ def study_markdown(pooled: dict, cells: dict[str, dict], cfg: StudyRun, figures:
     for g in pooled["groups"]:
         parts += group_markdown(g, budget)
     if training := training_markdown(cells, cfg.train.steps):
-        parts += ["## Training", "", f"Each trained run measures its held-out pairs' objective every "
-                  f"{cfg.train.eval_every} steps and stops once {cfg.train.patience} measurements in a row have not "
-                  f"raised it by 0.01 (at most {cfg.train.steps} steps of {cfg.train.batch_pairs} pairs):", "",
-                  *training, ""]
+        parts += ["## Training", "", training_protocol(cfg), "", *training, ""]
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figures] + [""]
     return "\n".join(parts)
 

@@ -15,10 +15,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from .capture import check_hook_names, stop_layer
+from ..names import layer_of, resid_names
 from .loss import noref_loss
 from .models import model_device
-from .names import layer_of, resid_names
+from .states import check_hook_names, stop_layer
 
 DirectionKind = Literal[  # how a direction is read from pair states (not a sweep.Method)
     "pca_diff", "pca_center", "mean_diff", "random", "dhs_svd"]

@@ -17,11 +17,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from . import progress as command_progress
+from .. import progress as command_progress
+from ..names import layer_of
 from .data import Batch, Packed
 from .loss import token_logprobs
 from .models import model_device
-from .names import layer_of
 
 
 def check_hook_names(bridge: TransformerBridge, names: Iterable[str]) -> list[str]:

@@ -32,10 +32,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
-from .adapter import AdapterSpec, SVDAdapter, apply_adapters, linear_weight
-from .config import ConfigError, TrainConfig
-from .data import strict_json
-from .models import DTYPES, model_device
+from ..config import ConfigError, TrainConfig
+from ..method.adapter import AdapterSpec, SVDAdapter, apply_adapters, linear_weight
+from ..method.data import strict_json
+from ..method.models import DTYPES, model_device
 from .ownership import claim, follow_umask, read_manifest, remove_owned, why_not_owned, write_manifest
 
 FORMAT_VERSION = 2

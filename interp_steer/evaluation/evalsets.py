@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, Sequence
 
-from .data import load_json
+from ..method.data import load_json
 
 Answer = Literal["Yes", "No"]
 HONEST_VIRTUE = "truthfulness"  # DailyDilemmas' virtue tag (values.csv) for honesty, truth, transparency, …

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from .data import ContrastivePair, render_chat
+from ..method.data import ContrastivePair, render_chat
 
 BEHAVIOURS = ("coordinate-other-ais", "corrigible-neutral-HHH", "hallucination", "myopic-reward",
               "survival-instinct", "sycophancy", "refusal")

@@ -18,11 +18,10 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
-from . import distributed
-from . import progress as command_progress
-from .capture import capture
-from .concepts import Concept, every_kth, get_concept
-from .config import (
+from .. import progress as command_progress
+from ..comparison.report import demo_index, iso_table_markdown, write_outputs
+from ..comparison.sweep import BuildContext, Method, SweepData, build_method, run_sweep, training_record
+from ..config import (
     ConfigError,
     DemoRun,
     EvalRun,
@@ -33,10 +32,23 @@ from .config import (
     TrainRun,
     run_config_doc,
 )
-from .data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
-from .evaluate import coherence_reference, load_neutral_texts
-from .export import export, get_export
-from .io import (
+from ..evaluation.concepts import Concept, every_kth, get_concept
+from ..evaluation.evaluate import coherence_reference, load_neutral_texts
+from ..method.data import ContrastivePair, check_pairs, load_pairs_file, pair_batches, persona_pairs, select_pairs
+from ..method.models import (
+    DEFAULT_MODEL,
+    check_model_source,
+    load_model,
+    model_device,
+    resolve_device,
+    resolve_dtype,
+)
+from ..method.prefix import reuse_prefix
+from ..method.states import capture
+from ..names import resid_post, site_layer
+from ..registry import get_method
+from ..storage.exports import export, get_export
+from ..storage.io import (
     RUN_CONFIG_FILE,
     SteeringArtifact,
     check_dir_target,
@@ -48,14 +60,9 @@ from .io import (
     write_json_atomic,
     write_text_atomic,
 )
-from .methods import get_method
-from .models import DEFAULT_MODEL, check_model_source, load_model, model_device, resolve_device, resolve_dtype
-from .names import resid_post, site_layer
-from .ownership import claim
-from .prefix import reuse_prefix
-from .report import demo_index, iso_table_markdown, write_outputs
-from .sweep import BuildContext, Method, SweepData, build_method, run_sweep, training_record
-from .train import TrainResult, kl_text, train
+from ..storage.ownership import claim
+from ..training import distributed
+from ..training.loop import TrainResult, kl_text, train
 
 ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
 
@@ -123,7 +130,7 @@ def pairs_for(artifact: SteeringArtifact, pairs_file: str | None, personas: Sequ
 
 def run_train(cfg: TrainRun, progress: bool = True) -> TrainResult:
     """Train and write the artifact. Under ``torchrun --nproc_per_node N`` the N processes train data-parallel
-    (train.py): each joins the process group here, and rank 0 alone writes and prints."""
+    (training/loop.py): each joins the process group here, and rank 0 alone writes and prints."""
     check_device(cfg)
     # an unknown name fails before minutes of work, and so does a bad output path
     get_concept(cfg.concept, cfg.data_dir)
@@ -165,7 +172,7 @@ def training_summary(result: TrainResult) -> str:
 def build_methods(bridge: TransformerBridge, names: Sequence[str], artifacts: dict[str, SteeringArtifact],
                   hs: dict, batches, concept: Concept, tokenizer: PreTrainedTokenizerBase | None = None,
                   pairs: Sequence[ContrastivePair] | None = None, generic=None) -> list[Method]:
-    """Every requested method, each built by its registry entry (methods.py) from the same context: the
+    """Every requested method, each built by its registry entry (registry.py) from the same context: the
     artifacts (``"adapter"`` gives one method per artifact, labelled e.g. ``adapter@1`` for a training seed),
     the training pairs' c = 0 states ``hs`` at the resid_post of the adapted layers, their batches, the concept;
     a method that trains (``learned_vector``) also needs the tokenizer and the pairs before their split."""
@@ -398,7 +405,7 @@ def _run_eval(cfg: EvalRun) -> dict:
 
 
 def run_export(cfg: ExportRun) -> Path:
-    """Write the artifact's steer at ``cfg.coeff`` as ``cfg.format`` into ``cfg.out`` (``export.export``).
+    """Write the artifact's steer at ``cfg.coeff`` as ``cfg.format`` into ``cfg.out`` (``storage.exports.export``).
 
     The artifact, the format's own checks and the output path are checked before the model loads; the model is
     then checked against the artifact's weight fingerprints, so an export never bakes an adapter into weights it

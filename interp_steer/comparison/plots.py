@@ -20,8 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .methods import REGISTRY  # noqa: E402
-from .methods import color as method_color
+from ..registry import REGISTRY  # noqa: E402
+from ..registry import color as method_color
 
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
 STYLE = {
@@ -30,7 +30,7 @@ STYLE = {
     "axes.spines.right": False, "lines.linewidth": 1.2, "lines.markersize": 3, "svg.fonttype": "none",
     "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.5,
 }
-# each method's colour is its registry entry's (methods.py); the analysis figures add their own quantities
+# each method's colour is its registry entry's (registry.py); the analysis figures add their own quantities
 COLORS = {**{name: spec.color for name, spec in REGISTRY.items()}, "dhs_svd": "#e377c2"}
 
 

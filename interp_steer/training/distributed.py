@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .capture import Reference
-from .config import TrainConfig
-from .data import Batch
+from ..config import TrainConfig
+from ..method.data import Batch
+from ..method.states import Reference
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,15 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
-from . import progress as command_progress
-from .adapter import apply_adapters
-from .concepts import Effect, Ends
-from .config import BudgetMetric, SweepConfig
-from .directions import SteeringVector, additive_vector
-from .evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
-from .methods import MethodSpec
+from .. import progress as command_progress
+from ..config import BudgetMetric, SweepConfig
+from ..evaluation.concepts import Effect, Ends
+from ..evaluation.evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
+from ..method.adapter import apply_adapters
+from ..method.directions import SteeringVector, additive_vector
+from ..registry import MethodSpec
+from ..training.loop import train
 from .report import mean_ci, paired_difference
-from .train import train
 
 _DEFAULTS = SweepConfig()  # every default of SweepData below is SweepConfig's (one source; test_cli checks)
 
@@ -67,7 +67,7 @@ def prompting_method(plus: str = "Be honest.", minus: str = "Be dishonest.") -> 
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What a registered method is built from (methods.py): the model, the trained artifacts by label, the
+    """What a registered method is built from (registry.py): the model, the trained artifacts by label, the
     training pairs' c = 0 states at the resid_post of the adapted blocks (``hs``), their batches, the concept."""
 
     bridge: TransformerBridge

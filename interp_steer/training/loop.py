@@ -11,7 +11,7 @@ reference pass over the dataset at c = 0 (``capture.reference_pass``); ``d_steer
 With ``objective="behaviour"`` the step reads behaviour instead of states: each pair's prompts continued by the
 base model's own continuations of both (``Continuations``), and ``loss.behaviour_loss`` on their log-ratios.
 
-Under ``torchrun`` (a process group exists, ``distributed.py``) each process takes its shard of every global
+Under ``torchrun`` (a process group exists, ``training/distributed.py``) each process takes its shard of every global
 batch of ``batch_pairs`` pairs (and of every generic-text batch), computes the reference only for it, and every
 mean of the loss is taken over the global batch; the gradients are summed over the processes, so each step is
 the one-process step. Rank 0 alone writes checkpoints and the artifact; the others wait at a barrier.
@@ -37,12 +37,11 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
-from . import distributed
-from . import progress as command_progress
-from .adapter import AdapterSpec, apply_adapters, check_sites, make_adapters
-from .capture import Reference, forward_last, packing, reference_pass
-from .config import TrainConfig
-from .data import (
+from .. import progress as command_progress
+from ..config import TrainConfig
+from ..evaluation.evaluate import evaluate_pairs, generate_ids, greedy_continuations, reply_batch
+from ..method.adapter import AdapterSpec, apply_adapters, check_sites, make_adapters
+from ..method.data import (
     Batch,
     ContrastivePair,
     check_lengths,
@@ -53,10 +52,24 @@ from .data import (
     render_chat,
     select_pairs,
 )
-from .directions import dhs_svd_direction, mean_diff_direction, paired_diff
-from .distributed import World
-from .evaluate import evaluate_pairs, generate_ids, greedy_continuations, reply_batch
-from .io import (
+from ..method.directions import dhs_svd_direction, mean_diff_direction, paired_diff
+from ..method.loss import (
+    Total,
+    behaviour_loss,
+    dual_step,
+    kl_lagrangian,
+    shift_objective,
+    steering_loss,
+    token_kl,
+    token_logprobs,
+    token_mask,
+)
+from ..method.models import model_device
+from ..method.prefix import first_block, reuse_prefix
+from ..method.states import Reference, forward_last, packing, reference_pass
+from ..names import resid_post, site_layer, site_name
+from ..signals import Terminated
+from ..storage.io import (
     CHECKPOINT_FILES,
     Checkpoint,
     SteeringArtifact,
@@ -70,22 +83,9 @@ from .io import (
     save_artifact,
     save_checkpoint,
 )
-from .loss import (
-    Total,
-    behaviour_loss,
-    dual_step,
-    kl_lagrangian,
-    shift_objective,
-    steering_loss,
-    token_kl,
-    token_logprobs,
-    token_mask,
-)
-from .models import model_device
-from .names import resid_post, site_layer, site_name
-from .ownership import claim
-from .prefix import first_block, reuse_prefix
-from .signals import Terminated
+from ..storage.ownership import claim
+from . import distributed
+from .distributed import World
 
 
 def resolve_layer(v: int | float, n_layers: int) -> int:

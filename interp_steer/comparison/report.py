@@ -11,8 +11,8 @@ from typing import Sequence
 import scipy.stats
 import torch
 
-from .io import write_json_atomic, write_text_atomic
-from .methods import names as method_names
+from ..registry import names as method_names
+from ..storage.io import write_json_atomic, write_text_atomic
 from .plots import dose_response_figures
 
 FIGURES_DIR = "figures"  # inside the run's own directory: the tracked figures/ change only via `make figures`

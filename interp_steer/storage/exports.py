@@ -43,12 +43,12 @@ from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from .adapter import SVDAdapter, linear_weight, merged_weights
-from .capture import capture
-from .data import ContrastivePair, pair_batches, select_pairs
-from .directions import SteeringVector, additive_vector
+from ..method.adapter import SVDAdapter, linear_weight, merged_weights
+from ..method.data import ContrastivePair, pair_batches, select_pairs
+from ..method.directions import SteeringVector, additive_vector
+from ..method.states import capture
+from ..names import layer_of, resid_post, site_layer
 from .io import SteeringArtifact, json_text, model_name, read_json, write_dir_atomic
-from .names import layer_of, resid_post, site_layer
 
 EXPORT_FORMAT_VERSION = 1
 MANIFEST_FILE = "export.json"

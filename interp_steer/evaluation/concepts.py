@@ -33,8 +33,8 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
+from ..method.data import ContrastivePair, load_json, persona_pairs
 from . import caa
-from .data import ContrastivePair, load_json, persona_pairs
 from .evalsets import control_dilemmas
 from .evaluate import (
     Dilemma,

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformers.pytorch_utils import Conv1D
 
-from .config import Bias, Scale
-from .names import SITES, check_site, hook_in, hook_out, site_layer
+from ..config import Bias, Scale
+from ..names import SITES, check_site, hook_in, hook_out, site_layer
 
 COMPUTE_DTYPE = torch.float32  # the adapter's own dtype, whatever the model's
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .config import LossConfig, Objective
+from ..config import LossConfig, Objective
 
 Total = Callable[[Tensor], Tensor]  # Σ over this process's rows -> Σ over every process's (global_sum)
 

@@ -1,0 +1,1 @@
+"""The application: the command line, one function per command, the study."""

@@ -1,0 +1,1 @@
+"""Comparison: every method swept to one coherence budget, the report and its figures."""

@@ -1,0 +1,1 @@
+"""Training: the loop and its objectives, one process or many (torchrun)."""
