@@ -19,7 +19,8 @@ import math
 import sys
 from pathlib import Path
 
-from interp_steer.comparison.report import paired_difference, seed_groups
+from interp_steer.comparison.report import seed_groups
+from interp_steer.comparison.stats import paired_difference
 from interp_steer.registry import names as method_names
 
 

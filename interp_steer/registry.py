@@ -16,7 +16,31 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Callable, Literal, no_type_check
+from typing import Callable, Generic, Literal, TypeVar, no_type_check
+
+T = TypeVar("T")
+
+
+class Registry(dict, Generic[T]):
+    """Names to what they name (methods, export formats, concepts): one rule for a name registered twice (refused
+    unless ``replace=True``) and one error for a name not registered, listing those that are. Read it as a dict."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def add(self, name: str, item: T, *, replace: bool = False) -> T:
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+            raise ValueError(f"{self.what} name {name!r} must be lower-case letters, digits, '_' and '-'")
+        if name in self and not replace:
+            raise ValueError(f"{self.what} {name!r} is registered already (pass replace=True to replace it)")
+        self[name] = item
+        return item
+
+    def find(self, name: str, hint: str = "") -> T:
+        if name not in self:
+            raise ValueError(f"unknown {self.what} {name!r}; registered: {', '.join(self)}{hint}")
+        return self[name]
 
 Kind = Literal["adapter", "additive", "control", "prompting"]
 KINDS: tuple[str, ...] = ("adapter", "additive", "control", "prompting")
@@ -46,15 +70,15 @@ class MethodSpec:
         return getattr(importlib.import_module(module), name)
 
 
-REGISTRY: dict[str, MethodSpec] = {}
+REGISTRY: Registry[MethodSpec] = Registry("method")
 
 
-def register(spec: MethodSpec) -> MethodSpec:
+def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
     """Make ``spec`` a method of every sweep, report and figure (``--methods NAME``)."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name):
         raise ValueError(f"method name {spec.name!r} must be lower-case letters, digits and '_'")
-    if spec.name in REGISTRY:
-        raise ValueError(f"method {spec.name!r} is registered already")
+    if spec.name in REGISTRY and not replace:
+        REGISTRY.add(spec.name, spec)  # refused: the registry's one message
     if spec.kind not in KINDS:
         raise ValueError(f"method {spec.name!r}: kind must be one of {', '.join(KINDS)}, got {spec.kind!r}")
     if not re.fullmatch(r"#[0-9a-fA-F]{6}", spec.color):
@@ -63,14 +87,11 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"method {spec.name!r}: only an additive method can be written as a control vector")
     if not (callable(spec.build) or re.fullmatch(r"[\w.]+:\w+", spec.build)):
         raise ValueError(f"method {spec.name!r}: build must be a function or 'module:function', got {spec.build!r}")
-    REGISTRY[spec.name] = spec
-    return spec
+    return REGISTRY.add(spec.name, spec, replace=replace)
 
 
 def get_method(name: str) -> MethodSpec:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; registered: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+    return REGISTRY.find(name)
 
 
 def names(kind: str | None = None, control_vector: bool | None = None) -> tuple[str, ...]:
@@ -109,4 +130,4 @@ register(MethodSpec("random", "control", "#7f7f7f", _RMS, _ADDITIVE,
 register(MethodSpec("prompting", "prompting", "#ff7f0e", "±1: the concept's two system prompts",
                     "interp_steer.comparison.sweep:build_prompting", description="the concept's system prompts"))
 
-__all__ = ["MethodSpec", "REGISTRY", "register", "get_method", "names", "color", "KINDS"]
+__all__ = ["Registry", "MethodSpec", "REGISTRY", "register", "get_method", "names", "color", "KINDS"]

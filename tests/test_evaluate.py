@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 
 from interp_steer.evaluation import evaluate as ev  # imported under the jaxtyping import hook by conftest.py
 from interp_steer.method.adapter import AdapterSpec, apply_adapters, make_adapters
@@ -257,72 +256,6 @@ def test_coherence_with_a_system_prompt_compares_the_same_reply_tokens(tiny):
 def test_default_neutral_texts_load():
     texts = ev.load_neutral_texts()
     assert len(texts) >= 20 and all(isinstance(t, str) and t for t in texts)
-
-
-# ------------------------------------------------------------------------------- curves: iso-coherence
-
-
-def test_iso_coherence_finds_the_known_crossing_both_ways():
-    c = np.array([-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0])
-    iso = ev.iso_coherence(c, 2 * c, c**2, budget=0.25)
-    assert (iso.plus.coeff, iso.plus.effect, iso.plus.crossed) == (0.5, 1.0, True)
-    assert (iso.minus.coeff, iso.minus.effect, iso.minus.crossed) == (-0.5, -1.0, True)
-    assert iso.symmetry == 1.0 and iso.effect_zero == 0.0
-    assert iso.to_dict()["minus"] == {"coeff": -0.5, "effect": -1.0, "crossed": True, "peak_coeff": -0.5,
-                                      "peak_effect": -1.0}
-    # a grid that misses the crossing: linear interpolation between 0.4 (0.16) and 0.6 (0.36)
-    p = ev.effect_at_budget([0, 0.4, 0.6, 1.0], [0, 0.8, 1.2, 2.0], [0, 0.16, 0.36, 1.0], budget=0.25)
-    assert p.coeff == pytest.approx(0.49) and p.effect == pytest.approx(0.98) and p.crossed
-    # input order does not matter
-    perm = np.random.default_rng(0).permutation(len(c))
-    assert ev.iso_coherence(c[perm], 2 * c[perm], c[perm] ** 2, 0.25) == iso
-
-
-def test_budget_never_crossed_returns_the_last_point_flagged():
-    p = ev.effect_at_budget([0, -1, -2], [0, -1, -3], [0, 0.01, 0.02], budget=0.1)
-    assert (p.coeff, p.effect, p.crossed) == (-2.0, -3.0, False)
-    assert (p.peak_coeff, p.peak_effect) == (-2.0, -3.0)
-
-
-def test_non_monotone_curves():
-    # effect peaks early, then falls before the budget is spent: effect at the crossing vs the peak
-    p = ev.effect_at_budget([0, 1, 2, 3], [0, 3, 1, 0], [0, 0.05, 0.08, 0.2], budget=0.1)
-    assert p.coeff == pytest.approx(2 + 1 / 6) and p.effect == pytest.approx(1 - 1 / 6) and p.crossed
-    assert (p.peak_coeff, p.peak_effect) == (1.0, 3.0)
-    # ΔNLL above budget, then back under it: the walk stops at the first crossing
-    q = ev.effect_at_budget([0, 1, 2, 3], [0, 1, 2, 3], [0, 0.2, 0.05, 0.01], budget=0.1)
-    assert q.coeff == pytest.approx(0.5) and q.effect == pytest.approx(0.5) and q.crossed
-    # a minus direction that goes the wrong way: its peak stays at c = 0
-    iso = ev.iso_coherence([-2, -1, 0, 1, 2], [1, 0.5, 0, 1, 2], [0.02, 0.01, 0, 0.01, 0.02])
-    assert iso.minus.effect == 1.0 and iso.minus.peak_coeff == 0.0 and iso.symmetry == 0.0
-
-
-def test_curve_inputs_are_validated():
-    with pytest.raises(ValueError, match="start at 0"):
-        ev.effect_at_budget([0.5, 1], [0, 1], [0, 0.1])
-    with pytest.raises(ValueError, match="start at 0"):
-        ev.effect_at_budget([0, 1, -1], [0, 1, 1], [0, 0.1, 0.1])
-    with pytest.raises(ValueError, match="same length"):
-        ev.effect_at_budget([0, 1], [0, 1, 2], [0, 0.1])
-    with pytest.raises(ValueError, match="both signs"):
-        ev.iso_coherence([0, 1, 2], [0, 1, 2], [0, 0.1, 0.2])
-    with pytest.raises(ValueError, match="c = 0"):
-        ev.iso_coherence([-1, 1], [0, 1], [0.1, 0.1])
-
-
-def test_monotonicity_is_spearman_rho():
-    c = [-2, -1, 0, 1, 2]
-    assert ev.monotonicity(c, [-5, -1, 0, 0.1, 9]) == pytest.approx(1.0)
-    assert ev.monotonicity(c, [3, 2, 1, 0, -1]) == pytest.approx(-1.0)
-    e = [0, 2, 1, 3, 2.5]
-    assert ev.monotonicity(c, e) == pytest.approx(spearmanr(c, e).statistic)
-    assert np.isnan(ev.monotonicity(c, [1, 1, 1, 1, 1]))
-
-
-def test_symmetry():
-    assert ev.symmetry(1.0, -1.0) == 1.0
-    assert ev.symmetry(2.0, -1.0) == 0.5 and ev.symmetry(0.5, -2.0) == 0.25
-    assert ev.symmetry(1.0, 1.0) == 0.0 and ev.symmetry(-1.0, 1.0) == 0.0 and ev.symmetry(0.0, 0.0) == 0.0
 
 
 # -------------------------------------------------------------------------------------------- loaders

@@ -133,3 +133,29 @@ def test_learned_vector_is_trained_like_the_adapter_and_swept_like_the_others(ti
                      bisect_iters=0, grid=(0.5,))
     (result,) = run_sweep(bridge, tok, [lv], data)
     assert result.name == "learned_vector" and len(result.points) >= 3
+
+
+def test_one_registry_rule_for_methods_exports_and_concepts():
+    """Each registry refuses a name given twice (unless replace=True) and names what exists for an unknown one."""
+    import dataclasses
+
+    from interp_steer.evaluation import concepts
+    from interp_steer.storage import exports
+
+    cases = [(registry.REGISTRY, registry.register, registry.get_method, "adapter", "method"),
+             (exports.EXPORTS, exports.register_export, exports.get_export, "lora", "export format"),
+             (concepts.CONCEPTS, concepts.register, concepts.get_concept, "sentiment", "concept")]
+    for table, register_, get, name, what in cases:
+        spec = table[name]
+        with pytest.raises(ValueError, match=f"^{what} '{name}' is registered already"):
+            register_(dataclasses.replace(spec))
+        assert table[name] is spec
+        other = dataclasses.replace(spec)
+        try:
+            assert register_(other, replace=True) is other and get(name) is other
+        finally:
+            table[name] = spec
+        with pytest.raises(ValueError, match=f"^unknown {what} 'nope'; registered: {', '.join(table)}"):
+            get("nope")
+    with pytest.raises(ValueError, match="name 'Bad Name' must be lower-case"):
+        registry.Registry("thing").add("Bad Name", 1)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from interp_steer.comparison.plots import figure_sources
-from interp_steer.comparison.report import comparisons, paired_difference, seed_groups, write_outputs
+from interp_steer.comparison.report import comparisons, seed_groups, write_outputs
+from interp_steer.comparison.stats import paired_difference
 from interp_steer.comparison.sweep import (
     Method,
     MethodResult,

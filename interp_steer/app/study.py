@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import scipy.stats
 import torch
 
 from .. import progress as command_progress
 from ..comparison.plots import figure, save
-from ..comparison.report import mean_ci, paired_difference, write_outputs
+from ..comparison.report import write_outputs
+from ..comparison.stats import mean_ci, over_seeds, paired_difference
 from ..config import ConfigError, StudyRun, run_config_doc
 from ..evaluation.concepts import F1_HEADLINE, F1_THRESHOLDS, get_concept
 from ..method.models import DEFAULT_NAMES, GEMMA_NAMES, load_model
@@ -317,21 +317,6 @@ def read_cells(out: Path, cfg: StudyRun) -> tuple[dict[str, dict], list[str]]:
     return done, missing
 
 
-def _over_seeds(values: list[float], fallback_ci: list | None) -> dict:
-    """Mean over seeds with a t-interval over seeds (≥ 2 seeds), else the one seed's own interval."""
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return {"mean": math.nan, "ci95": [math.nan, math.nan], "n_seeds": 0, "per_seed": values}
-    m = sum(v) / len(v)
-    if len(v) >= 2:
-        sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-        half = float(scipy.stats.t.ppf(0.975, len(v) - 1)) * sd / math.sqrt(len(v))
-        ci, kind = [m - half, m + half], "t over seeds"
-    else:
-        ci, kind = [_num(x) for x in fallback_ci or [None, None]], "paired over items"
-    return {"mean": m, "ci95": ci, "ci_kind": kind, "n_seeds": len(v), "per_seed": values}
-
-
 def f1_at(ends: dict, min_mass: float) -> float:
     """Steering F1 at the choice-mass threshold ``min_mass`` from a cell's ends: F1 is its raw value times the
     mass factor where the smaller of the masses at ±c reaches the threshold, else NaN (``metrics.steering_f1``),
@@ -368,19 +353,19 @@ def pool(cells: dict[str, dict]) -> dict:
                        "budget_reached": [bool(s["budget_reached"]) for s in sides], "effects": {}}
                 for e in [*effects, *series]:
                     es = [s["effects"][e] for s in sides]
-                    row["effects"][e] = _over_seeds([_num(x.get("delta_paired", x["delta"])) for x in es],
+                    row["effects"][e] = over_seeds([_num(x.get("delta_paired", x["delta"])) for x in es],
                                                     es[0].get("ci95") if len(es) == 1 else None)
                 peaks = [s.get("peak", {}) for s in sides]
-                row["peak"] = {"delta": _over_seeds([_num(p.get("delta_paired")) for p in peaks],
+                row["peak"] = {"delta": over_seeds([_num(p.get("delta_paired")) for p in peaks],
                                                     peaks[0].get("ci95") if len(peaks) == 1 else None),
                                "coeff": [_num(p.get("coeff")) for p in peaks],
                                "turns_back": [bool(p.get("turns_back")) for p in peaks]}
                 ends = [c["iso_table"][m].get("ends") for c in cs if m in c["iso_table"]]
                 if side == "plus" and all(ends) and ends:
                     row["steering_f1_by_threshold"] = {
-                        label: _over_seeds([f1_at(x, m) for x in ends], None) for label, m in F1_THRESHOLDS.items()}
+                        label: over_seeds([f1_at(x, m) for x in ends], None) for label, m in F1_THRESHOLDS.items()}
                     row["steering_f1"] = row["steering_f1_by_threshold"][F1_HEADLINE]
-                    row["steering_f1_raw"] = _over_seeds([_num(x.get("f1_raw")) for x in ends], None)
+                    row["steering_f1_raw"] = over_seeds([_num(x.get("f1_raw")) for x in ends], None)
                     row["focus"] = [_num(x.get("focus")) for x in ends]
                     row["mass"] = [x.get("mass") for x in ends]
                 rows.append(row)
@@ -425,7 +410,7 @@ def compare(cs: list[dict], effects: Sequence[str], primary: str) -> list[dict]:
 def _pooled(per: list[dict]) -> dict:
     """Per-seed paired differences pooled over seeds (one seed: its interval over items), and whether the
     95 % interval excludes 0."""
-    pooled = _over_seeds([p["diff"] for p in per], per[0]["ci95"] if len(per) == 1 else None)
+    pooled = over_seeds([p["diff"] for p in per], per[0]["ci95"] if len(per) == 1 else None)
     lo, hi = pooled["ci95"]
     return {**pooled, "significant": bool(lo > 0 or hi < 0)}
 

@@ -8,15 +8,12 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import scipy.stats
-import torch
-
 from ..registry import names as method_names
 from ..storage.io import write_json_atomic, write_text_atomic
 from .plots import dose_response_figures
+from .stats import paired_difference, t_interval
 
 FIGURES_DIR = "figures"  # inside the run's own directory: the tracked figures/ change only via `make figures`
-Z95 = 1.959963984540054
 
 
 def write_outputs(report: dict, out: Path) -> list[Path]:
@@ -34,23 +31,6 @@ def write_outputs(report: dict, out: Path) -> list[Path]:
 
 def _f(x, spec=".3f"):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def mean_ci(d: torch.Tensor) -> tuple[float, float, list[float]]:
-    """Mean, standard error and normal 95 % CI of the finite values of ``d`` (NaN for fewer than two)."""
-    d = d[torch.isfinite(d)].double()
-    if len(d) < 2:
-        return math.nan, math.nan, [math.nan, math.nan]
-    m, se = d.mean().item(), (d.std(unbiased=True) / math.sqrt(len(d))).item()
-    return m, se, [m - Z95 * se, m + Z95 * se]
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Mean of a − b over the items defined in both, its standard error and 95 % CI (paired over items)."""
-    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    d = (x - y)[torch.isfinite(x) & torch.isfinite(y)]
-    m, se, (lo, hi) = mean_ci(d)
-    return {"diff": m, "se": se, "ci95": [lo, hi], "n": len(d), "significant": lo > 0 or hi < 0}
 
 
 def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
@@ -74,9 +54,7 @@ def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
         for side in ("plus", "minus"):
             effects = [rows[lb][side]["effects"][primary] for lb in labels]
             deltas = [math.nan if (d := e.get("delta_paired", e["delta"])) is None else d for e in effects]
-            m = mean(deltas)
-            sd = math.sqrt(sum((d - m) ** 2 for d in deltas) / (k - 1))
-            half = float(scipy.stats.t.ppf(0.975, k - 1)) * sd / math.sqrt(k)
+            m, ci = t_interval(deltas)
             items = [mean(v) for v in zip(*(e.get("item_deltas") or [] for e in effects))]
             others = {x: {"delta": mean([rows[lb][side]["effects"][x]["delta"] for lb in labels])}
                       for x in rows[labels[0]][side]["effects"] if x != primary}
@@ -84,7 +62,7 @@ def seed_groups(rows: dict[str, dict], primary: str) -> dict[str, dict]:
                          "budget_reached": all(rows[lb][side]["budget_reached"] for lb in labels),
                          "kl_mean": mean([rows[lb][side].get("kl_mean") for lb in labels]),
                          "dnll": mean([rows[lb][side].get("dnll") for lb in labels]),
-                         "effects": {primary: {"delta": m, "ci95": [m - half, m + half], "item_deltas": items,
+                         "effects": {primary: {"delta": m, "ci95": ci, "item_deltas": items,
                                                "seed_deltas": deltas}, **others}}
         ends = [rows[lb].get("ends") for lb in labels]
         if all(ends):

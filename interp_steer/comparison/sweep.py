@@ -26,12 +26,12 @@ from transformers import PreTrainedTokenizerBase
 from .. import progress as command_progress
 from ..config import BudgetMetric, SweepConfig
 from ..evaluation.concepts import Effect, Ends
-from ..evaluation.evaluate import CoherenceReference, Steer, coherence, iso_coherence, monotonicity
+from ..evaluation.evaluate import CoherenceReference, Steer, coherence
 from ..method.adapter import apply_adapters
 from ..method.directions import SteeringVector, additive_vector
 from ..registry import MethodSpec
 from ..training.loop import train
-from .report import mean_ci, paired_difference
+from .stats import iso_coherence, mean_ci, monotonicity, paired_difference
 
 _DEFAULTS = SweepConfig()  # every default of SweepData below is SweepConfig's (one source; test_cli checks)
 

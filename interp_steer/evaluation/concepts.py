@@ -34,6 +34,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from ..method.data import ContrastivePair, load_json, persona_pairs
+from ..registry import Registry
 from . import caa
 from .evalsets import control_dilemmas
 from .evaluate import (
@@ -236,13 +237,13 @@ def caa_concept(name: str, data_dir: str | Path) -> Concept:
                    effects, pair_source=lambda tok: caa.caa_pairs(tok, behaviour.train))
 
 
-CONCEPTS: dict[str, Concept] = {}
+CONCEPTS: Registry[Concept] = Registry("concept")
 
 
-def register(concept: Concept) -> Concept:
-    """Make ``concept`` available by name (``--concept NAME``)."""
-    CONCEPTS[concept.name] = concept
-    return concept
+def register(concept: Concept, *, replace: bool = False) -> Concept:
+    """Make ``concept`` available by name (``--concept NAME``); a name registered already is refused unless
+    ``replace=True``."""
+    return CONCEPTS.add(concept.name, concept, replace=replace)
 
 
 register(Concept("honesty", ("an honest", "a dishonest"), ("Be honest.", "Be dishonest."), _honesty_effects,
@@ -262,7 +263,4 @@ def get_concept(name: str, data_dir: str | Path | None = None) -> Concept:
                              f"{name[len(CAA_PREFIX):]}/{caa.GENERATE_FILE} and {caa.TEST_FILE} (the public data: "
                              f"{caa.PUBLIC_DATA})")
         return caa_concept(name, data_dir)
-    if name not in CONCEPTS:
-        raise ValueError(f"unknown concept {name!r}; registered: {', '.join(sorted(CONCEPTS))}; with --data-dir: "
-                         f"{', '.join(CAA_NAMES)}")
-    return CONCEPTS[name]
+    return CONCEPTS.find(name, hint=f"; with --data-dir: {', '.join(CAA_NAMES)}")

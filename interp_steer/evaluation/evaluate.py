@@ -15,8 +15,6 @@ from typing import Callable, ContextManager, Sequence
 import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
-from numpy.typing import ArrayLike
-from scipy.stats import spearmanr
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
@@ -381,98 +379,6 @@ def coherence(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, ste
     return CoherenceResult(delta_nll(logp_pi, logp_ref, torch.ones_like(logp_pi)).item(), kl.mean().item(),
                            torch.quantile(kl.cpu().double(), 0.95).item(), kl.shape[0], (logp_ref - logp_pi)[0],
                            kl)
-
-
-# ------------------------------------------------------------------------------- curves: iso-coherence
-
-@dataclass(frozen=True)
-class IsoPoint:
-    """Where one direction's walk spends the cost budget; ``crossed=False``: never spent (last point)."""
-
-    coeff: float
-    effect: float
-    crossed: bool
-    peak_coeff: float   # the point within budget whose effect goes furthest in the direction's sign
-    peak_effect: float
-
-
-def effect_at_budget(coeffs: ArrayLike, effects: ArrayLike, cost: ArrayLike, budget: float = 0.1) -> IsoPoint:
-    """c* = where cost(c) first crosses ``budget`` (linear interpolation), and effect(c*) likewise.
-
-    ``coeffs`` start at 0 and go one way with |c| strictly increasing. Walk outward; at the first point with
-    cost > budget, interpolate between it and the previous point; later points are ignored even if the cost
-    falls back. "Reached" is that interpolated point, or the last point if the cost never exceeds the budget
-    (``crossed=False``: the effect is a lower bound, sweep further). ``peak_*`` is the sampled point or the
-    crossing point with the largest sign(c)·effect: it differs from ``effect`` on non-monotone curves.
-    ``cost`` is the coherence cost at each c in the budget's unit: what the sweep's ``budget_metric`` names,
-    KL(reference ‖ steered) by default or ΔNLL (``sweep.Point.cost``).
-    """
-    c, e, d = (np.asarray(x, dtype=float) for x in (coeffs, effects, cost))
-    if not (c.ndim == 1 and c.shape == e.shape == d.shape and len(c) >= 2):
-        raise ValueError(f"coeffs, effects, cost must be 1-D of the same length >= 2, got {c.shape}, {e.shape}, "
-                         f"{d.shape}")
-    if c[0] != 0 or not (np.all(c[1:] > 0) or np.all(c[1:] < 0)) or np.any(np.diff(np.abs(c)) <= 0):
-        raise ValueError(f"coeffs must start at 0 and go one way with |c| strictly increasing, got {c.tolist()}")
-    if not np.all(np.isfinite(d)) or d[0] > budget:
-        raise ValueError(f"cost must be finite and within budget at c = 0, got {d.tolist()}")
-    over = np.nonzero(d > budget)[0]
-    if len(over):
-        i = over[0]
-        t = (budget - d[i - 1]) / (d[i] - d[i - 1])
-        cs, es = c[i - 1] + t * (c[i] - c[i - 1]), e[i - 1] + t * (e[i] - e[i - 1])
-        pc, pe = np.append(c[:i], cs), np.append(e[:i], es)
-    else:
-        cs, es, pc, pe = c[-1], e[-1], c, e
-    j = int(np.argmax(np.sign(c[1]) * pe))  # first on ties: the smallest |c|
-    return IsoPoint(float(cs), float(es), bool(len(over)), float(pc[j]), float(pe[j]))
-
-
-@dataclass(frozen=True)
-class IsoCoherence(_Record):
-    """Both directions of one sweep at one cost budget; symmetry of their effects relative to c = 0."""
-
-    budget: float
-    effect_zero: float
-    plus: IsoPoint
-    minus: IsoPoint
-    symmetry: float
-
-
-def iso_coherence(coeffs: ArrayLike, effects: ArrayLike, cost: ArrayLike, budget: float = 0.1) -> IsoCoherence:
-    """``effect_at_budget`` on c ≥ 0 and on c ≤ 0 of one sweep (in any order; c = 0 exactly once)."""
-    c, e, d = (np.asarray(x, dtype=float) for x in (coeffs, effects, cost))
-    if not c.shape == e.shape == d.shape or c.ndim != 1:
-        raise ValueError(f"coeffs, effects, cost must be 1-D of one length, got {c.shape}, {e.shape}, {d.shape}")
-    zero = np.nonzero(c == 0)[0]
-    if len(zero) != 1 or not (c > 0).any() or not (c < 0).any():
-        raise ValueError(f"the sweep needs c = 0 exactly once and coefficients of both signs, got {c.tolist()}")
-
-    def side(keep: np.ndarray) -> IsoPoint:
-        idx = np.concatenate([zero, np.nonzero(keep)[0][np.argsort(np.abs(c[keep]))]])
-        return effect_at_budget(c[idx], e[idx], d[idx], budget)
-
-    plus, minus, e0 = side(c > 0), side(c < 0), float(e[zero[0]])
-    return IsoCoherence(float(budget), e0, plus, minus, symmetry(plus.effect - e0, minus.effect - e0))
-
-
-def monotonicity(coeffs: ArrayLike, effects: ArrayLike) -> float:
-    """Spearman ρ between coefficient and effect (1: effect rises with c throughout; NaN if either is constant)."""
-    c, e = np.asarray(coeffs, dtype=float), np.asarray(effects, dtype=float)
-    if c.shape != e.shape or c.ndim != 1 or len(c) < 2:
-        raise ValueError(f"coeffs and effects must be 1-D of one length >= 2, got {c.shape}, {e.shape}")
-    if np.all(c == c[0]) or np.all(e == e[0]):
-        return float("nan")
-    return float(spearmanr(c, e).statistic)
-
-
-def symmetry(effect_plus: float, effect_minus: float) -> float:
-    """min(|e+|, |e−|) / max(|e+|, |e−|) if e+ > 0 > e− (changes from c = 0), else 0.
-
-    1: both directions steer equally far, each the right way; 0: a direction does nothing or goes the wrong way.
-    """
-    if not effect_plus > 0 > effect_minus:
-        return 0.0
-    return min(effect_plus, -effect_minus) / max(effect_plus, -effect_minus)
 
 
 # ------------------------------------------------------------------------------ held-out pairs (training)

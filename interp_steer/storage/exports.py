@@ -48,6 +48,7 @@ from ..method.data import ContrastivePair, pair_batches, select_pairs
 from ..method.directions import SteeringVector, additive_vector
 from ..method.states import capture
 from ..names import layer_of, resid_post, site_layer
+from ..registry import Registry
 from .io import SteeringArtifact, json_text, model_name, read_json, write_dir_atomic
 
 EXPORT_FORMAT_VERSION = 1
@@ -303,20 +304,15 @@ class ExportFormatSpec:
     needs_pairs: bool = False
 
 
-EXPORTS: dict[str, ExportFormatSpec] = {}
+EXPORTS: Registry[ExportFormatSpec] = Registry("export format")
 
 
-def register_export(spec: ExportFormatSpec) -> ExportFormatSpec:
-    if spec.name in EXPORTS:
-        raise ValueError(f"export format {spec.name!r} is registered already")
-    EXPORTS[spec.name] = spec
-    return spec
+def register_export(spec: ExportFormatSpec, *, replace: bool = False) -> ExportFormatSpec:
+    return EXPORTS.add(spec.name, spec, replace=replace)
 
 
 def get_export(name: str) -> ExportFormatSpec:
-    if name not in EXPORTS:
-        raise ValueError(f"unknown export format {name!r}; registered: {', '.join(EXPORTS)}")
-    return EXPORTS[name]
+    return EXPORTS.find(name)
 
 
 def export(artifact: SteeringArtifact, bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, fmt: str,
