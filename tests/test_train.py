@@ -10,14 +10,15 @@ import torch
 
 from interp_steer.config import LossConfig, TrainConfig
 from interp_steer.method.adapter import apply_adapters, linear_weight
-from interp_steer.method.data import ContrastivePair, persona_pairs, select_pairs
+from interp_steer.method.data import ContrastivePair, load_json, persona_pairs, select_pairs
 from interp_steer.method.directions import mean_diff_direction
 from interp_steer.method.loss import continuation_logratio, token_logprobs
 from interp_steer.names import resid_post, site_layer
 from interp_steer.storage.io import SteeringArtifact, load_checkpoint
+from interp_steer.training import coherence_text, objectives
 from interp_steer.training.loop import adapter_specs, train
 
-train_mod = importlib.import_module("interp_steer.training.loop")  # (ist.train is the function)
+train_mod = importlib.import_module("interp_steer.training.loop")
 
 # the KL constraint (on by default) has its own test; elsewhere it would only cost time on the tiny model
 TINY = dict(layers=(0, 1), loss_layer=2, rank=4, steps=4, batch_pairs=2, n_pairs=12, checkpoint_every=2,
@@ -105,7 +106,7 @@ def test_a_hard_interrupt_keeps_the_last_checkpoint_and_resume_matches_an_uninte
     pairs = persona_pairs(tok)
     cfg = TrainConfig(**TINY)
 
-    real_loss, calls = train_mod.steering_loss, {"n": 0}
+    real_loss, calls = objectives.steering_loss, {"n": 0}
 
     def interrupting(*a, **kw):
         calls["n"] += 1
@@ -113,26 +114,26 @@ def test_a_hard_interrupt_keeps_the_last_checkpoint_and_resume_matches_an_uninte
             raise KeyboardInterrupt
         return real_loss(*a, **kw)
 
-    monkeypatch.setattr(train_mod, "steering_loss", interrupting)
+    monkeypatch.setattr(objectives, "steering_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(bridge, tok, pairs, cfg, tmp_path / "b", progress=False)
     assert load_checkpoint(tmp_path / "b.ckpt", bridge).step == 2
-    monkeypatch.setattr(train_mod, "steering_loss", real_loss)
+    monkeypatch.setattr(objectives, "steering_loss", real_loss)
     resumed = train(bridge, tok, pairs, cfg, tmp_path / "b", resume=True, progress=False)
     assert [h["step"] for h in resumed.history] == [2, 3]
     assert (params(resumed.adapters) - straight).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="different TrainConfig"):
-        monkeypatch.setattr(train_mod, "steering_loss", interrupting)
+        monkeypatch.setattr(objectives, "steering_loss", interrupting)
         calls["n"] = 0
         with pytest.raises(KeyboardInterrupt):
             train(bridge, tok, pairs, cfg, tmp_path / "c", progress=False)
-        monkeypatch.setattr(train_mod, "steering_loss", real_loss)
+        monkeypatch.setattr(objectives, "steering_loss", real_loss)
         train(bridge, tok, pairs, TrainConfig(**{**TINY, "lr": 0.5}), tmp_path / "c", resume=True, progress=False)
 
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
     bridge, tok = tiny
-    real_loss, calls = train_mod.steering_loss, {"n": 0}
+    real_loss, calls = objectives.steering_loss, {"n": 0}
 
     def poisoned(*a, **kw):
         calls["n"] += 1
@@ -141,7 +142,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, m
             return loss * float("nan"), {**parts, "loss": float("nan")}
         return loss, parts
 
-    monkeypatch.setattr(train_mod, "steering_loss", poisoned)
+    monkeypatch.setattr(objectives, "steering_loss", poisoned)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train(bridge, tok, persona_pairs(tok), TrainConfig(**TINY), tmp_path / "run", progress=False)
     ckpt = load_checkpoint(tmp_path / "run.ckpt", bridge)
@@ -271,7 +272,7 @@ def test_the_kl_constraint_measures_generic_text_raises_its_multipliers_and_resu
     assert h[0]["lam_plus"] == 0.0 and h[-1]["lam_plus"] > 0 and h[-1]["lam_minus"] > 0
     assert straight.timings["generic_text_s"] > 0
     # the same text computed once beforehand (run_demo: one set for every concept and seed) trains identically
-    shared = train_mod.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch)
+    shared = coherence_text.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch)
     again = train(bridge, tok, pairs, cfg, progress=False, generic=shared)
     assert torch.equal(params(again.adapters), params(straight.adapters)) and "generic_text_s" not in again.timings
     with pytest.raises(ValueError, match="kl_batch=1"):
@@ -295,21 +296,21 @@ def test_sampled_kl_text_is_one_fixed_draw_that_cycles_the_prompts_and_leaves_th
     """kl_sample: replies drawn at temperature 1 from a fixed seed (the same text on every call, the caller's RNG
     state untouched), the prompts taken in turn so there can be more texts than prompts."""
     bridge, tok = tiny
-    n_prompts = len(train_mod.load_json("coherence_prompts.json")["prompts"])
+    n_prompts = len(load_json("coherence_prompts.json")["prompts"])
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    a = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6,
-                               sample_seed=train_mod.KL_SAMPLE_SEED)
+    a = coherence_text.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6,
+                               sample_seed=coherence_text.KL_SAMPLE_SEED)
     assert torch.equal(torch.rand(3), before)
-    b = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6,
-                               sample_seed=train_mod.KL_SAMPLE_SEED)
-    greedy = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6)
+    b = coherence_text.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6,
+                               sample_seed=coherence_text.KL_SAMPLE_SEED)
+    greedy = coherence_text.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6)
     rows = lambda t: [r for bt in t.batches for r in bt.input_ids.tolist()]  # noqa: E731
     assert a.sample_seed == 0 and greedy.sample_seed is None
     assert rows(a) == rows(b) and sum(len(bt) for bt in a.batches) == n_prompts + 3  # cycled past the prompts
     assert sum(len(bt) for bt in greedy.batches) <= n_prompts  # one greedy reply per prompt (empty ones dropped)
-    other = train_mod.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6, sample_seed=1)
+    other = coherence_text.generic_text(bridge, tok, n_prompts + 3, 8, max_new_tokens=6, sample_seed=1)
     assert rows(other) != rows(a)  # a draw: another seed, other text
     cfg = TrainConfig(**{**TINY, "kl_texts": 2, "kl_batch": 2, "kl_sample": True, "loss": LossConfig(kl_budget=0.1)})
     trained = train(bridge, tok, persona_pairs(tok), cfg, progress=False)
@@ -325,22 +326,22 @@ def test_the_text_shift_reads_the_generic_texts_states_at_the_loss_hook_and_trai
     cfg = TrainConfig(**{**TINY, "kl_texts": 3, "kl_batch": 2,
                          "loss": LossConfig(kl_budget=0.1, w_text_shift=1.0)})
     hook = train_mod.loss_hook(cfg, bridge.cfg.n_layers)
-    text = train_mod.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch, hook=hook)
+    text = coherence_text.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch, hook=hook)
     _, cache = bridge.run_with_cache(text.batches[0].input_ids, attention_mask=text.batches[0].attention_mask,
                                      position_ids=text.batches[0].position_ids, names_filter=[hook])
     mask = text.masks[0].bool()
     assert torch.allclose(text.ref_hs[0], cache[hook][:, :-1][mask].float(), atol=1e-5)
     d = torch.nn.functional.normalize(torch.randn(bridge.cfg.d_model), dim=0)
     ref = text.ref_hs[0]
-    assert train_mod.text_shift(torch.cat([ref, ref]), ref, d, 2.0).item() == 0.0
+    assert coherence_text.text_shift(torch.cat([ref, ref]), ref, d, 2.0).item() == 0.0
     moved = torch.cat([ref + 3 * d, ref - 1 * d])  # +3 along d at c = +1, −1 at c = −1: mean c·shift = 2
-    assert train_mod.text_shift(moved, ref, d, 2.0).item() == pytest.approx(1.0, abs=1e-4)
+    assert coherence_text.text_shift(moved, ref, d, 2.0).item() == pytest.approx(1.0, abs=1e-4)
     trained = train(bridge, tok, pairs, cfg, progress=False)
     assert all(math.isfinite(x["tshift"]) for x in trained.history)
     # the text the config asks for, made once beforehand (run_demo's path), trains identically
     again = train(bridge, tok, pairs, cfg, progress=False, generic=train_mod.kl_text(bridge, tok, cfg))
     assert torch.equal(params(again.adapters), params(trained.adapters))
-    plain = train_mod.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch)
+    plain = coherence_text.generic_text(bridge, tok, cfg.kl_texts, cfg.kl_batch)
     with pytest.raises(ValueError, match="needs blocks"):
         train(bridge, tok, pairs, cfg, progress=False, generic=plain)
     with pytest.raises(ValueError, match="w_text_shift reads the KL constraint's generic text"):
@@ -470,7 +471,7 @@ def test_patience_stops_where_the_held_out_objective_stopped_rising_and_a_resume
     monkeypatch.setattr(train_mod.HeldOutCurve, "exhausted", lambda self: False)
     values = iter([0.1, 0.2, 0.3, 0.4])
     cfg = TrainConfig(**{**TINY, "eval_every": 1, "patience": 2})
-    real_loss, calls = train_mod.steering_loss, {"n": 0}
+    real_loss, calls = objectives.steering_loss, {"n": 0}
 
     def interrupting(*a, **kw):
         calls["n"] += 1
@@ -478,10 +479,10 @@ def test_patience_stops_where_the_held_out_objective_stopped_rising_and_a_resume
             raise KeyboardInterrupt
         return real_loss(*a, **kw)
 
-    monkeypatch.setattr(train_mod, "steering_loss", interrupting)
+    monkeypatch.setattr(objectives, "steering_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(bridge, tok, pairs, cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_mod, "steering_loss", real_loss)
+    monkeypatch.setattr(objectives, "steering_loss", real_loss)
     values = iter([0.3, 0.4])
     resumed = train(bridge, tok, pairs, cfg, tmp_path / "b", resume=True, progress=False)
     assert [(p["step"], p["held_out_obj"]) for p in resumed.artifact.metrics["curve"]] == \

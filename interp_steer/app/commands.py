@@ -62,7 +62,8 @@ from ..storage.io import (
 )
 from ..storage.ownership import claim
 from ..training import distributed
-from ..training.loop import TrainResult, kl_text, train
+from ..training.coherence_text import kl_text
+from ..training.loop import TrainResult, train
 
 ARTIFACT_DIR = "adapter"  # the demo's artifact, inside its run directory
 

@@ -52,7 +52,8 @@ from ..storage.io import (
     write_text_atomic,
 )
 from ..storage.ownership import MANIFEST, claim, remove_owned, why_not_owned, write_manifest
-from ..training.loop import MIN_RISE, kl_text
+from ..training.coherence_text import kl_text
+from ..training.objectives import MIN_RISE
 from .commands import check_device, concept_report, merge_units, planned_units
 
 CELLS = "cells"

@@ -6,15 +6,17 @@ Per step, for a batch of interleaved pairs (rows duplicated: first half at c = +
     loss = steering_loss(hs_pi, hs_ref, c, d_steer, logp_pi, logp_ref, mask, cfg.loss)   # loss.py
 
 ``hs_ref`` (last-token states at the loss layer) and ``logp_ref`` (per-token log-probs) come from one
-reference pass over the dataset at c = 0 (``capture.reference_pass``); ``d_steer`` is frozen from it.
+reference pass over the dataset at c = 0 (``method.states.reference_pass``); ``d_steer`` is frozen from it. What a
+step optimises lives in ``objectives.py``; the KL constraint's generic text in ``coherence_text.py``; the behaviour
+objective's continuations in ``behaviour.py``; which sites and hook a config names in ``sites.py``.
 
 With ``objective="behaviour"`` the step reads behaviour instead of states: each pair's prompts continued by the
 base model's own continuations of both (``Continuations``), and ``loss.behaviour_loss`` on their log-ratios.
 
-Under ``torchrun`` (a process group exists, ``training/distributed.py``) each process takes its shard of every global
-batch of ``batch_pairs`` pairs (and of every generic-text batch), computes the reference only for it, and every
-mean of the loss is taken over the global batch; the gradients are summed over the processes, so each step is
-the one-process step. Rank 0 alone writes checkpoints and the artifact; the others wait at a barrier.
+Under ``torchrun`` (a process group exists, ``distributed.py``) each process takes its shard of every global batch
+of ``batch_pairs`` pairs (and of every generic-text batch), computes the reference only for it, and every mean of
+the loss is taken over the global batch; the gradients are summed over the processes, so each step is the
+one-process step. Rank 0 alone writes checkpoints and the artifact; the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
@@ -39,35 +40,23 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import progress as command_progress
 from ..config import TrainConfig
-from ..evaluation.evaluate import evaluate_pairs, generate_ids, greedy_continuations, reply_batch
-from ..method.adapter import AdapterSpec, apply_adapters, check_sites, make_adapters
+from ..evaluation.evaluate import evaluate_pairs
+from ..method.adapter import AdapterSpec, check_sites, make_adapters
 from ..method.data import (
     Batch,
     ContrastivePair,
     check_lengths,
-    interleave,
-    last_index,
-    load_json,
     pair_batches,
-    render_chat,
     select_pairs,
 )
 from ..method.directions import dhs_svd_direction, mean_diff_direction, paired_diff
 from ..method.loss import (
     Total,
-    behaviour_loss,
-    dual_step,
-    kl_lagrangian,
-    shift_objective,
-    steering_loss,
-    token_kl,
-    token_logprobs,
-    token_mask,
 )
 from ..method.models import model_device
 from ..method.prefix import first_block, reuse_prefix
-from ..method.states import Reference, forward_last, packing, reference_pass
-from ..names import resid_post, site_layer, site_name
+from ..method.states import Reference, reference_pass
+from ..names import resid_post, site_layer
 from ..signals import Terminated
 from ..storage.io import (
     CHECKPOINT_FILES,
@@ -85,29 +74,14 @@ from ..storage.io import (
 )
 from ..storage.ownership import claim
 from . import distributed
+from .behaviour import Continuations, continuations
+from .coherence_text import (
+    GenericText,
+    kl_text,
+)
 from .distributed import World
-
-
-def resolve_layer(v: int | float, n_layers: int) -> int:
-    """A block index from an index or a depth fraction in (0, 1) (``round(v · (n_layers − 1))``)."""
-    L = round(v * (n_layers - 1)) if isinstance(v, float) else v
-    if not 0 <= L < n_layers:
-        raise ValueError(f"layer {v!r} -> {L} is outside this model's {n_layers} blocks")
-    return L
-
-
-def loss_hook(cfg: TrainConfig, n_layers: int) -> str:
-    """``blocks.{loss_layer}.hook_resid_post``: where the objective is measured."""
-    return resid_post(resolve_layer(cfg.loss_layer, n_layers))
-
-
-def adapter_specs(cfg: TrainConfig, n_layers: int) -> list[AdapterSpec]:
-    """One spec per adapted block (sorted, deduplicated); every one must come before the loss layer."""
-    layers = sorted({resolve_layer(v, n_layers) for v in cfg.layers})
-    last = resolve_layer(cfg.loss_layer, n_layers)
-    if layers[-1] > last:
-        raise ValueError(f"adapted layer {layers[-1]} is after the loss layer {last}: it cannot move it")
-    return [AdapterSpec(site_name(L, cfg.site), cfg.rank, cfg.scale, cfg.rotate_u, cfg.bias) for L in layers]
+from .objectives import BehaviourObjective, HeldOutCurve, KLConstraint, Objective, PairObjective
+from .sites import adapter_specs, loss_hook
 
 
 @dataclass
@@ -133,214 +107,6 @@ class TrainResult:
     @property
     def metrics(self) -> dict:
         return self.artifact.metrics
-
-
-KL_SAMPLE_SEED = 0  # sampled KL text: one fixed draw, so every run (seed, concept) on a model shares it
-
-
-@dataclass
-class GenericText:
-    """Where the KL constraint is measured in training: the base model's own replies to generic requests
-    (``datasets/coherence_prompts.json``, disjoint from every evaluation text; greedy, or sampled with
-    ``cfg.kl_sample``), and the reference's next-token log-probs at the positions that predict reply tokens,
-    cached once (float16: 0.1 MB per token)."""
-
-    batches: list[Batch | None]  # None: this process has no row of that batch (more processes than its texts)
-    masks: list[Float[Tensor, "_batch _pos_1"]]
-    ref_logp: list[Float[Tensor, "_tok vocab"]]
-    sample_seed: int | None = None  # None: greedy replies
-    # with LossConfig.w_text_shift: where the text's shift is read, and the reference there
-    hook: str | None = None
-    ref_hs: list[Float[Tensor, "_tok d_model"]] = field(default_factory=list)
-
-
-@torch.no_grad()
-def generic_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, n_texts: int, batch_size: int,
-                 max_new_tokens: int = 32, world: World = World(), sample_seed: int | None = None,
-                 hook: str | None = None) -> GenericText:
-    """The texts, batched by ``batch_size``: one greedy reply to each of the first ``n_texts`` prompts, or, with
-    ``sample_seed``, ``n_texts`` replies sampled at temperature 1, the prompts taken in turn (so each is answered
-    several times when ``n_texts`` exceeds them). With several processes, rank 0 writes the replies (one set of
-    texts everywhere) and each process keeps, and scores, its shard of every batch (possibly none of a small one).
-    ``hook``: also keep the reference's states there at the positions that predict reply tokens (``text_shift``)."""
-    if hook is not None and world.parallel:
-        raise ValueError("the generic text's shift (w_text_shift) is not sharded across processes yet: "
-                         "train it in one process")
-    prompts = load_json("coherence_prompts.json")["prompts"]
-    prompts = prompts[:n_texts] if sample_seed is None else [prompts[i % len(prompts)] for i in range(n_texts)]
-    replies = greedy_continuations(bridge, tokenizer, None, prompts, max_new_tokens=max_new_tokens,
-                                   seed=sample_seed) if world.main else None
-    if world.parallel:
-        replies = distributed.broadcast(replies)
-    heads, texts = [], []
-    for p, r in zip(prompts, replies):
-        head = render_chat(tokenizer, p)
-        try:
-            reply_batch(tokenizer, [head], [r])  # a reply must tokenize on its own boundary to be scored
-        except ValueError:
-            continue
-        heads.append(head)
-        texts.append(r)
-    if not texts:
-        raise ValueError("no usable generic text for the KL constraint (every base-model reply was empty)")
-    out = GenericText([], [], [], sample_seed, hook)
-    for i in range(0, len(texts), batch_size):
-        batch, mask = reply_batch(tokenizer, heads[i: i + batch_size], texts[i: i + batch_size],
-                                  model_device(bridge))
-        if world.parallel:
-            lo, hi = world.bounds(len(batch))
-            if lo == hi:  # fewer texts than processes: this one adds nothing to this batch's KL sums
-                out.batches.append(None)
-                out.masks.append(mask[:0])
-                out.ref_logp.append(torch.zeros(0, 0, dtype=torch.float16))
-                continue
-            batch, cols = distributed.take_rows(batch, lo, hi)
-            mask = mask[lo:hi, cols.start: cols.stop - 1]  # pos_1 column j predicts token j + 1
-        logits, hs = _generic_forward(bridge, batch, hook)
-        out.batches.append(batch)
-        out.masks.append(mask)
-        out.ref_logp.append(logits[:, :-1][mask.bool()].float().log_softmax(-1).half())
-        if hs is not None:
-            out.ref_hs.append(hs[:, :-1][mask.bool()].float())
-    return out
-
-
-def kl_text(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, world: World = World()
-            ) -> GenericText | None:
-    """The generic text ``cfg`` trains its KL constraint (and text shift) on: None without ``loss.kl_budget``;
-    sampled with ``kl_sample``; with the loss hook's reference states when ``loss.w_text_shift`` > 0."""
-    if cfg.loss.kl_budget is None:
-        return None
-    hook = loss_hook(cfg, bridge.cfg.n_layers) if cfg.loss.w_text_shift > 0 else None
-    text = generic_text(bridge, tokenizer, cfg.kl_texts, cfg.kl_batch, world=world,
-                        sample_seed=KL_SAMPLE_SEED if cfg.kl_sample else None, hook=hook)
-    command_progress.tick("kl_text")
-    return text
-
-
-def _generic_forward(bridge: TransformerBridge, batch: Batch, hook: str | None
-                     ) -> tuple[Float[Tensor, "batch pos vocab"], Float[Tensor, "batch pos d_model"] | None]:
-    """Logits, and the states at ``hook`` (every position) when it is given."""
-    kw = dict(attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-    if hook is None:
-        return bridge(batch.input_ids, **kw), None
-    store: dict[str, Tensor] = {}
-    logits = bridge.run_with_hooks(batch.input_ids, fwd_hooks=[(hook, lambda act, hook: store.update(hs=act))],
-                                   **kw)
-    return logits, store["hs"]
-
-
-def kl_both_ways(bridge: TransformerBridge, adapters, text: GenericText, j: int, total: Total | None = None
-                 ) -> tuple[Tensor, Tensor, Float[Tensor, "_tok2 d_model"] | None]:
-    """Mean per-token KL(reference ‖ steered) on generic batch ``j`` at c = +1 and at c = −1 (one forward);
-    with ``total``, over every process's share of the batch. Third: the states at ``text.hook`` at the n reply
-    positions at c = +1, then the n at c = −1 (None without a hook)."""
-    if total is None:
-        kl, n, hs = _kl_rows(bridge, adapters, text, j)
-        return kl[:n].mean(), kl[n:].mean(), hs
-    if text.batches[j] is None:  # none of this batch's texts here: zeros to the sums, nothing to differentiate
-        plus = minus = torch.zeros(())
-        n = 0
-    else:
-        kl, n, _ = _kl_rows(bridge, adapters, text, j)
-        plus, minus = kl[:n].sum(), kl[n:].sum()
-    count = total(torch.tensor(float(n)))  # the same collectives, in the same order, in every process
-    return total(plus) / count, total(minus) / count, None
-
-
-def text_shift(hs: Float[Tensor, "tok2 d_model"], ref_hs: Float[Tensor, "tok d_model"],
-               d: Float[Tensor, " d_model"], scale: float, balance: bool = False) -> Float[Tensor, ""]:
-    """The shift objective on the generic text's n reply positions (``hs``: the n at c = +1, then the n at c = −1):
-    mean over positions of c · (hs(c) − hs_ref)·d / scale (``loss.shift_objective``), i.e. steering text that
-    carries no persona, like the evaluation's, rather than only the pair prompts."""
-    n = len(ref_hs)
-    c = torch.cat([hs.new_ones(n), -hs.new_ones(n)])
-    return shift_objective(hs, torch.cat([ref_hs, ref_hs]), c, d, scale, None, balance)
-
-
-def _kl_rows(bridge: TransformerBridge, adapters, text: GenericText, j: int
-             ) -> tuple[Float[Tensor, " tok"], int, Float[Tensor, "tok d_model"] | None]:
-    """Per-token KL of generic batch ``j``: the n tokens at c = +1, then the n at c = −1 (and the states)."""
-    batch, c = text.batches[j].doubled()
-    with apply_adapters(bridge, adapters, c):
-        logits, hs = _generic_forward(bridge, batch, text.hook)
-    mask = text.masks[j].bool()
-    both = torch.cat([mask, mask])
-    n = int(mask.sum())
-    logp = logits[:, :-1][both].float().log_softmax(-1)
-    ref = text.ref_logp[j].float()
-    return token_kl(torch.cat([ref, ref]), logp), n, (hs[:, :-1][both].float() if hs is not None else None)
-
-
-@dataclass
-class Continuations:
-    """The behaviour objective's batches (``LossConfig.objective == "behaviour"``), built once before training.
-
-    y_w and y_l are the base model's greedy continuations of a pair's chosen and rejected prompt. Each pair gives
-    four rows: its rejected prompt + y_w, + y_l (scored at c = +1: the steer must move the rejected persona
-    towards the chosen one's behaviour), then its chosen prompt + y_w, + y_l (c = −1). ``reply`` marks the
-    positions that predict a continuation token, ``mask`` every real position; ``ref_logp`` is the reference's
-    per-token log-prob (c = 0), computed once."""
-
-    batches: list[Batch]
-    c: list[Float[Tensor, " _rows"]]
-    reply: list[Float[Tensor, "_rows _pos_1"]]
-    mask: list[Float[Tensor, "_rows _pos_1"]]
-    ref_logp: list[Float[Tensor, "_rows _pos_1"]]
-    dropped: int  # pairs left out: an empty continuation, or the same continuation for both prompts
-
-
-def _continuation_rows(heads: Sequence[list[int]], conts: Sequence[list[int]], pad_id: int,
-                       device: torch.device) -> tuple[Batch, Tensor]:
-    """Right-padded ``head + continuation`` token rows and the mask of positions predicting a continuation token."""
-    n, width = len(heads), max(len(h) + len(y) for h, y in zip(heads, conts))
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attn = torch.zeros(n, width, dtype=torch.long)
-    reply = torch.zeros(n, width - 1)
-    for r, (h, y) in enumerate(zip(heads, conts)):
-        ids[r, : len(h) + len(y)] = torch.tensor(h + y)
-        attn[r, : len(h) + len(y)] = 1
-        reply[r, len(h) - 1: len(h) + len(y) - 1] = 1  # column j predicts token j + 1
-    ids, attn = ids.to(device), attn.to(device)
-    return Batch(ids, attn, last_index(attn)), reply.to(device)
-
-
-@torch.no_grad()
-def continuations(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[ContrastivePair],
-                  batch_pairs: int, n_tokens: int, gen_batch: int = 64, progress: bool = False) -> Continuations:
-    """Greedy ``n_tokens``-token continuations of every pair prompt (base model, KV cache, ``gen_batch`` prompts
-    a call), cut at the first end-of-sequence token, then the four rows per pair of ``Continuations`` in batches
-    of ``batch_pairs`` pairs. Generating them takes minutes on a CPU: ``progress`` shows a bar."""
-    dev = model_device(bridge)
-    stop = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts = interleave(pairs)
-    heads = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    conts = [row[: next((k for k, t in enumerate(row) if t in stop), len(row))]
-             for row in generate_ids(bridge, tokenizer, texts, n_tokens, gen_batch,
-                                     desc="continuations" if progress else None)]
-    keep = [k for k in range(len(pairs)) if conts[2 * k] and conts[2 * k + 1] and conts[2 * k] != conts[2 * k + 1]]
-    if not keep:
-        raise ValueError("no pair has two different non-empty continuations: the behaviour objective has nothing "
-                         "to "
-                         "learn from; use objective 'shift', or pairs whose prompts the model continues "
-                         "differently")
-    out = Continuations([], [], [], [], [], dropped=len(pairs) - len(keep))
-    for i in range(0, len(keep), batch_pairs):
-        rows_h, rows_y = [], []
-        for k in keep[i: i + batch_pairs]:
-            cho, rej, y_w, y_l = heads[2 * k], heads[2 * k + 1], conts[2 * k], conts[2 * k + 1]
-            rows_h += [rej, rej, cho, cho]
-            rows_y += [y_w, y_l, y_w, y_l]
-        batch, reply = _continuation_rows(rows_h, rows_y, pad_id, dev)
-        c = torch.tensor([1.0, 1.0, -1.0, -1.0], device=dev).repeat(len(rows_h) // 4)
-        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-        out.batches.append(batch)
-        out.c.append(c)
-        out.reply.append(reply)
-        out.mask.append(token_mask(batch.attention_mask))
-        out.ref_logp.append(token_logprobs(logits, batch.input_ids))
-    return out
 
 
 class _DeferredInterrupt:
@@ -392,135 +158,6 @@ def train(bridge: TransformerBridge, tokenizer: PreTrainedTokenizerBase, pairs: 
 # ------------------------------------------------------------------------------------------- objectives
 #
 # An objective owns the batches it needs and returns a step's loss and its parts (floats, for the history).
-
-
-class Objective(Protocol):
-    def loss(self, step: int, bridge: TransformerBridge,
-             adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
-        ...
-
-
-@dataclass
-class PairObjective:
-    """``shift`` / ``separation``: a batch of pairs at c = +1 and c = −1 in one forward, its last-token states at
-    the loss hook against the reference's, plus the coherence penalty and the monotonic hinge (``steering_loss``)."""
-
-    batches: list[Batch]  # this process's rows of each global batch
-    ref: Reference
-    hook: str
-    d_steer: Tensor
-    scale: float
-    cfg: TrainConfig
-    total: Total | None = None
-
-    def loss(self, step: int, bridge: TransformerBridge,
-             adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
-        j = batch_order(step, len(self.batches), self.cfg.seed)
-        batch, c = self.batches[j].doubled()
-        packed = packing(bridge, batch)  # each pair's shared prefix once (CAA's pairs: half the tokens)
-        with apply_adapters(bridge, adapters, c if packed is None else packed.pair_values(c)):
-            hs, logp = forward_last(bridge, batch, [self.hook], logprobs=True, pack=True)
-        # the objective in float32 whatever the model's dtype (a no-op for float32 models)
-        return steering_loss(hs[self.hook].float(), torch.cat([self.ref.hs[j]] * 2).float(), c, self.d_steer, logp,
-                             torch.cat([self.ref.logp[j]] * 2), token_mask(batch.attention_mask), self.cfg.loss,
-                             self.scale, self.total)
-
-
-@dataclass
-class BehaviourObjective:
-    """``behaviour``: the log-ratio of the base model's own continuations (``Continuations``), ``behaviour_loss``."""
-
-    cont: Continuations
-    cfg: TrainConfig
-
-    def loss(self, step: int, bridge: TransformerBridge,
-             adapters: nn.ModuleList) -> tuple[Tensor, dict[str, float]]:
-        cont = self.cont
-        k = batch_order(step, len(cont.batches), self.cfg.seed)
-        batch = cont.batches[k]
-        with apply_adapters(bridge, adapters, cont.c[k]):
-            logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-        logp = token_logprobs(logits, batch.input_ids)
-        del logits
-        return behaviour_loss(logp, cont.ref_logp[k], cont.reply[k], cont.mask[k], cont.c[k], self.cfg.loss)
-
-
-@dataclass
-class KLConstraint:
-    """The coherence constraint beside any objective: KL(reference ‖ steered) on generic text at c = ±1, each
-    direction under its own Lagrange multiplier (``duals``, one ascent step after each optimiser step), and with
-    ``w_text_shift`` the shift objective on that text too."""
-
-    text: GenericText
-    d_steer: Tensor
-    scale: float
-    cfg: TrainConfig
-    duals: list[float]  # λ for c = +1 and c = −1
-    total: Total | None = None
-
-    def add(self, step: int, bridge: TransformerBridge, adapters: nn.ModuleList, loss: Tensor, parts: dict
-            ) -> Tensor:
-        g = step % len(self.text.batches)
-        kl_plus, kl_minus, text_hs = kl_both_ways(bridge, adapters, self.text, g, self.total)
-        budget = self.cfg.loss.kl_budget
-        loss = loss + kl_lagrangian(kl_plus, budget, self.duals[0]) + kl_lagrangian(kl_minus, budget, self.duals[1])
-        parts.update(kl_plus=kl_plus.item(), kl_minus=kl_minus.item(), lam_plus=self.duals[0],
-                     lam_minus=self.duals[1])
-        if text_hs is not None:
-            tshift = text_shift(text_hs, self.text.ref_hs[g], self.d_steer, self.scale, self.cfg.loss.balance)
-            loss = loss - self.cfg.loss.w_text_shift * tshift
-            parts["tshift"] = tshift.item()
-        parts["loss"] = loss.item()
-        return loss
-
-    def update(self, parts: dict) -> None:
-        lc = self.cfg.loss
-        self.duals = [dual_step(lam, parts[k], lc.kl_budget, lc.kl_dual_lr, lc.kl_equality)  # type: ignore[arg-type]
-                      for lam, k in zip(self.duals, ("kl_plus", "kl_minus"))]
-
-
-MIN_RISE = 0.01  # what counts as the held-out objective improving, in its unit (the pairs' separation RMS)
-
-
-@dataclass
-class HeldOutCurve:
-    """The held-out pairs' shift objective at c = ±1 (``shift_objective``: their last-token states at the loss hook
-    against the reference's, along ``d_steer``) every ``cfg.eval_every`` steps; with ``cfg.patience``, the step at
-    which it stopped rising (by ``MIN_RISE``) for that many measurements. The run then stops there; its adapters
-    are the last step's."""
-
-    batches: list[Batch]
-    ref_hs: list[Tensor]
-    hook: str
-    d_steer: Tensor
-    scale: float
-    cfg: TrainConfig
-    points: list[dict] = field(default_factory=list)
-
-    def due(self, done: int) -> bool:
-        return self.cfg.eval_every > 0 and done % self.cfg.eval_every == 0
-
-    @torch.no_grad()
-    def measure(self, done: int, bridge: TransformerBridge, adapters: nn.ModuleList) -> dict:
-        num = rows = 0.0
-        for b, ref in zip(self.batches, self.ref_hs):
-            b, c = b.doubled()
-            packed = packing(bridge, b)
-            with apply_adapters(bridge, adapters, c if packed is None else packed.pair_values(c)):
-                hs, _ = forward_last(bridge, b, [self.hook], pack=True)
-            obj = shift_objective(hs[self.hook].float(), torch.cat([ref] * 2).float(), c, self.d_steer, self.scale)
-            num, rows = num + obj.item() * len(b), rows + len(b)
-        point = {"step": done, "held_out_obj": num / rows}
-        self.points.append(point)
-        return point
-
-    def exhausted(self) -> bool:
-        """No rise of ``MIN_RISE`` over the best before the last ``patience`` measurements."""
-        k = self.cfg.patience
-        if k == 0 or len(self.points) <= k:
-            return False
-        values = [p["held_out_obj"] for p in self.points]
-        return max(values[-k:]) < max(values[:-k]) + MIN_RISE
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -835,13 +472,6 @@ def _finish(bridge: TransformerBridge, cfg: TrainConfig, run: _Setup, adapters, 
         if world.parallel:
             distributed.barrier()
     return TrainResult(artifact, run.whole.extra, run.batches, history, run.timings)
-
-
-def batch_order(step: int, n_batches: int, seed: int) -> int:
-    """The batch of ``step``: a seeded permutation per epoch, so a resumed run sees the same order."""
-    epoch, i = divmod(step, n_batches)
-    order = torch.randperm(n_batches, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    return int(order[i].item())
 
 
 def pair_scale(ref: Reference, d_steer: Tensor) -> float:
